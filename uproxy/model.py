@@ -1,0 +1,188 @@
+"""The model: Kubernetes-shaped objects that sources produce, and the
+per-service-port view the proxier plans with.
+
+Everything here is plain, frozen data. Sources turn whatever they read (a
+services file, the Kubernetes API) into `Service` and `EndpointSlice`;
+`planner.desired_state` turns those into one `DesiredPort` per
+`ServicePortName`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+Protocol = Literal["TCP", "UDP"]
+PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP")
+
+DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, as Kubernetes' sessionAffinityConfig default
+
+# Label that hands a service to another proxy; kube-proxy skips such services.
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+
+_EMPTY_LABELS: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ObjectName:
+    """namespace/name of a Kubernetes object."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePortSpec:
+    """One entry of a Service's spec.ports."""
+
+    name: str
+    port: int
+    protocol: str = "TCP"
+    target_port: int | str = 0  # 0: same as port; a str is a named port
+    node_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """The parts of a v1 Service that a service proxy reads."""
+
+    namespace: str
+    name: str
+    ports: tuple[ServicePortSpec, ...] = ()
+    type: str = "ClusterIP"  # ClusterIP | NodePort | LoadBalancer | ExternalName
+    cluster_ips: tuple[str, ...] = ()  # ("None",) for headless services
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()  # status.loadBalancer.ingress[].ip
+    session_affinity: str = "None"  # None | ClientIP
+    affinity_timeout: int = DEFAULT_AFFINITY_TIMEOUT
+    internal_traffic_policy: str = "Cluster"  # Cluster | Local
+    external_traffic_policy: str = "Cluster"  # Cluster | Local
+    labels: Mapping[str, str] = field(default=_EMPTY_LABELS, compare=True)
+
+    @property
+    def key(self) -> ObjectName:
+        return ObjectName(self.namespace, self.name)
+
+    @property
+    def headless(self) -> bool:
+        return not self.cluster_ips or self.cluster_ips[0] in ("None", "")
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPort:
+    """One entry of an EndpointSlice's ports."""
+
+    name: str
+    port: int
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True, slots=True)
+class SliceEndpoint:
+    """One entry of an EndpointSlice's endpoints."""
+
+    addresses: tuple[str, ...]
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    """The parts of a discovery.k8s.io/v1 EndpointSlice that a service proxy reads."""
+
+    namespace: str
+    name: str
+    service_name: str  # label kubernetes.io/service-name
+    address_type: str = "IPv4"  # IPv4 | IPv6 | FQDN (FQDN is ignored)
+    ports: tuple[EndpointPort, ...] = ()
+    endpoints: tuple[SliceEndpoint, ...] = ()
+
+    @property
+    def key(self) -> ObjectName:
+        return ObjectName(self.namespace, self.name)
+
+    @property
+    def service(self) -> ObjectName:
+        return ObjectName(self.namespace, self.service_name)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServicePortName:
+    """Identifies one port of one service: what a listener serves."""
+
+    namespace: str
+    name: str
+    port: str  # the port's name; "" for an unnamed single port
+    protocol: str = "TCP"
+
+    @property
+    def service(self) -> ObjectName:
+        return ObjectName(self.namespace, self.name)
+
+    def __str__(self) -> str:
+        suffix = f":{self.port}" if self.port else ""
+        return f"{self.namespace}/{self.name}{suffix}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Endpoint:
+    """A backend address a connection can be dialled to."""
+
+    ip: str
+    port: int
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.ip else 4
+
+    def __str__(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Frontend:
+    """Where a service port is reached: everything listeners and rules need."""
+
+    name: ServicePortName
+    port: int
+    protocol: str
+    cluster_ips: tuple[str, ...] = ()
+    node_port: int | None = None
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every virtual address a portal is installed for (not node ports)."""
+        return self.cluster_ips + self.external_ips + self.load_balancer_ips
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredPort:
+    """What one service port should look like after a sync."""
+
+    frontend: Frontend
+    endpoints: tuple[Endpoint, ...] = ()
+    affinity_timeout: float | None = None  # seconds; None: no ClientIP affinity
+
+    @property
+    def name(self) -> ServicePortName:
+        return self.frontend.name
+
+
+def ip_family(address: str) -> int:
+    """4 or 6; raises ValueError for something that is not an IP address."""
+    return ipaddress.ip_address(address).version
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,190 @@
+"""Pure planning: model objects -> desired service ports -> a plan of changes.
+
+`desired_state` decides what every service port should look like (which
+endpoints, which affinity); `diff` compares that with what was applied last
+and says what to open, update and close. Neither touches the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from uproxy.model import (
+    HEADLESS_LABEL,
+    PROTOCOLS,
+    SERVICE_PROXY_NAME_LABEL,
+    DesiredPort,
+    Endpoint,
+    EndpointSlice,
+    Frontend,
+    ObjectName,
+    Service,
+    ServicePortName,
+    SliceEndpoint,
+)
+
+_FAMILY_OF_ADDRESS_TYPE = {"IPv4": 4, "IPv6": 6}
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    ports: Mapping[ServicePortName, DesiredPort]
+    skipped: Mapping[ObjectName, str] = field(default_factory=dict)  # service -> why
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The difference between what is applied and what should be.
+
+    Apply additions as: open listener, install rule, publish endpoints;
+    removals as: delete rule, close listener, forget balancer state.
+    A port whose frontend changed (port number, addresses) is removed and added.
+    """
+
+    added: tuple[DesiredPort, ...] = ()
+    updated: tuple[DesiredPort, ...] = ()  # same frontend; endpoints or affinity changed
+    removed: tuple[DesiredPort, ...] = ()
+    desired: Mapping[ServicePortName, DesiredPort] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.updated or self.removed)
+
+
+def skip_reason(service: Service) -> str | None:
+    """Why a service gets no proxying, or None when it does."""
+    if service.type == "ExternalName":
+        return "ExternalName service"
+    if SERVICE_PROXY_NAME_LABEL in service.labels:
+        return f"label {SERVICE_PROXY_NAME_LABEL} hands it to another proxy"
+    if HEADLESS_LABEL in service.labels:
+        return "headless service"
+    if service.cluster_ips and service.cluster_ips[0] == "None":
+        return "headless service"
+    return None
+
+
+def usable_endpoints(endpoints: Iterable[SliceEndpoint]) -> list[SliceEndpoint]:
+    """Ready endpoints; when none is ready, serving ones that are terminating.
+
+    This is kube-proxy's fallback, so connections keep working while the last
+    pods of a rollout drain.
+    """
+    listed = list(endpoints)
+    ready = [e for e in listed if e.ready]
+    if ready:
+        return ready
+    return [e for e in listed if e.serving and e.terminating]
+
+
+def _service_families(service: Service) -> set[int]:
+    families = set()
+    for ip in service.cluster_ips:
+        if ip and ip != "None":
+            families.add(6 if ":" in ip else 4)
+    return families or {4, 6}
+
+
+def endpoints_for_port(
+    service: Service,
+    port_name: str,
+    protocol: str,
+    slices: Iterable[EndpointSlice],
+    node_name: str | None,
+) -> tuple[Endpoint, ...]:
+    """Endpoints of one service port, merged over all of the service's slices.
+
+    Each slice says, per port name, which number the pods listen on, so a
+    named targetPort may resolve differently in different slices.
+    """
+    families = _service_families(service)
+    local_only = service.internal_traffic_policy == "Local"
+    found: set[Endpoint] = set()
+    for endpoint_slice in slices:
+        family = _FAMILY_OF_ADDRESS_TYPE.get(endpoint_slice.address_type)
+        if family is None or family not in families:
+            continue
+        numbers = [
+            p.port
+            for p in endpoint_slice.ports
+            if p.name == port_name and p.protocol == protocol and p.port
+        ]
+        if not numbers:
+            continue
+        candidates = usable_endpoints(endpoint_slice.endpoints)
+        if local_only:
+            candidates = [e for e in candidates if node_name and e.node_name == node_name]
+        for endpoint in candidates:
+            if not endpoint.addresses:
+                continue
+            for number in numbers:
+                found.add(Endpoint(endpoint.addresses[0], number))
+    return tuple(sorted(found))
+
+
+def desired_state(
+    services: Mapping[ObjectName, Service],
+    slices: Mapping[ObjectName, EndpointSlice],
+    *,
+    node_name: str | None = None,
+) -> DesiredState:
+    by_service: dict[ObjectName, list[EndpointSlice]] = {}
+    for endpoint_slice in slices.values():
+        by_service.setdefault(endpoint_slice.service, []).append(endpoint_slice)
+
+    ports: dict[ServicePortName, DesiredPort] = {}
+    skipped: dict[ObjectName, str] = {}
+    for key, service in services.items():
+        reason = skip_reason(service)
+        if reason is not None:
+            skipped[key] = reason
+            continue
+        service_slices = by_service.get(key, [])
+        affinity = (
+            float(service.affinity_timeout) if service.session_affinity == "ClientIP" else None
+        )
+        for spec in service.ports:
+            if spec.protocol not in PROTOCOLS:
+                skipped.setdefault(key, f"protocol {spec.protocol} is not proxied")
+                continue
+            name = ServicePortName(service.namespace, service.name, spec.name, spec.protocol)
+            frontend = Frontend(
+                name=name,
+                port=spec.port,
+                protocol=spec.protocol,
+                cluster_ips=tuple(ip for ip in service.cluster_ips if ip and ip != "None"),
+                node_port=spec.node_port,
+                external_ips=service.external_ips,
+                load_balancer_ips=service.load_balancer_ips,
+            )
+            endpoints = endpoints_for_port(
+                service, spec.name, spec.protocol, service_slices, node_name
+            )
+            ports[name] = DesiredPort(frontend, endpoints, affinity)
+    return DesiredState(ports, skipped)
+
+
+def diff(
+    applied: Mapping[ServicePortName, DesiredPort],
+    desired: Mapping[ServicePortName, DesiredPort],
+) -> Plan:
+    added: list[DesiredPort] = []
+    updated: list[DesiredPort] = []
+    removed: list[DesiredPort] = []
+    for name, old in applied.items():
+        new = desired.get(name)
+        if new is None or new.frontend != old.frontend:
+            removed.append(old)
+    for name, new in desired.items():
+        old = applied.get(name)
+        if old is None or new.frontend != old.frontend:
+            added.append(new)
+        elif new != old:
+            updated.append(new)
+    return Plan(
+        added=tuple(sorted(added, key=lambda p: p.name)),
+        updated=tuple(sorted(updated, key=lambda p: p.name)),
+        removed=tuple(sorted(removed, key=lambda p: p.name)),
+        desired=dict(desired),
+    )

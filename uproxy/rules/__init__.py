@@ -1,0 +1,1 @@
+"""Kernel rules that steer service traffic to uproxy's listeners."""

@@ -1,0 +1,56 @@
+"""The `Rules` seam: what the proxier asks of a rule backend.
+
+A backend is given the complete desired set of portals on every sync and
+makes the kernel hold exactly that (idempotent; a full pass repairs anything
+someone else changed). Rendering is pure (`rules.render`); only `apply` and
+`cleanup` touch the kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from uproxy.model import Frontend
+
+
+@dataclass(frozen=True, slots=True)
+class Portal:
+    """A service port's frontend and the listener its traffic must reach."""
+
+    frontend: Frontend
+    proxy_ip: str  # the listener's bind address: "0.0.0.0"/"::" or one IP
+    proxy_port: int
+
+
+class RulesError(Exception):
+    """Applying rules failed; the previously applied rules are still in place."""
+
+
+class Rules(Protocol):
+    name: str
+
+    async def apply(self, portals: Sequence[Portal]) -> None:
+        """Make the kernel hold exactly these portals. Raises RulesError."""
+
+    async def cleanup(self) -> None:
+        """Remove every chain, table and jump this backend made."""
+
+    def render(self, portals: Sequence[Portal]) -> str:
+        """The exact text this backend would apply (for `uproxy explain`)."""
+
+
+class NoRules:
+    """Laptop mode and dry runs: listeners are reached directly."""
+
+    name = "none"
+
+    async def apply(self, portals: Sequence[Portal]) -> None:
+        return None
+
+    async def cleanup(self) -> None:
+        return None
+
+    def render(self, portals: Sequence[Portal]) -> str:
+        return "# --rules none: no kernel rules; clients connect to the listeners directly\n"

@@ -1,0 +1,38 @@
+"""An in-memory rules backend for tests of the proxier and shutdown order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from uproxy.rules.base import Portal, RulesError
+
+
+class FakeRules:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.portals: tuple[Portal, ...] = ()
+        self.applies = 0
+        self.cleanups = 0
+        self.fail_next: str | None = None  # set to make the next apply fail
+        self.events: list[str] = []  # shared timeline with other fakes, if given
+
+    async def apply(self, portals: Sequence[Portal]) -> None:
+        if self.fail_next is not None:
+            message, self.fail_next = self.fail_next, None
+            raise RulesError(message)
+        self.applies += 1
+        self.portals = tuple(portals)
+        self.events.append(f"rules:{len(self.portals)}")
+
+    async def cleanup(self) -> None:
+        self.cleanups += 1
+        self.portals = ()
+        self.events.append("rules:cleanup")
+
+    def render(self, portals: Sequence[Portal]) -> str:
+        return "".join(
+            f"{p.frontend.name} {p.frontend.protocol} {p.frontend.port} -> "
+            f"{p.proxy_ip}:{p.proxy_port}\n"
+            for p in portals
+        )
