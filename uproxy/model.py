@@ -64,7 +64,7 @@ class Service:
     affinity_timeout: int = DEFAULT_AFFINITY_TIMEOUT
     internal_traffic_policy: str = "Cluster"  # Cluster | Local
     external_traffic_policy: str = "Cluster"  # Cluster | Local
-    labels: Mapping[str, str] = field(default=_EMPTY_LABELS, compare=True)
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY_LABELS)
 
     @property
     def key(self) -> ObjectName:
