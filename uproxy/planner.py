@@ -176,12 +176,12 @@ def diff(
         new = desired.get(name)
         if new is None or new.frontend != old.frontend:
             removed.append(old)
-    for name, new in desired.items():
-        old = applied.get(name)
-        if old is None or new.frontend != old.frontend:
-            added.append(new)
-        elif new != old:
-            updated.append(new)
+    for name, wanted in desired.items():
+        was = applied.get(name)
+        if was is None or wanted.frontend != was.frontend:
+            added.append(wanted)
+        elif wanted != was:
+            updated.append(wanted)
     return Plan(
         added=tuple(sorted(added, key=lambda p: p.name)),
         updated=tuple(sorted(updated, key=lambda p: p.name)),
