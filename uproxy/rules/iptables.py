@@ -1,0 +1,191 @@
+"""The `iptables` backend: our chains rewritten by one iptables-restore per family.
+
+Each apply reads the kernel (`iptables-save`), and when our chains or the
+jumps into them differ from what they should be, rewrites our chains and
+fixes the jumps in one `iptables-restore --noflush -w` transaction. Nothing
+outside our chains and jumps is touched, and a full pass after any failure
+or any hand edit puts everything right again. Works with either iptables
+variant: the host's `iptables-restore`, or `iptables-legacy-restore` with
+`legacy=True`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from uproxy.rules import command
+from uproxy.rules.base import Portal, RulesError
+from uproxy.rules.render import (
+    FAMILIES,
+    Jump,
+    chain_names,
+    check_chain_prefix,
+    iptables_chain_rules,
+    jumps,
+    portal_entries,
+    render_iptables,
+    render_restore,
+)
+
+
+@dataclass
+class SavedTables:
+    """What iptables-save printed, per table: chain names and `-A` lines."""
+
+    chains: dict[str, set[str]] = field(default_factory=dict)
+    rules: dict[str, list[str]] = field(default_factory=dict)
+
+    def rules_of(self, table: str, chain: str) -> list[str]:
+        head = f"-A {chain} "
+        return [line[len(head):] for line in self.rules.get(table, []) if line.startswith(head)]
+
+
+def parse_save(text: str) -> SavedTables:
+    saved = SavedTables()
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+            saved.chains.setdefault(table, set())
+            saved.rules.setdefault(table, [])
+        elif line.startswith(":") and table:
+            saved.chains[table].add(line[1:].split()[0])
+        elif line.startswith("-A ") and table:
+            saved.rules[table].append(line)
+    return saved
+
+
+def jump_lines_in(saved: SavedTables, jump: Jump) -> list[str]:
+    """The rule arguments of every rule in the built-in chain that jumps to our chain."""
+    pattern = re.compile(rf"(^|\s)-j {re.escape(jump.target)}(\s|$)")
+    return [args for args in saved.rules_of(jump.table, jump.chain) if pattern.search(args)]
+
+
+def jump_fixes(saved: SavedTables, prefix: str) -> dict[str, list[str]]:
+    """Per table, the -I/-A/-D lines that leave exactly one jump into each of our chains."""
+    fixes: dict[str, list[str]] = {}
+    for jump in jumps(prefix):
+        found = jump_lines_in(saved, jump)
+        lines = fixes.setdefault(jump.table, [])
+        if not found:
+            lines.append(f"-I {jump.chain} 1 {jump.spec}" if jump.first
+                         else f"-A {jump.chain} {jump.spec}")
+        for extra in found[1:]:
+            lines.append(f"-D {jump.chain} {extra}")
+    return {table: lines for table, lines in fixes.items() if lines}
+
+
+class IptablesRules:
+    name = "iptables"
+
+    def __init__(
+        self,
+        chain_prefix: str = "UPROXY",
+        *,
+        command_prefix: Sequence[str] = (),
+        legacy: bool = False,
+    ) -> None:
+        self.prefix = check_chain_prefix(chain_prefix)
+        self.command_prefix = tuple(command_prefix)
+        variant = "-legacy" if legacy else ""
+        self.tools = {
+            4: (f"iptables{variant}-save", f"iptables{variant}-restore"),
+            6: (f"ip6tables{variant}-save", f"ip6tables{variant}-restore"),
+        }
+        self.restores = 0  # transactions sent, for tests and metrics
+
+    def render(self, portals: Sequence[Portal]) -> str:
+        return render_iptables(portals, self.prefix)
+
+    async def _save(self, family: int) -> SavedTables | None:
+        """The kernel's tables, or None when this family has no iptables here."""
+        save, _ = self.tools[family]
+        result = await command.run([*self.command_prefix, save])
+        if result.returncode != 0:
+            return None
+        return parse_save(result.stdout)
+
+    async def _restore(self, family: int, text: str) -> None:
+        _, restore = self.tools[family]
+        result = await command.run([*self.command_prefix, restore, "--noflush", "-w"], text)
+        self.restores += 1
+        if result.returncode != 0:
+            raise RulesError(f"{restore}: {command.failing_line(result.stderr, text)}")
+
+    def _ours_exist(self, saved: SavedTables) -> bool:
+        return any(chain in saved.chains.get(table, set())
+                   for table, chains in chain_names(self.prefix).items() for chain in chains)
+
+    def _in_place(self, saved: SavedTables, wanted: dict[str, list[str]]) -> bool:
+        for table, chains in chain_names(self.prefix).items():
+            for chain in chains:
+                if chain not in saved.chains.get(table, set()):
+                    return False
+                if saved.rules_of(table, chain) != wanted[chain]:
+                    return False
+        return True
+
+    async def apply(self, portals: Sequence[Portal]) -> None:
+        entries = portal_entries(portals)
+        for family in FAMILIES:
+            mine = [e for e in entries if e.family == family]
+            saved = await self._save(family)
+            if saved is None:
+                if mine:
+                    raise RulesError(f"{self.tools[family][0]} failed: no IPv{family} iptables")
+                continue
+            if not mine and not self._ours_exist(saved):
+                continue  # nothing wanted, nothing there: leave this family alone
+            fixes = jump_fixes(saved, self.prefix)
+            if not fixes and self._in_place(saved, iptables_chain_rules(mine, self.prefix)):
+                continue
+            await self._restore(family, render_restore(mine, self.prefix, fixes))
+
+    async def remove_all(self) -> list[str]:
+        """Remove our jumps and chains; says what was removed."""
+        removed: list[str] = []
+        for family in FAMILIES:
+            saved = await self._save(family)
+            if saved is None:
+                continue
+            lines: dict[str, list[str]] = {}
+            for jump in jumps(self.prefix):
+                for args in jump_lines_in(saved, jump):
+                    lines.setdefault(jump.table, []).append(f"-D {jump.chain} {args}")
+                    removed.append(f"{self.tools[family][1]}: jump {jump.chain} -> {jump.target}")
+            for table, chains in chain_names(self.prefix).items():
+                present = [c for c in chains if c in saved.chains.get(table, set())]
+                for chain in present:
+                    lines.setdefault(table, []).append(f":{chain} - [0:0]")
+                    removed.append(f"{self.tools[family][1]}: chain {table} {chain}")
+                lines.setdefault(table, []).extend(f"-X {chain}" for chain in present)
+            text = "".join(
+                f"*{table}\n" + "".join(f"{line}\n" for line in body) + "COMMIT\n"
+                for table, body in lines.items() if body
+            )
+            if text:
+                # declarations first in each table: a chain is flushed before -X
+                await self._restore(family, _declarations_first(text))
+        return removed
+
+    async def cleanup(self) -> None:
+        await self.remove_all()
+
+
+def _declarations_first(text: str) -> str:
+    """Within each table block, put `:CHAIN` lines right after `*table` (restore's grammar)."""
+    out: list[str] = []
+    block: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("*"):
+            out.append(line)
+            block = []
+        elif line == "COMMIT":
+            out += [b for b in block if b.startswith(":")]
+            out += [b for b in block if not b.startswith(":")]
+            out.append(line)
+        else:
+            block.append(line)
+    return "\n".join(out) + "\n"

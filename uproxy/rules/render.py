@@ -1,0 +1,387 @@
+"""Pure rendering of portals into kernel rule text (iptables-restore, nft -f).
+
+Every backend starts from `portal_entries`: one flat, sorted list of
+"traffic for this destination goes to this listener" facts, per address
+family. The iptables and iptc backends turn each entry into one rule in the
+chains below; the nft backend turns each into one map element, so a change
+of one service is a change of a few elements.
+
+  nat    PREFIX-PORTALS-CONTAINER   from PREROUTING (first)  -d VIP --dport PORT -> listener
+  nat    PREFIX-PORTALS-HOST        from OUTPUT (first)      the same
+  nat    PREFIX-NODEPORT-CONTAINER  from PREROUTING (last)   dst-type LOCAL --dport NODEPORT -> …
+  nat    PREFIX-NODEPORT-HOST       from OUTPUT (last)       the same
+  filter PREFIX-NODEPORT-NON-LOCAL  from INPUT (first)       --dport PROXYPORT -j ACCEPT
+
+"-> listener" is `REDIRECT --to-ports PROXYPORT` when the listener is bound
+to the wildcard address, else `DNAT --to-destination BINDIP:PROXYPORT`.
+
+Names come from users (a services file, the API server), so every comment is
+reduced to a safe alphabet and always quoted: no name can end the quoted
+string or start another option or rule.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from uproxy.rules.base import Portal
+
+Kind = Literal["portal", "nodeport"]
+FAMILIES: tuple[int, ...] = (4, 6)
+WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+COMMENT_MAX = 240  # xt_comment allows 255 bytes
+_SAFE_COMMENT = re.compile(r"[^A-Za-z0-9._:/@+=-]")
+_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,8}$")
+
+PORTALS_CONTAINER = "PORTALS-CONTAINER"
+PORTALS_HOST = "PORTALS-HOST"
+NODEPORT_CONTAINER = "NODEPORT-CONTAINER"
+NODEPORT_HOST = "NODEPORT-HOST"
+NODEPORT_NON_LOCAL = "NODEPORT-NON-LOCAL"
+
+
+def check_chain_prefix(prefix: str) -> str:
+    """The prefix, or ValueError in one line: it must fit iptables' 28-char chain names."""
+    if not _PREFIX.match(prefix):
+        raise ValueError(
+            f"--chain-prefix {prefix!r}: use 1-9 letters, digits or _, starting with a letter"
+        )
+    return prefix
+
+
+def safe_comment(text: str) -> str:
+    """`text` reduced to characters that mean nothing to iptables-restore or nft."""
+    return _SAFE_COMMENT.sub("_", text)[:COMMENT_MAX]
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Entry:
+    """Traffic for (address, protocol, port) goes to the listener at proxy_ip:proxy_port.
+
+    `address` is None for a node port (any local address).
+    """
+
+    family: int
+    kind: Kind
+    protocol: str  # "tcp" | "udp"
+    port: int
+    address: str | None
+    proxy_ip: str
+    proxy_port: int
+    comment: str
+
+    @property
+    def redirect(self) -> bool:
+        return self.proxy_ip in WILDCARDS
+
+
+def family_of(address: str) -> int:
+    return ipaddress.ip_address(address).version
+
+
+def _target_fits(family: int, proxy_ip: str) -> bool:
+    return proxy_ip in WILDCARDS or family_of(proxy_ip) == family
+
+
+def portal_entries(portals: Iterable[Portal]) -> list[Entry]:
+    """Every destination -> listener fact for these portals, sorted, without duplicates.
+
+    A portal whose listener is bound to one address of the other family
+    cannot be reached by DNAT from that family; such addresses get no rule
+    (`skipped` says which).
+    """
+    entries: set[Entry] = set()
+    for portal in portals:
+        frontend = portal.frontend
+        protocol = frontend.protocol.lower()
+        comment = safe_comment(str(frontend.name))
+        families: set[int] = set()
+        for address in frontend.addresses:
+            family = family_of(address)
+            families.add(family)
+            if _target_fits(family, portal.proxy_ip):
+                canonical = str(ipaddress.ip_address(address))
+                entries.add(Entry(family, "portal", protocol, frontend.port, canonical,
+                                  portal.proxy_ip, portal.proxy_port, comment))
+        if frontend.node_port:
+            if not families:
+                families = {4 if portal.proxy_ip in WILDCARDS else family_of(portal.proxy_ip)}
+            for family in sorted(families):
+                if _target_fits(family, portal.proxy_ip):
+                    entries.add(Entry(family, "nodeport", protocol, frontend.node_port, None,
+                                      portal.proxy_ip, portal.proxy_port, comment))
+    return sorted(entries)
+
+
+def skipped(portals: Iterable[Portal]) -> list[str]:
+    """Addresses that get no rule because the listener's bind address has the other family."""
+    notes = []
+    for portal in portals:
+        for address in portal.frontend.addresses:
+            if not _target_fits(family_of(address), portal.proxy_ip):
+                notes.append(f"{portal.frontend.name} {address}: listener bound to "
+                             f"{portal.proxy_ip} (other family), no rule")
+    return notes
+
+
+# ---------------------------------------------------------------- iptables
+
+
+@dataclass(frozen=True, slots=True)
+class Jump:
+    """A rule in a built-in chain that sends packets into one of our chains."""
+
+    table: str
+    chain: str  # built-in chain
+    target: str  # our chain
+    first: bool  # inserted at position 1, else appended
+
+    @property
+    def spec(self) -> str:
+        return f'-m comment --comment "uproxy {self.target.lower()}" -j {self.target}'
+
+
+def chain_names(prefix: str) -> dict[str, list[str]]:
+    """Our chains per table."""
+    return {
+        "nat": [f"{prefix}-{c}" for c in
+                (PORTALS_CONTAINER, PORTALS_HOST, NODEPORT_CONTAINER, NODEPORT_HOST)],
+        "filter": [f"{prefix}-{NODEPORT_NON_LOCAL}"],
+    }
+
+
+def jumps(prefix: str) -> list[Jump]:
+    return [
+        Jump("nat", "PREROUTING", f"{prefix}-{PORTALS_CONTAINER}", True),
+        Jump("nat", "OUTPUT", f"{prefix}-{PORTALS_HOST}", True),
+        Jump("nat", "PREROUTING", f"{prefix}-{NODEPORT_CONTAINER}", False),
+        Jump("nat", "OUTPUT", f"{prefix}-{NODEPORT_HOST}", False),
+        Jump("filter", "INPUT", f"{prefix}-{NODEPORT_NON_LOCAL}", True),
+    ]
+
+
+def _host_bits(family: int) -> int:
+    return 32 if family == 4 else 128
+
+
+def _to_listener(entry: Entry) -> str:
+    if entry.redirect:
+        return f"-j REDIRECT --to-ports {entry.proxy_port}"
+    ip = entry.proxy_ip if entry.family == 4 else f"[{entry.proxy_ip}]"
+    return f"-j DNAT --to-destination {ip}:{entry.proxy_port}"
+
+
+def iptables_rule_args(entry: Entry) -> str:
+    """The match and target of one entry's nat rule (without `-A CHAIN`)."""
+    # The order iptables-save prints, so the kernel's copy compares equal.
+    proto = f"-p {entry.protocol}"
+    dport = f"-m {entry.protocol} --dport {entry.port}"
+    if entry.address is not None:
+        match = f"-d {entry.address}/{_host_bits(entry.family)} {proto} {dport}"
+    else:
+        match = f"{proto} -m addrtype --dst-type LOCAL {dport}"
+    return f'{match} -m comment --comment "{entry.comment}" {_to_listener(entry)}'
+
+
+def iptables_accept_args(protocol: str, proxy_port: int, comment: str) -> str:
+    return (f"-p {protocol} -m {protocol} --dport {proxy_port} "
+            f'-m comment --comment "{comment}" -j ACCEPT')
+
+
+def iptables_chain_rules(entries: Sequence[Entry], prefix: str) -> dict[str, list[str]]:
+    """chain -> rule arguments, for one family's entries."""
+    names = chain_names(prefix)
+    portals_container, portals_host, nodeport_container, nodeport_host = names["nat"]
+    (non_local,) = names["filter"]
+    rules: dict[str, list[str]] = {chain: [] for chains in names.values() for chain in chains}
+    accepted: dict[tuple[str, int], str] = {}
+    for entry in entries:
+        args = iptables_rule_args(entry)
+        if entry.kind == "portal":
+            rules[portals_container].append(args)
+            rules[portals_host].append(args)
+        else:
+            rules[nodeport_container].append(args)
+            rules[nodeport_host].append(args)
+        accepted.setdefault((entry.protocol, entry.proxy_port), entry.comment)
+    for (protocol, proxy_port), comment in sorted(accepted.items()):
+        rules[non_local].append(iptables_accept_args(protocol, proxy_port, comment))
+    return rules
+
+
+def render_restore(
+    entries: Sequence[Entry],
+    prefix: str,
+    jump_lines: dict[str, list[str]] | None = None,
+) -> str:
+    """iptables-restore --noflush input that (re)writes our chains for one family.
+
+    Declaring a chain (`:NAME - [0:0]`) with --noflush empties it, so the
+    transaction replaces exactly our chains and nothing else. `jump_lines`
+    holds per table the -I/-A/-D lines that fix the jumps from built-in
+    chains (the backend computes them from the kernel's state); None renders
+    the jumps as they would be inserted into empty built-in chains.
+    """
+    if jump_lines is None:
+        jump_lines = {}
+        for jump in jumps(prefix):
+            verb = f"-I {jump.chain} 1" if jump.first else f"-A {jump.chain}"
+            jump_lines.setdefault(jump.table, []).append(f"{verb} {jump.spec}")
+    rules = iptables_chain_rules(entries, prefix)
+    out: list[str] = []
+    for table, chains in chain_names(prefix).items():
+        out.append(f"*{table}")
+        out.extend(f":{chain} - [0:0]" for chain in chains)
+        for chain in chains:
+            out.extend(f"-A {chain} {args}" for args in rules[chain])
+        out.extend(jump_lines.get(table, []))
+        out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- nftables
+
+
+def nft_table_name(prefix: str) -> str:
+    return prefix.lower()
+
+
+def nft_family(family: int) -> str:
+    return "ip" if family == 4 else "ip6"
+
+
+def _addr_type(family: int) -> str:
+    return "ipv4_addr" if family == 4 else "ipv6_addr"
+
+
+NFT_MAPS = ("portal_redirect", "portal_dnat", "nodeport_redirect", "nodeport_dnat")
+NFT_SET = "proxy_ports"
+
+
+def nft_map_of(entry: Entry) -> str:
+    return f"{entry.kind}_{'redirect' if entry.redirect else 'dnat'}"
+
+
+def nft_element(entry: Entry, *, with_value: bool = True) -> str:
+    """One map element: `key comment "..." : value`."""
+    key = f"{entry.protocol} . {entry.port}"
+    if entry.address is not None:
+        key = f"{entry.address} . {key}"
+    if not with_value:
+        return key
+    value = str(entry.proxy_port) if entry.redirect else f"{entry.proxy_ip} . {entry.proxy_port}"
+    return f'{key} comment "{entry.comment}" : {value}'
+
+
+def nft_elements(entries: Sequence[Entry]) -> dict[str, dict[str, str]]:
+    """map or set name -> {key: element text}; keys are what `delete element` needs."""
+    elements: dict[str, dict[str, str]] = {name: {} for name in (*NFT_MAPS, NFT_SET)}
+    for entry in entries:
+        elements[nft_map_of(entry)][nft_element(entry, with_value=False)] = nft_element(entry)
+        key = f"{entry.protocol} . {entry.proxy_port}"
+        elements[NFT_SET].setdefault(key, key)
+    return elements
+
+
+def render_nft_skeleton(prefix: str, family: int) -> list[str]:
+    """The table's maps and chains, without elements."""
+    fam = nft_family(family)
+    addr = _addr_type(family)
+    daddr = f"{fam} daddr"
+    l4 = "meta l4proto { tcp, udp }"
+    key = "meta l4proto . th dport"
+    lines = [f"table {fam} {nft_table_name(prefix)} {{"]
+    lines += [
+        f"  map portal_redirect {{ type {addr} . inet_proto . inet_service : inet_service; }}",
+        f"  map portal_dnat {{ type {addr} . inet_proto . inet_service : {addr} . inet_service; }}",
+        "  map nodeport_redirect { type inet_proto . inet_service : inet_service; }",
+        f"  map nodeport_dnat {{ type inet_proto . inet_service : {addr} . inet_service; }}",
+        f"  set {NFT_SET} {{ type inet_proto . inet_service; }}",
+    ]
+    for hook, where in (("prerouting", "container"), ("output", "host")):
+        lines += [
+            f"  chain portals_{where} {{",
+            f"    type nat hook {hook} priority dstnat - 10; policy accept;",
+            f"    {l4} redirect to : {daddr} . {key} map @portal_redirect",
+            f"    {l4} dnat {fam} to {daddr} . {key} map @portal_dnat",
+            "  }",
+            f"  chain nodeports_{where} {{",
+            f"    type nat hook {hook} priority dstnat + 10; policy accept;",
+            f"    fib daddr type local {l4} redirect to : {key} map @nodeport_redirect",
+            f"    fib daddr type local {l4} dnat {fam} to {key} map @nodeport_dnat",
+            "  }",
+        ]
+    lines += [
+        "  chain nodeport_non_local {",
+        "    type filter hook input priority filter - 10; policy accept;",
+        f"    {key} @{NFT_SET} accept",
+        "  }",
+        "}",
+    ]
+    return lines
+
+
+def render_nft_table(entries: Sequence[Entry], prefix: str, family: int) -> str:
+    """`nft -f` input that replaces the whole table for one family in one transaction.
+
+    `add table` then `delete table` makes the delete succeed whether or not
+    the table exists; the definition that follows recreates it.
+    """
+    fam = nft_family(family)
+    table = nft_table_name(prefix)
+    lines = [f"add table {fam} {table}", f"delete table {fam} {table}"]
+    lines += render_nft_skeleton(prefix, family)
+    for name, elements in nft_elements(entries).items():
+        if elements:
+            lines.append(f"add element {fam} {table} {name} {{")
+            lines += [f"  {text}," for _, text in sorted(elements.items())]
+            lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render_nft_diff(
+    current: dict[str, dict[str, str]],
+    desired: dict[str, dict[str, str]],
+    prefix: str,
+    family: int,
+) -> str:
+    """`nft -f` input that turns `current` elements into `desired` (empty when equal).
+
+    An element whose value changed is deleted and added in the same
+    transaction, so the change is atomic.
+    """
+    fam = nft_family(family)
+    table = nft_table_name(prefix)
+    lines: list[str] = []
+    for name in (*NFT_MAPS, NFT_SET):
+        have = current.get(name, {})
+        want = desired.get(name, {})
+        gone = sorted(k for k in have if k not in want or have[k] != want[k])
+        new = sorted(k for k in want if k not in have or have[k] != want[k])
+        if gone:
+            lines.append(f"delete element {fam} {table} {name} {{ {', '.join(gone)} }}")
+        if new:
+            lines.append(f"add element {fam} {table} {name} {{ "
+                         f"{', '.join(want[k] for k in new)} }}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def render_nft(portals: Sequence[Portal], prefix: str) -> str:
+    entries = portal_entries(portals)
+    out = [f"# {note}\n" for note in skipped(portals)]
+    for family in FAMILIES:
+        out.append(render_nft_table([e for e in entries if e.family == family], prefix, family))
+    return "".join(out)
+
+
+def render_iptables(portals: Sequence[Portal], prefix: str) -> str:
+    entries = portal_entries(portals)
+    out = [f"# {note}\n" for note in skipped(portals)]
+    for family, tool in ((4, "iptables-restore"), (6, "ip6tables-restore")):
+        out.append(f"# {tool} --noflush -w\n")
+        out.append(render_restore([e for e in entries if e.family == family], prefix))
+    return "".join(out)
