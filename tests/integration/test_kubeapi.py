@@ -1,0 +1,235 @@
+"""The test API server against kubernetes-asyncio itself: if the real client
+lists, watches, resumes and fails the way it does against a cluster, the
+timeline tests of the kube source mean something."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from kubernetes_asyncio import client, watch
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from tests.kubeapi import FakeKubeAPI, LabelSelector, endpoint_slice, service
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeKubeAPI]:
+    server = FakeKubeAPI(bookmark_interval=0.2)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def api_client(api: FakeKubeAPI) -> AsyncIterator[client.ApiClient]:
+    configuration = client.Configuration(host=api.url)
+    async with client.ApiClient(configuration) as c:
+        yield c
+
+
+async def test_typed_list_all_and_namespaced(
+    api: FakeKubeAPI, api_client: client.ApiClient
+) -> None:
+    api.create(service("default", "web", ports=[{"name": "http", "port": 80}]))
+    api.create(service("kube-system", "dns", cluster_ip="10.96.0.10"))
+    api.create(endpoint_slice("default", "web-abc", "web", addresses=["10.1.0.1"],
+                              ports=[{"name": "http", "port": 8080}]))
+    core = client.CoreV1Api(api_client)
+    everything = await core.list_service_for_all_namespaces()
+    assert sorted(s.metadata.name for s in everything.items) == ["dns", "web"]
+    assert int(everything.metadata.resource_version) == api.rv
+    only_default = await core.list_namespaced_service("default")
+    assert [s.metadata.name for s in only_default.items] == ["web"]
+    assert only_default.items[0].spec.ports[0].name == "http"
+    slices = await client.DiscoveryV1Api(api_client).list_endpoint_slice_for_all_namespaces()
+    assert slices.items[0].endpoints[0].addresses == ["10.1.0.1"]
+    assert slices.items[0].metadata.labels["kubernetes.io/service-name"] == "web"
+    version = await client.VersionApi(api_client).get_code()
+    assert version.major == "1"
+
+
+async def test_watch_from_list_version_sees_later_changes(
+    api: FakeKubeAPI, api_client: client.ApiClient
+) -> None:
+    api.create(service("default", "a"))
+    core = client.CoreV1Api(api_client)
+    listed = await core.list_service_for_all_namespaces()
+    rv = listed.metadata.resource_version
+    api.create(service("default", "b"))
+    api.update(service("default", "a", cluster_ip="10.96.0.2"))
+    api.delete("Service", "default", "b")
+    seen = []
+    async with watch.Watch() as w:
+        async for event in w.stream(core.list_service_for_all_namespaces,
+                                    resource_version=rv, timeout_seconds=1):
+            seen.append((event["type"], event["object"].metadata.name))
+            if len(seen) == 3:
+                break
+    assert seen == [("ADDED", "b"), ("MODIFIED", "a"), ("DELETED", "b")]
+
+
+async def test_watch_ends_at_timeout_seconds_with_a_bookmark(
+    api: FakeKubeAPI, api_client: client.ApiClient
+) -> None:
+    core = client.CoreV1Api(api_client)
+    types = []
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with watch.Watch() as w:
+        async for event in w.stream(core.list_service_for_all_namespaces,
+                                    resource_version=str(api.rv), timeout_seconds=1,
+                                    allow_watch_bookmarks=True):
+            types.append(event["type"])
+    elapsed = loop.time() - started
+    assert 0.9 <= elapsed < 3
+    assert types and set(types) == {"BOOKMARK"}  # periodic ones and the final one
+    assert len(types) >= 3
+
+
+async def test_too_old_version_is_410_on_watch_and_on_list(
+    api: FakeKubeAPI, api_client: client.ApiClient
+) -> None:
+    api.create(service("default", "a"))
+    old = str(api.rv)
+    api.create(service("default", "b"))
+    api.compact()
+    core = client.CoreV1Api(api_client)
+    with pytest.raises(ApiException) as raised:
+        async with watch.Watch() as w:
+            async for _ in w.stream(core.list_service_for_all_namespaces,
+                                    resource_version=old, timeout_seconds=1):
+                pass
+    assert raised.value.status == 410
+    with pytest.raises(ApiException) as raised_list:
+        await core.list_service_for_all_namespaces(resource_version=old,
+                                                   resource_version_match="Exact")
+    assert raised_list.value.status == 410
+    listed = await core.list_service_for_all_namespaces()  # a fresh list still works
+    assert len(listed.items) == 2
+
+
+async def test_restart_starts_a_new_epoch(api: FakeKubeAPI, api_client: client.ApiClient) -> None:
+    api.create(service("default", "a"))
+    before = api.rv
+    api.restart()
+    assert api.rv > before
+    core = client.CoreV1Api(api_client)
+    with pytest.raises(ApiException) as raised:
+        async with watch.Watch() as w:
+            async for _ in w.stream(core.list_service_for_all_namespaces,
+                                    resource_version=str(before), timeout_seconds=1):
+                pass
+    assert raised.value.status == 410
+
+
+async def test_label_selector_on_list_and_watch(
+    api: FakeKubeAPI, api_client: client.ApiClient
+) -> None:
+    api.create(service("default", "plain"))
+    api.create(service("default", "other-proxy",
+                       labels={"service.kubernetes.io/service-proxy-name": "x"}))
+    api.create(service("default", "headless", labels={"service.kubernetes.io/headless": ""}))
+    selector = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+    core = client.CoreV1Api(api_client)
+    listed = await core.list_service_for_all_namespaces(label_selector=selector)
+    assert [s.metadata.name for s in listed.items] == ["plain"]
+    rv = listed.metadata.resource_version
+    # A service that gains the label leaves the selection: the watch says DELETED.
+    api.update(service("default", "plain", labels={"service.kubernetes.io/headless": ""}))
+    api.update(service("default", "other-proxy"))  # loses it: ADDED
+    seen = []
+    async with watch.Watch() as w:
+        async for event in w.stream(core.list_service_for_all_namespaces, label_selector=selector,
+                                    resource_version=rv, timeout_seconds=1):
+            seen.append((event["type"], event["object"].metadata.name))
+            if len(seen) == 2:
+                break
+    assert seen == [("DELETED", "plain"), ("ADDED", "other-proxy")]
+
+
+def test_label_selector_grammar() -> None:
+    labels = {"a": "1", "b": "2"}
+    assert LabelSelector.parse("a").matches(labels)
+    assert not LabelSelector.parse("!a").matches(labels)
+    assert LabelSelector.parse("a=1,b==2").matches(labels)
+    assert not LabelSelector.parse("a!=1").matches(labels)
+    assert LabelSelector.parse("!c, a").matches(labels)
+    assert LabelSelector.parse("").matches({})
+    with pytest.raises(ValueError):
+        LabelSelector.parse("=x")
+
+
+async def test_injected_failures_and_retry_after(
+    api: FakeKubeAPI, api_client: client.ApiClient
+) -> None:
+    api.fail_next(1, 500)
+    api.fail_next(1, 429, retry_after=3)
+    core = client.CoreV1Api(api_client)
+    with pytest.raises(ApiException) as first:
+        await core.list_service_for_all_namespaces()
+    assert first.value.status == 500
+    with pytest.raises(ApiException) as second:
+        await core.list_service_for_all_namespaces()
+    assert second.value.status == 429
+    assert second.value.headers["Retry-After"] == "3"
+    assert (await core.list_service_for_all_namespaces()).items == []
+
+
+async def _open_raw_watch(api: FakeKubeAPI, session: aiohttp.ClientSession,
+                          **params: str) -> aiohttp.ClientResponse:
+    query = {"watch": "true", "resourceVersion": str(api.rv), **params}
+    return await session.get(f"{api.url}/api/v1/services", params=query)
+
+
+async def test_drop_aborts_the_stream(api: FakeKubeAPI) -> None:
+    async with aiohttp.ClientSession() as session:
+        response = await _open_raw_watch(api, session)
+        for _ in range(50):
+            if api.open_watches:
+                break
+            await asyncio.sleep(0.02)
+        assert api.drop_streams() == 1
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(response.content.readline(), 2)
+
+
+async def test_hung_stream_stays_open_and_silent(api: FakeKubeAPI) -> None:
+    async with aiohttp.ClientSession() as session:
+        response = await _open_raw_watch(api, session, allowWatchBookmarks="true",
+                                         timeoutSeconds="1")
+        first = json.loads(await asyncio.wait_for(response.content.readline(), 2))
+        assert first["type"] == "BOOKMARK"
+        api.hang_streams()
+        api.create(service("default", "late"))
+        with pytest.raises(TimeoutError):
+            # Past timeoutSeconds, yet neither data nor an end of stream.
+            await asyncio.wait_for(response.content.readline(), 1.5)
+        response.close()
+
+
+async def test_outage_refuses_connections(api: FakeKubeAPI) -> None:
+    await api.outage_begin()
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await session.get(f"{api.url}/api/v1/services")
+        await api.outage_end()
+        async with session.get(f"{api.url}/api/v1/services") as response:
+            body: dict[str, Any] = await response.json()
+    assert body["kind"] == "ServiceList"
+
+
+async def test_http_writes_generate_events(api: FakeKubeAPI) -> None:
+    async with aiohttp.ClientSession() as session:
+        path = f"{api.url}/api/v1/namespaces/demo/services"
+        async with session.post(path, json=service("demo", "x")) as created:
+            assert created.status == 201
+        async with session.delete(f"{path}/x") as deleted:
+            assert deleted.status == 200
+    assert [e.type for e in api.history] == ["ADDED", "DELETED"]

@@ -1,0 +1,703 @@
+"""A test Kubernetes API server: Services and EndpointSlices, list and watch.
+
+It speaks the real URL shapes and wire format (what kubernetes-asyncio and
+kubectl send and expect), keeps a global resourceVersion counter and an
+event history with compaction, and has knobs to break it the ways a real
+API server breaks: streams dropped, streams that go silent without closing,
+500/429 answers, an outage (connection refused), a restart that starts a new
+resourceVersion epoch (every old version is then 410 Gone).
+
+Use it in-process::
+
+    api = FakeKubeAPI()
+    url = await api.start()
+    api.create(service("default", "web", ports=[{"port": 80}]))
+    ...
+    await api.stop()
+
+or standalone: ``python tests/kubeapi.py --port 8001 --seed objects.yaml``.
+Standalone, the ``/_test/...`` control paths (see `_control`) inject faults
+from another process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import json
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+Obj = dict[str, Any]
+
+# resource -> (group prefix, apiVersion, kind)
+RESOURCES: dict[str, tuple[str, str, str]] = {
+    "services": ("/api/v1", "v1", "Service"),
+    "endpointslices": ("/apis/discovery.k8s.io/v1", "discovery.k8s.io/v1", "EndpointSlice"),
+}
+RESOURCE_OF_KIND = {kind: resource for resource, (_, _, kind) in RESOURCES.items()}
+
+DEFAULT_WATCH_TIMEOUT = 1800.0  # seconds, when the client sends no timeoutSeconds
+
+
+# ---------------------------------------------------------------- objects
+
+
+def service(
+    namespace: str,
+    name: str,
+    *,
+    ports: Iterable[Mapping[str, Any]] = ({"port": 80},),
+    cluster_ip: str = "10.96.0.1",
+    type: str = "ClusterIP",
+    labels: Mapping[str, str] | None = None,
+    **spec: Any,
+) -> Obj:
+    """A v1 Service as the API serves it. Extra keyword arguments go into spec."""
+    port_list = []
+    for port in ports:
+        entry = {"protocol": "TCP", **port}
+        entry.setdefault("targetPort", entry["port"])
+        port_list.append(entry)
+    body: Obj = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"namespace": namespace, "name": name, "labels": dict(labels or {})},
+        "spec": {
+            "type": type,
+            "clusterIP": cluster_ip,
+            "clusterIPs": [cluster_ip],
+            "ports": port_list,
+            "sessionAffinity": "None",
+            **spec,
+        },
+    }
+    return body
+
+
+def endpoint_slice(
+    namespace: str,
+    name: str,
+    service_name: str,
+    *,
+    addresses: Iterable[str] = (),
+    ports: Iterable[Mapping[str, Any]] = ({"name": "", "port": 80},),
+    address_type: str = "IPv4",
+    endpoints: Iterable[Mapping[str, Any]] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> Obj:
+    """A discovery.k8s.io/v1 EndpointSlice. `addresses` makes ready endpoints;
+    `endpoints` gives full entries (conditions, nodeName) instead."""
+    if endpoints is None:
+        endpoints = [{"addresses": [a], "conditions": {"ready": True}} for a in addresses]
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "namespace": namespace,
+            "name": name,
+            "labels": {"kubernetes.io/service-name": service_name, **(labels or {})},
+        },
+        "addressType": address_type,
+        "ports": [{"protocol": "TCP", **p} for p in ports],
+        "endpoints": [dict(e) for e in endpoints],
+    }
+
+
+def status(code: int, reason: str, message: str) -> Obj:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+# ---------------------------------------------------------------- selectors
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    """The equality-based label selector grammar: `k`, `!k`, `k=v`, `k==v`, `k!=v`."""
+
+    terms: tuple[tuple[str, str, str], ...] = ()  # (op, key, value)
+
+    @classmethod
+    def parse(cls, text: str | None) -> LabelSelector:
+        terms: list[tuple[str, str, str]] = []
+        for raw in (text or "").split(","):
+            term = raw.strip()
+            if not term:
+                continue
+            if term.startswith("!"):
+                terms.append(("absent", term[1:].strip(), ""))
+            elif "!=" in term:
+                key, value = term.split("!=", 1)
+                terms.append(("ne", key.strip(), value.strip()))
+            elif "==" in term:
+                key, value = term.split("==", 1)
+                terms.append(("eq", key.strip(), value.strip()))
+            elif "=" in term:
+                key, value = term.split("=", 1)
+                terms.append(("eq", key.strip(), value.strip()))
+            else:
+                terms.append(("present", term, ""))
+        for _, key, _ in terms:
+            if not key or " " in key:
+                raise ValueError(f"bad label selector {text!r}")
+        return cls(tuple(terms))
+
+    def matches(self, labels: Mapping[str, str] | None) -> bool:
+        labels = labels or {}
+        for op, key, value in self.terms:
+            if op == "absent" and key in labels:
+                return False
+            if op == "present" and key not in labels:
+                return False
+            if op == "eq" and labels.get(key) != value:
+                return False
+            if op == "ne" and labels.get(key) == value:
+                return False
+        return True
+
+
+# ---------------------------------------------------------------- server state
+
+
+@dataclass
+class Event:
+    rv: int
+    resource: str
+    type: str  # ADDED | MODIFIED | DELETED
+    obj: Obj
+    previous: Obj | None  # for selector transitions
+
+
+@dataclass(eq=False)
+class Watcher:
+    resource: str
+    namespace: str | None
+    selector: LabelSelector
+    queue: asyncio.Queue[Event | None] = field(default_factory=asyncio.Queue)
+    transport: asyncio.BaseTransport | None = None
+    hung: bool = False
+
+    def sees(self, resource: str, obj: Obj) -> bool:
+        meta = obj.get("metadata", {})
+        return (
+            resource == self.resource
+            and (self.namespace is None or meta.get("namespace") == self.namespace)
+            and self.selector.matches(meta.get("labels"))
+        )
+
+
+@dataclass
+class Failure:
+    status: int
+    retry_after: float | None
+
+
+class FakeKubeAPI:
+    """In-memory API server for Services and EndpointSlices."""
+
+    def __init__(self, *, history_limit: int = 10_000, bookmark_interval: float = 60.0) -> None:
+        self.objects: dict[tuple[str, str, str], Obj] = {}  # (resource, ns, name) -> obj
+        self.rv = 1
+        self.history: deque[Event] = deque(maxlen=history_limit)
+        self.compacted_rv = self.rv  # watches from below this get 410
+        self.bookmark_interval = bookmark_interval
+        self.watchers: set[Watcher] = set()
+        self.failures: deque[Failure] = deque()
+        self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, query)
+        self.hang_new_watches = False
+        self.in_outage = False
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.host = "127.0.0.1"
+        self.port = 0
+
+    # ---------------------------------------------------------- lifecycle
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self.host = host
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await self._listen(port)
+        return self.url
+
+    async def _listen(self, port: int) -> None:
+        assert self._runner is not None
+        self._site = web.TCPSite(self._runner, self.host, port, reuse_address=True)
+        await self._site.start()
+        server = self._site._server
+        assert isinstance(server, asyncio.base_events.Server)
+        self.port = server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self.drop_streams()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ---------------------------------------------------------- objects
+
+    def _next_rv(self) -> int:
+        self.rv += 1
+        return self.rv
+
+    def _record(self, resource: str, type_: str, obj: Obj, previous: Obj | None) -> None:
+        event = Event(int(obj["metadata"]["resourceVersion"]), resource, type_, obj, previous)
+        if len(self.history) == self.history.maxlen:
+            self.compacted_rv = self.history[0].rv
+        self.history.append(event)
+        for watcher in list(self.watchers):
+            watcher.queue.put_nowait(event)
+
+    @staticmethod
+    def _key(obj: Obj) -> tuple[str, str, str]:
+        resource = RESOURCE_OF_KIND[obj["kind"]]
+        meta = obj["metadata"]
+        return resource, meta.get("namespace", "default"), meta["name"]
+
+    def create(self, obj: Obj) -> Obj:
+        key = self._key(obj)
+        if key in self.objects:
+            raise KeyError(f"{key} already exists")
+        return self._store(key, obj, None)
+
+    def update(self, obj: Obj) -> Obj:
+        key = self._key(obj)
+        if key not in self.objects:
+            raise KeyError(f"{key} does not exist")
+        return self._store(key, obj, self.objects[key])
+
+    def apply(self, obj: Obj) -> Obj:
+        """Create or update."""
+        key = self._key(obj)
+        return self._store(key, obj, self.objects.get(key))
+
+    def _store(self, key: tuple[str, str, str], obj: Obj, previous: Obj | None) -> Obj:
+        stored = copy.deepcopy(obj)
+        meta = stored.setdefault("metadata", {})
+        meta.setdefault("namespace", key[1])
+        meta["resourceVersion"] = str(self._next_rv())
+        meta.setdefault("uid", f"uid-{key[0]}-{key[1]}-{key[2]}")
+        self.objects[key] = stored
+        self._record(key[0], "ADDED" if previous is None else "MODIFIED", stored, previous)
+        return stored
+
+    def delete(self, kind: str, namespace: str, name: str) -> Obj:
+        resource = RESOURCE_OF_KIND.get(kind, kind)
+        previous = self.objects.pop((resource, namespace, name))
+        gone = copy.deepcopy(previous)
+        gone["metadata"]["resourceVersion"] = str(self._next_rv())
+        self._record(resource, "DELETED", gone, previous)
+        return gone
+
+    def get(self, kind: str, namespace: str, name: str) -> Obj:
+        return self.objects[(RESOURCE_OF_KIND.get(kind, kind), namespace, name)]
+
+    # ---------------------------------------------------------- faults
+
+    def compact(self) -> None:
+        """Forget the event history: every version before now is too old."""
+        self.history.clear()
+        self.compacted_rv = self.rv
+
+    def drop_streams(self) -> int:
+        """Abort every open watch connection (no clean end of stream)."""
+        dropped = 0
+        for watcher in list(self.watchers):
+            if watcher.transport is not None:
+                watcher.transport.abort()
+                dropped += 1
+            watcher.queue.put_nowait(None)
+        return dropped
+
+    def hang_streams(self, *, new_too: bool = False) -> int:
+        """Open watches stop sending anything (no events, no bookmarks) but stay open."""
+        for watcher in self.watchers:
+            watcher.hung = True
+        self.hang_new_watches = new_too
+        return len(self.watchers)
+
+    def fail_next(self, count: int, status: int = 500, retry_after: float | None = None) -> None:
+        """Answer the next `count` resource requests with `status`."""
+        for _ in range(count):
+            self.failures.append(Failure(status, retry_after))
+
+    async def outage_begin(self) -> None:
+        """Stop listening (connection refused) and drop every stream."""
+        self.in_outage = True
+        self.drop_streams()
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+
+    async def outage_end(self) -> None:
+        self.in_outage = False
+        await self._listen(self.port)
+
+    def restart(self, epoch_jump: int = 1_000_000) -> None:
+        """A new resourceVersion epoch (as after an etcd restore): old versions get 410."""
+        self.rv += epoch_jump
+        for obj in self.objects.values():
+            obj["metadata"]["resourceVersion"] = str(self.rv)
+        self.compact()
+        self.drop_streams()
+
+    @property
+    def open_watches(self) -> int:
+        return len(self.watchers)
+
+    def count_requests(self, *, watch: bool | None = None, path: str | None = None) -> int:
+        n = 0
+        for _, req_path, query in self.requests:
+            if path is not None and not req_path.startswith(path):
+                continue
+            if watch is not None and _truthy(query.get("watch")) != watch:
+                continue
+            n += 1
+        return n
+
+    # ---------------------------------------------------------- HTTP
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        path = request.path.rstrip("/") or "/"
+        query = dict(request.query)
+        self.requests.append((request.method, path, query))
+        if self.in_outage and request.transport is not None:
+            request.transport.abort()  # a kept-alive connection from before the outage
+            raise web.HTTPServiceUnavailable()
+        if path.startswith("/_test/"):
+            return self._control(path, query)
+        if path == "/version":
+            return web.json_response(_VERSION)
+        if path == "/api":
+            return web.json_response(
+                {"kind": "APIVersions", "versions": ["v1"],
+                 "serverAddressByClientCIDRs": [
+                     {"clientCIDR": "0.0.0.0/0", "serverAddress": f"{self.host}:{self.port}"}]}
+            )
+        if path == "/apis":
+            return web.json_response(_API_GROUPS)
+        if path == "/api/v1":
+            return web.json_response(_resource_list("v1", "services", "Service", "svc"))
+        if path == "/apis/discovery.k8s.io/v1":
+            return web.json_response(
+                _resource_list("discovery.k8s.io/v1", "endpointslices", "EndpointSlice", None)
+            )
+        route = _parse_path(path)
+        if route is None:
+            return _error(404, "NotFound", f"the server could not find {path}")
+        resource, namespace, name = route
+        if self.failures:
+            failure = self.failures.popleft()
+            headers = {}
+            if failure.retry_after is not None:
+                headers["Retry-After"] = str(int(failure.retry_after))
+            reason = "TooManyRequests" if failure.status == 429 else "InternalError"
+            return _error(failure.status, reason, f"injected {failure.status}", headers)
+        try:
+            selector = LabelSelector.parse(query.get("labelSelector"))
+        except ValueError as e:
+            return _error(400, "BadRequest", str(e))
+        if request.method == "GET":
+            if name is not None:
+                obj = self.objects.get((resource, namespace or "", name))
+                if obj is None:
+                    return _error(404, "NotFound", f'{resource} "{name}" not found')
+                return web.json_response(obj)
+            if _truthy(query.get("watch")):
+                return await self._watch(request, resource, namespace, selector, query)
+            return self._list(resource, namespace, selector, query)
+        return await self._write(request, resource, namespace, name)
+
+    def _control(self, path: str, query: Mapping[str, str]) -> web.Response:
+        action = path.removeprefix("/_test/")
+        if action == "drop":
+            return web.json_response({"dropped": self.drop_streams()})
+        if action == "hang":
+            return web.json_response({"hung": self.hang_streams()})
+        if action == "fail":
+            retry = query.get("retryAfter")
+            self.fail_next(int(query.get("count", "1")), int(query.get("status", "500")),
+                           float(retry) if retry else None)
+            return web.json_response({"queued": len(self.failures)})
+        if action == "restart":
+            self.restart()
+            return web.json_response({"resourceVersion": str(self.rv)})
+        if action == "compact":
+            self.compact()
+            return web.json_response({"compactedResourceVersion": str(self.compacted_rv)})
+        return _error(404, "NotFound", f"no control {action!r}")
+
+    def _matching(self, resource: str, namespace: str | None,
+                  selector: LabelSelector) -> list[Obj]:
+        found = []
+        for (res, ns, _), obj in sorted(self.objects.items()):
+            if res != resource or (namespace is not None and ns != namespace):
+                continue
+            if selector.matches(obj["metadata"].get("labels")):
+                found.append(obj)
+        return found
+
+    def _list(self, resource: str, namespace: str | None, selector: LabelSelector,
+              query: Mapping[str, str]) -> web.Response:
+        wanted = query.get("resourceVersion", "")
+        if wanted not in ("", "0"):
+            try:
+                number = int(wanted)
+            except ValueError:
+                return _error(400, "BadRequest", f"invalid resourceVersion {wanted!r}")
+            if number < self.compacted_rv:
+                return _error(410, "Expired",
+                              f"too old resource version: {number} ({self.compacted_rv})")
+        _, api_version, kind = RESOURCES[resource]
+        items = []
+        for obj in self._matching(resource, namespace, selector):
+            item = copy.deepcopy(obj)
+            # Items of a list carry no kind/apiVersion on the wire.
+            item.pop("kind", None)
+            item.pop("apiVersion", None)
+            items.append(item)
+        return web.json_response({
+            "kind": f"{kind}List",
+            "apiVersion": api_version,
+            "metadata": {"resourceVersion": str(self.rv)},
+            "items": items,
+        })
+
+    async def _watch(self, request: web.Request, resource: str, namespace: str | None,
+                     selector: LabelSelector, query: Mapping[str, str]) -> web.StreamResponse:
+        timeout = float(query.get("timeoutSeconds") or DEFAULT_WATCH_TIMEOUT)
+        bookmarks = _truthy(query.get("allowWatchBookmarks"))
+        wanted = query.get("resourceVersion", "")
+        watcher = Watcher(resource, namespace, selector, hung=self.hang_new_watches)
+        watcher.transport = request.transport
+        self.watchers.add(watcher)  # from here on, new events queue up
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        try:
+            await response.prepare(request)
+            backlog: list[tuple[str, Obj]] = []
+            if wanted in ("", "0"):
+                backlog = [("ADDED", o) for o in self._matching(resource, namespace, selector)]
+                start = self.rv
+            else:
+                try:
+                    start = int(wanted)
+                except ValueError:
+                    start = -1
+                if start < self.compacted_rv:
+                    message = f"too old resource version: {wanted} ({self.compacted_rv})"
+                    await _send(response, "ERROR", status(410, "Expired", message))
+                    return response
+                for event in self.history:
+                    if event.rv > start:
+                        backlog.extend(_translate(watcher, event))
+            # Events in the backlog were queued too; skip those by version.
+            sent_upto = self.rv
+            for type_, obj in backlog:
+                await _send(response, type_, obj)
+            deadline = time.monotonic() + timeout
+            next_bookmark = time.monotonic() + self.bookmark_interval
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                wait = min(deadline, next_bookmark) - now
+                try:
+                    event = await asyncio.wait_for(watcher.queue.get(), wait)
+                except TimeoutError:
+                    event = None
+                    if watcher.hung:
+                        continue
+                    if time.monotonic() >= next_bookmark:
+                        next_bookmark = time.monotonic() + self.bookmark_interval
+                        if bookmarks:
+                            await _send(response, "BOOKMARK", self._bookmark(resource))
+                    continue
+                if event is None:  # dropped
+                    return response
+                if watcher.hung or event.rv <= sent_upto:
+                    continue
+                for type_, obj in _translate(watcher, event):
+                    await _send(response, type_, obj)
+            if bookmarks and not watcher.hung:
+                await _send(response, "BOOKMARK", self._bookmark(resource))
+            if watcher.hung:
+                # A hung stream never ends cleanly; the client must give up on it.
+                await asyncio.Event().wait()
+            await response.write_eof()
+        except (ConnectionResetError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.watchers.discard(watcher)
+        return response
+
+    def _bookmark(self, resource: str) -> Obj:
+        _, api_version, kind = RESOURCES[resource]
+        return {"kind": kind, "apiVersion": api_version,
+                "metadata": {"resourceVersion": str(self.rv)}}
+
+    async def _write(self, request: web.Request, resource: str, namespace: str | None,
+                     name: str | None) -> web.Response:
+        if namespace is None:
+            return _error(405, "MethodNotAllowed", "writes need a namespaced path")
+        if request.method == "DELETE" and name is not None:
+            try:
+                return web.json_response(self.delete(resource, namespace, name))
+            except KeyError:
+                return _error(404, "NotFound", f'{resource} "{name}" not found')
+        if request.method in ("POST", "PUT"):
+            body = await request.json()
+            body.setdefault("metadata", {})["namespace"] = namespace
+            _, api_version, kind = RESOURCES[resource]
+            body.setdefault("kind", kind)
+            body.setdefault("apiVersion", api_version)
+            try:
+                stored = self.create(body) if request.method == "POST" else self.update(body)
+            except KeyError as e:
+                code = 409 if request.method == "POST" else 404
+                return _error(code, "AlreadyExists" if code == 409 else "NotFound", str(e))
+            return web.json_response(stored, status=201 if request.method == "POST" else 200)
+        return _error(405, "MethodNotAllowed", f"{request.method} not supported")
+
+
+def _translate(watcher: Watcher, event: Event) -> list[tuple[str, Obj]]:
+    """The event as this watcher sees it: label changes turn into ADDED/DELETED."""
+    if event.resource != watcher.resource:
+        return []
+    now = watcher.sees(event.resource, event.obj)
+    before = event.previous is not None and watcher.sees(event.resource, event.previous)
+    if event.type == "DELETED":
+        return [("DELETED", event.obj)] if before else []
+    if now and before:
+        return [("MODIFIED", event.obj)]
+    if now:
+        return [("ADDED", event.obj)]
+    if before:
+        return [("DELETED", event.obj)]
+    return []
+
+
+async def _send(response: web.StreamResponse, type_: str, obj: Obj) -> None:
+    line = json.dumps({"type": type_, "object": obj}, separators=(",", ":")) + "\n"
+    await response.write(line.encode())
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes")
+
+
+def _error(code: int, reason: str, message: str,
+           headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response(status(code, reason, message), status=code, headers=headers)
+
+
+def _parse_path(path: str) -> tuple[str, str | None, str | None] | None:
+    """(resource, namespace or None, name or None) for a resource path."""
+    for resource, (prefix, _, _) in RESOURCES.items():
+        if not path.startswith(prefix + "/"):
+            continue
+        parts = path[len(prefix) + 1:].split("/")
+        if parts == [resource]:
+            return resource, None, None
+        if len(parts) in (3, 4) and parts[0] == "namespaces" and parts[2] == resource:
+            return resource, parts[1], parts[3] if len(parts) == 4 else None
+    return None
+
+
+def _resource_list(group_version: str, plural: str, kind: str, short: str | None) -> Obj:
+    verbs = ["create", "delete", "get", "list", "update", "watch"]
+    entry: Obj = {"name": plural, "singularName": kind.lower(), "namespaced": True,
+                  "kind": kind, "verbs": verbs}
+    if short:
+        entry["shortNames"] = [short]
+    return {"kind": "APIResourceList", "groupVersion": group_version, "resources": [entry]}
+
+
+_VERSION: Obj = {
+    "major": "1", "minor": "30", "gitVersion": "v1.30.0-uproxy-test",
+    "gitCommit": "0" * 40, "gitTreeState": "clean", "buildDate": "2024-01-01T00:00:00Z",
+    "goVersion": "go1.22.0", "compiler": "gc", "platform": "linux/amd64",
+}
+
+_API_GROUPS: Obj = {
+    "kind": "APIGroupList",
+    "apiVersion": "v1",
+    "groups": [{
+        "name": "discovery.k8s.io",
+        "versions": [{"groupVersion": "discovery.k8s.io/v1", "version": "v1"}],
+        "preferredVersion": {"groupVersion": "discovery.k8s.io/v1", "version": "v1"},
+    }],
+}
+
+
+# ---------------------------------------------------------------- standalone
+
+
+def load_seed(path: Path) -> Iterator[Obj]:
+    """Objects from a YAML/JSON file: multi-document, or `kind: List`."""
+    import yaml
+
+    for doc in yaml.safe_load_all(path.read_text()):
+        if not doc:
+            continue
+        if doc.get("kind") == "List" or (doc.get("kind", "").endswith("List") and "items" in doc):
+            yield from doc["items"]
+        else:
+            yield doc
+
+
+async def _serve(host: str, port: int, seed: Path | None, bookmark_interval: float) -> None:
+    api = FakeKubeAPI(bookmark_interval=bookmark_interval)
+    if seed is not None:
+        for obj in load_seed(seed):
+            if obj.get("kind") not in RESOURCE_OF_KIND:
+                print(f"{seed}: skipping kind {obj.get('kind')!r}", file=sys.stderr)
+                continue
+            api.apply(obj)
+    await api.start(host, port)
+    print(f"kubeapi listening on {api.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await api.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="test Kubernetes API server")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--seed", type=Path, help="YAML/JSON file of Services and EndpointSlices")
+    parser.add_argument("--bookmark-interval", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args.host, args.port, args.seed, args.bookmark_interval))
+
+
+if __name__ == "__main__":
+    main()
