@@ -1,0 +1,363 @@
+"""The services file source: Services and EndpointSlices from a YAML/JSON file or folder.
+
+A file holds Kubernetes objects (multi-document YAML, a `kind: List`, or the
+JSON of either, exactly as `kubectl get svc,endpointslices -A -o yaml|json`
+prints them) or the short form (`services: [...]`, see DESIGN.md). A folder
+loads every *.yaml, *.yml and *.json in it, in name order, as one set.
+
+`FileSource` reloads when the file changes (polled: inode, size, mtime;
+debounced so a half-written file is not read) and when `reload()` is called
+(the app's SIGHUP handler). A bad file is one `file:line: field: reason`
+line; the last good state keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uproxy.model import EndpointSlice, ObjectName, Service
+from uproxy.sources.base import SourceSink, replace_all
+from uproxy.sources.objects import (
+    FieldPath,
+    ObjectError,
+    describe,
+    format_path,
+    service_from_dict,
+    short_form_from_dict,
+    slice_from_dict,
+)
+
+log = logging.getLogger(__name__)
+
+SOURCE_NAME = "file"
+FILE_SUFFIXES = (".yaml", ".yml", ".json")
+LIST_KINDS = {"List": None, "ServiceList": "Service", "EndpointSliceList": "EndpointSlice"}
+_NONE_HINT = "write 'services: []' for no services"
+_MAX_SETTLE_ROUNDS = 25  # debounce gives up waiting for quiet after this many rounds
+
+# libyaml is much faster on big `kubectl get -A` dumps and keeps node marks too.
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+Services = dict[ObjectName, Service]
+Slices = dict[ObjectName, EndpointSlice]
+
+
+class SourceFileError(Exception):
+    """A services file (or folder) that cannot be loaded; `str()` is one line."""
+
+
+def load_services_file(path: Path) -> tuple[Services, Slices]:
+    """Every Service and EndpointSlice in the file or folder at `path`.
+
+    Raises SourceFileError naming the file, line and field of the first problem.
+    """
+    collected = _Collected()
+    for file in _files_of(path):
+        for node, data in _documents(file):
+            _load_document(collected, file, node, data)
+    return collected.services, collected.slices
+
+
+def _files_of(path: Path) -> list[Path]:
+    try:
+        if not path.is_dir():
+            return [path]
+        files = sorted(
+            entry for entry in path.iterdir()
+            if entry.suffix in FILE_SUFFIXES and not entry.name.startswith(".")
+            and entry.is_file()
+        )
+    except OSError as error:
+        raise SourceFileError(f"{path}: cannot read: {error.strerror or error}") from None
+    if not files:
+        raise SourceFileError(f"{path}: no *.yaml, *.yml or *.json files in this folder")
+    return files
+
+
+def _documents(file: Path) -> list[tuple[yaml.Node | None, Any]]:
+    """(node, data) per non-empty document; node is None when lines are unknown."""
+    try:
+        raw = file.read_bytes()
+    except OSError as error:
+        raise SourceFileError(f"{file}: cannot read: {error.strerror or error}") from None
+    if not raw.strip():
+        raise SourceFileError(f"{file}: empty file ({_NONE_HINT})")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise SourceFileError(f"{file}: not UTF-8 text (byte {error.start})") from None
+
+    if file.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SourceFileError(f"{file}:{error.lineno}: invalid JSON: {error.msg}") from None
+        return [(_json_node(text), data)]
+
+    documents: list[tuple[yaml.Node | None, Any]] = []
+    loader = _Loader(text)
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            data = loader.construct_document(node)
+            if data is not None:  # an empty document between two '---'
+                documents.append((node, data))
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = error.problem or error.context or "cannot parse"
+        raise SourceFileError(f"{file}{line}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as error:
+        raise SourceFileError(f"{file}: invalid YAML: {_one_line(str(error))}") from None
+    finally:
+        loader.dispose()
+    if not documents:
+        raise SourceFileError(f"{file}: no objects in the file ({_NONE_HINT})")
+    return documents
+
+
+def _json_node(text: str) -> yaml.Node | None:
+    """The YAML node tree of a JSON text, for line numbers; None if YAML disagrees."""
+    try:
+        return yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _line_of(node: yaml.Node | None, path: FieldPath) -> int | None:
+    """Line (1-based) of the deepest node along `path` that exists."""
+    if node is None:
+        return None
+    for part in path:
+        child: yaml.Node | None = None
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value == part:
+                    child = value
+                    break
+        elif (
+            isinstance(node, yaml.SequenceNode)
+            and isinstance(part, int)
+            and 0 <= part < len(node.value)
+        ):
+            child = node.value[part]
+        if child is None:
+            break
+        node = child
+    return node.start_mark.line + 1
+
+
+def _where(file: Path, node: yaml.Node | None, path: FieldPath) -> str:
+    line = _line_of(node, path)
+    return f"{file}:{line}" if line is not None else str(file)
+
+
+def _fail(file: Path, node: yaml.Node | None, path: FieldPath, reason: str) -> SourceFileError:
+    parts = [_where(file, node, path), format_path(path), reason]
+    return SourceFileError(": ".join(part for part in parts if part))
+
+
+@dataclass
+class _Collected:
+    services: Services = field(default_factory=dict)
+    slices: Slices = field(default_factory=dict)
+    origins: dict[tuple[str, ObjectName], str] = field(default_factory=dict)
+
+    def add(self, obj: Service | EndpointSlice, origin: str) -> str | None:
+        """Keep `obj`; return where an object of the same kind and name was, if any."""
+        kind = type(obj).__name__
+        first = self.origins.get((kind, obj.key))
+        if first is not None:
+            return first
+        self.origins[kind, obj.key] = origin
+        if isinstance(obj, Service):
+            self.services[obj.key] = obj
+        else:
+            self.slices[obj.key] = obj
+        return None
+
+
+def _load_document(collected: _Collected, file: Path, node: yaml.Node | None, data: Any) -> None:
+    if not isinstance(data, Mapping):
+        raise _fail(
+            file, node, (),
+            f"expected a Kubernetes object or a 'services:' mapping, got {describe(data)}",
+        )
+    if "kind" not in data and "services" in data:
+        _load_short_form(collected, file, node, data)
+        return
+    kind = data.get("kind")
+    if isinstance(kind, str) and kind in LIST_KINDS:
+        items = data.get("items")
+        if items is not None and not isinstance(items, list):
+            raise _fail(file, node, ("items",), f"must be a list, got {describe(items)}")
+        for index, item in enumerate(items or ()):
+            _load_object(collected, file, node, ("items", index), item, LIST_KINDS[kind])
+        return
+    _load_object(collected, file, node, (), data, None)
+
+
+def _load_object(
+    collected: _Collected, file: Path, node: yaml.Node | None, prefix: FieldPath,
+    data: Any, default_kind: str | None,
+) -> None:
+    if not isinstance(data, Mapping):
+        raise _fail(file, node, prefix, f"must be a mapping, got {describe(data)}")
+    kind = data.get("kind", default_kind)
+    obj: Service | EndpointSlice
+    try:
+        if kind == "Service":
+            obj = service_from_dict(data, "")
+        elif kind == "EndpointSlice":
+            obj = slice_from_dict(data, "")
+        elif kind is None:
+            raise ObjectError("", "kind", "is required (Service, EndpointSlice or List), "
+                              "or use the short form 'services:'", ("kind",))
+        else:
+            raise ObjectError("", "kind", f"must be Service, EndpointSlice or List, "
+                              f"got {describe(kind)}", ("kind",))
+    except ObjectError as error:
+        raise _fail(file, node, (*prefix, *error.path), error.reason) from None
+    name_path = (*prefix, "metadata", "name")
+    first = collected.add(obj, _where(file, node, name_path))
+    if first is not None:
+        raise _fail(file, node, name_path, f"duplicate {kind} {obj.key} (first at {first})")
+
+
+def _load_short_form(
+    collected: _Collected, file: Path, node: yaml.Node | None, data: Mapping[str, Any]
+) -> None:
+    try:
+        services, slices = short_form_from_dict(data, "")
+    except ObjectError as error:
+        raise _fail(file, node, error.path, error.reason) from None
+    index_of = {service.key: index for index, service in enumerate(services)}
+    for service in services:
+        name_path: FieldPath = ("services", index_of[service.key], "name")
+        first = collected.add(service, _where(file, node, name_path))
+        if first is not None:
+            raise _fail(file, node, name_path, f"duplicate Service {service.key} "
+                        f"(first at {first})")
+    for endpoint_slice in slices:
+        name_path = ("services", index_of[endpoint_slice.service], "endpoints")
+        first = collected.add(endpoint_slice, _where(file, node, name_path))
+        if first is not None:
+            raise _fail(file, node, name_path, f"its EndpointSlice {endpoint_slice.key} "
+                        f"collides with one at {first}")
+
+
+# -- the watching source ----------------------------------------------------
+
+Fingerprint = tuple[tuple[str, int, int, int, int], ...]
+
+
+def fingerprint(path: Path) -> Fingerprint:
+    """What changes when the file or folder is edited, replaced, added to or removed from."""
+    def stat(entry: Path) -> tuple[str, int, int, int, int]:
+        try:
+            st = entry.stat()
+        except OSError:
+            return (entry.name, -1, -1, -1, -1)
+        return (entry.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    own = stat(path)
+    try:
+        if not path.is_dir():
+            return (own,)
+        entries = sorted(e for e in path.iterdir() if e.suffix in FILE_SUFFIXES)
+    except OSError:
+        return (own,)
+    return (own, *(stat(entry) for entry in entries))
+
+
+class FileSource:
+    """Reports the services file's objects to a sink, and every later difference."""
+
+    name = SOURCE_NAME
+
+    def __init__(self, path: Path, *, debounce: float = 0.2, poll_interval: float = 1.0) -> None:
+        self.path = path
+        self.debounce = debounce
+        self.poll_interval = poll_interval
+        self._reported_services: Services = {}
+        self._reported_slices: Slices = {}
+        self._initial: tuple[Services, Slices] | None = None
+        self._seen: Fingerprint | None = None  # fingerprint of the last load attempt
+        self._reload_requested = asyncio.Event()
+
+    def load_initial(self) -> None:
+        """Load the file once before running; a bad file raises SourceFileError (fatal at start)."""
+        seen = fingerprint(self.path)
+        self._initial = load_services_file(self.path)
+        self._seen = seen
+
+    def reload(self) -> None:
+        """Reload now (the app's SIGHUP handler); safe to call from the loop's thread only."""
+        self._reload_requested.set()
+
+    async def run(self, sink: SourceSink) -> None:
+        synced = False
+        if self._initial is not None:
+            self._report(sink, *self._initial)
+            self._initial = None
+            sink.on_synced(SOURCE_NAME)
+            synced = True
+        else:
+            synced = await self._load(sink, synced)
+        while True:
+            if await self._wait_for_trigger():
+                synced = await self._load(sink, synced)
+
+    async def _wait_for_trigger(self) -> bool:
+        """Wait one poll; True when there is something to load."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._reload_requested.wait(), self.poll_interval)
+        if self._reload_requested.is_set():
+            self._reload_requested.clear()
+            return True
+        now = fingerprint(self.path)
+        if now == self._seen:
+            return False
+        # Changed: wait until it stays the same for one debounce period, so an
+        # editor or `kubectl get > file` that writes in pieces is read once, whole.
+        for _ in range(_MAX_SETTLE_ROUNDS):
+            await asyncio.sleep(self.debounce)
+            later = fingerprint(self.path)
+            if later == now:
+                break
+            now = later
+        return True
+
+    async def _load(self, sink: SourceSink, synced: bool) -> bool:
+        self._seen = fingerprint(self.path)
+        try:
+            services, slices = await asyncio.to_thread(load_services_file, self.path)
+        except SourceFileError as error:
+            message = str(error)
+            log.error("%s", message)
+            sink.on_source_error(SOURCE_NAME, message)
+            return synced
+        changes = self._report(sink, services, slices)
+        if synced:
+            if changes:
+                log.info("services file %s reloaded: %d changes", self.path, changes)
+            return True
+        sink.on_synced(SOURCE_NAME)
+        return True
+
+    def _report(self, sink: SourceSink, services: Services, slices: Slices) -> int:
+        changes = replace_all(self._reported_services, services, sink.on_service)
+        return changes + replace_all(self._reported_slices, slices, sink.on_slice)
