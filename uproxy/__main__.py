@@ -1,0 +1,7 @@
+"""`python -m uproxy` runs the command line."""
+
+import sys
+
+from uproxy.cli import main
+
+sys.exit(main())
