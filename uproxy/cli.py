@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "subcommands:\n"
-            "  uproxy explain --services F [--rules B] [--compare]   print rules and packet paths\n"
-            "  uproxy demo                                            proxy a few loopback backends\n"
+            "  uproxy explain --services F [--rules B] [--compare]  print rules, packet paths\n"
+            "  uproxy demo                                           proxy loopback backends\n"
             "durations: 250ms, 30s, 5m, 3h.  port ranges: N, A-B, A+K."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,

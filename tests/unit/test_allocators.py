@@ -18,7 +18,7 @@ def test_ports_are_unique_until_exhausted_then_clear_error() -> None:
     allocator = PortAllocator(PortRange(40000, 40009), random.Random(1))
     ports = {allocator.allocate() for _ in range(10)}
     assert ports == set(range(40000, 40010))
-    with pytest.raises(ExhaustedError, match="--proxy-port-range 40000-40009: all 10 ports"):
+    with pytest.raises(ExhaustedError, match=r"--proxy-port-range 40000-40009: all 10 ports"):
         allocator.allocate()
     allocator.release(40004)
     assert allocator.allocate() == 40004
@@ -54,7 +54,7 @@ def test_laptop_range_exhaustion_names_the_flag() -> None:
     allocator = AddressAllocator(ipaddress.ip_network("127.77.0.0/30"))  # two usable
     allocator.allocate(ObjectName("a", "1"))
     allocator.allocate(ObjectName("a", "2"))
-    with pytest.raises(ExhaustedError, match="--bind-range 127.77.0.0/30"):
+    with pytest.raises(ExhaustedError, match=r"--bind-range 127\.77\.0\.0/30"):
         allocator.allocate(ObjectName("a", "3"))
     allocator.release(ObjectName("a", "1"))
     assert allocator.allocate(ObjectName("a", "3"))
