@@ -305,19 +305,19 @@ def render_nft_skeleton(prefix: str, family: int) -> list[str]:
     for hook, where in (("prerouting", "container"), ("output", "host")):
         lines += [
             f"  chain portals_{where} {{",
-            f"    type nat hook {hook} priority dstnat - 10; policy accept;",
+            f"    type nat hook {hook} priority -110; policy accept;",
             f"    {l4} redirect to : {daddr} . {key} map @portal_redirect",
             f"    {l4} dnat {fam} to {daddr} . {key} map @portal_dnat",
             "  }",
             f"  chain nodeports_{where} {{",
-            f"    type nat hook {hook} priority dstnat + 10; policy accept;",
+            f"    type nat hook {hook} priority -90; policy accept;",
             f"    fib daddr type local {l4} redirect to : {key} map @nodeport_redirect",
             f"    fib daddr type local {l4} dnat {fam} to {key} map @nodeport_dnat",
             "  }",
         ]
     lines += [
         "  chain nodeport_non_local {",
-        "    type filter hook input priority filter - 10; policy accept;",
+        "    type filter hook input priority -10; policy accept;",
         f"    {key} @{NFT_SET} accept",
         "  }",
         "}",
