@@ -96,11 +96,13 @@ def endpoints_for_port(
     """Endpoints of one service port, merged over all of the service's slices.
 
     Each slice says, per port name, which number the pods listen on, so a
-    named targetPort may resolve differently in different slices.
+    named targetPort may resolve differently in different slices. As in
+    kube-proxy's CategorizeEndpoints, the ready-else-terminating fallback is
+    decided over all slices together, after the node filter of a Local policy.
     """
     families = _service_families(service)
     local_only = service.internal_traffic_policy == "Local"
-    found: set[Endpoint] = set()
+    found: list[tuple[Endpoint, SliceEndpoint]] = []
     for endpoint_slice in slices:
         family = _FAMILY_OF_ADDRESS_TYPE.get(endpoint_slice.address_type)
         if family is None or family not in families:
@@ -112,15 +114,15 @@ def endpoints_for_port(
         ]
         if not numbers:
             continue
-        candidates = usable_endpoints(endpoint_slice.endpoints)
-        if local_only:
-            candidates = [e for e in candidates if node_name and e.node_name == node_name]
-        for endpoint in candidates:
+        for endpoint in endpoint_slice.endpoints:
             if not endpoint.addresses:
                 continue
+            if local_only and not (node_name and endpoint.node_name == node_name):
+                continue
             for number in numbers:
-                found.add(Endpoint(endpoint.addresses[0], number))
-    return tuple(sorted(found))
+                found.append((Endpoint(endpoint.addresses[0], number), endpoint))
+    usable = set(usable_endpoints(condition for _, condition in found))
+    return tuple(sorted({e for e, condition in found if condition in usable}))
 
 
 def desired_state(
