@@ -1,0 +1,342 @@
+"""What `/status.json` (and the `/status` page) shows: a plain dict built from
+the proxier's read-only state.
+
+`build_status` is pure: it reads the objects it is given and the time it is
+told, so tests build it from small fakes and the page renders exactly this.
+For each service port it explains "how a packet gets here": the nat chain and
+rule that steer a connection to the listener, the listener, and the balancer's
+next decision, in the words and chain names of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Set
+from typing import Any, Protocol
+
+from uproxy.model import DesiredPort, Endpoint, ObjectName, ServicePortName, format_hostport
+from uproxy.stats import PortStats
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+class BalancerViewLike(Protocol):
+    """One port's balancer state (uproxy.balancer.BalancerView)."""
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]: ...  # in round-robin order
+
+    @property
+    def next_index(self) -> int: ...
+
+    @property
+    def affinity_timeout(self) -> float | None: ...
+
+    @property
+    def pins(self) -> tuple[tuple[str, Endpoint, float], ...]: ...  # (client, endpoint, left)
+
+
+class BalancerSnapshots(Protocol):
+    def snapshot(self, name: ServicePortName) -> BalancerViewLike: ...
+
+
+class StatusInputs(Protocol):
+    """The proxier's read-only state, as the status page and metrics read it."""
+
+    @property
+    def applied(self) -> Mapping[ServicePortName, DesiredPort]: ...
+
+    @property
+    def bound(self) -> Mapping[ServicePortName, tuple[str, int]]: ...
+
+    @property
+    def errors(self) -> Mapping[ServicePortName, str]: ...
+
+    @property
+    def stats(self) -> Mapping[ServicePortName, PortStats]: ...
+
+    @property
+    def balancer(self) -> BalancerSnapshots: ...
+
+    @property
+    def rules_name(self) -> str: ...
+
+    @property
+    def chain_prefix(self) -> str: ...
+
+    @property
+    def laptop_mode(self) -> bool: ...
+
+    @property
+    def skipped(self) -> Mapping[ObjectName, str]: ...
+
+
+class RunnerView(Protocol):
+    @property
+    def last_success(self) -> float | None: ...  # time.monotonic() of the last good sync
+
+    @property
+    def syncs(self) -> int: ...
+
+
+class TrackerView(Protocol):
+    @property
+    def synced(self) -> Set[str]: ...  # sources that delivered a first full view
+
+
+def sources_ready(tracker: TrackerView, required: Set[str]) -> tuple[bool, list[str]]:
+    """Whether every required source has synced, and which have not."""
+    missing = sorted(set(required) - set(tracker.synced))
+    return not missing, missing
+
+
+def build_status(
+    proxier: StatusInputs,
+    runner: RunnerView | None = None,
+    tracker: TrackerView | None = None,
+    required_sources: Set[str] = frozenset(),
+    *,
+    now: float,
+) -> dict[str, Any]:
+    """The JSON-able status document; `now` is time.monotonic() (sync age)."""
+    names = sorted(set(proxier.applied) | set(proxier.errors))
+    by_service: dict[ObjectName, list[dict[str, Any]]] = {}
+    for name in names:
+        by_service.setdefault(name.service, []).append(_port_status(proxier, name))
+
+    services = [
+        {"service": str(service), "namespace": service.namespace, "name": service.name,
+         "ports": ports}
+        for service, ports in sorted(by_service.items())
+    ]
+    totals = {
+        "services": len(by_service),
+        "service_ports": len(names),
+        "listeners": len(proxier.bound),
+        "endpoints": sum(len(p.endpoints) for p in proxier.applied.values()),
+        "connections_active": sum(s.connections_active for s in proxier.stats.values()),
+        "udp_sessions_active": sum(s.udp_sessions_active for s in proxier.stats.values()),
+    }
+    return {
+        "mode": "laptop" if proxier.laptop_mode else "rules",
+        "rules": proxier.rules_name,
+        "chain_prefix": proxier.chain_prefix,
+        "sync": _sync_status(runner, tracker, required_sources, now),
+        "totals": totals,
+        "services": services,
+        "skipped": [
+            {"service": str(key), "reason": reason}
+            for key, reason in sorted(proxier.skipped.items())
+        ],
+    }
+
+
+def _sync_status(
+    runner: RunnerView | None,
+    tracker: TrackerView | None,
+    required: Set[str],
+    now: float,
+) -> dict[str, Any]:
+    last = runner.last_success if runner is not None else None
+    ready_sources, missing = (
+        sources_ready(tracker, required) if tracker is not None else (True, [])
+    )
+    return {
+        "syncs": runner.syncs if runner is not None else 0,
+        "last_success_age_seconds": None if last is None else round(max(0.0, now - last), 3),
+        "sources_synced": sorted(tracker.synced) if tracker is not None else [],
+        "sources_missing": missing,
+        "ready": ready_sources and last is not None,
+    }
+
+
+def _port_status(proxier: StatusInputs, name: ServicePortName) -> dict[str, Any]:
+    desired = proxier.applied.get(name)
+    stats = proxier.stats.get(name) or PortStats()
+    bound = proxier.bound.get(name)
+    error = proxier.errors.get(name)
+    view = proxier.balancer.snapshot(name)
+    frontend = desired.frontend if desired is not None else None
+    protocol = frontend.protocol if frontend is not None else name.protocol
+    number = frontend.port if frontend is not None else None
+    listener = format_hostport(*bound) if bound is not None else None
+
+    if proxier.laptop_mode:
+        # The listener owns a loopback IP and the service's real port.
+        address = listener
+    elif frontend is not None and frontend.addresses:
+        address = format_hostport(frontend.addresses[0], frontend.port)
+    else:
+        address = None
+
+    pinned: dict[Endpoint, int] = {}
+    for _client, endpoint, _left in view.pins:
+        pinned[endpoint] = pinned.get(endpoint, 0) + 1
+    order = list(view.endpoints)
+    # Endpoints the balancer has not been told about yet are still shown.
+    for endpoint in desired.endpoints if desired is not None else ():
+        if endpoint not in order:
+            order.append(endpoint)
+    next_endpoint = (
+        view.endpoints[view.next_index % len(view.endpoints)] if view.endpoints else None
+    )
+    endpoints = [
+        {
+            "address": str(endpoint),
+            "picks": stats.picks.get(str(endpoint), 0),
+            "next": endpoint == next_endpoint,
+            "pinned_clients": pinned.get(endpoint, 0),
+        }
+        for endpoint in order
+    ]
+
+    entry: dict[str, Any] = {
+        "id": str(name),
+        "service": str(name.service),
+        "port_name": name.port,
+        "port": number,
+        "protocol": protocol,
+        "address": address,
+        "addresses": list(frontend.addresses) if frontend is not None else [],
+        "node_port": frontend.node_port if frontend is not None else None,
+        "listener": listener,
+        "error": error,
+        "rules": proxier.rules_name,
+        "endpoints": endpoints,
+        "next_endpoint": str(next_endpoint) if next_endpoint is not None else None,
+        "affinity": None if view.affinity_timeout is None else {
+            "timeout_seconds": view.affinity_timeout,
+            "pins": [
+                {"client": client, "endpoint": str(endpoint), "seconds_left": round(left, 1)}
+                for client, endpoint, left in view.pins
+            ],
+        },
+        "connections": {
+            "accepted": stats.connections_accepted,
+            "active": stats.connections_active,
+            "failed": stats.connections_failed,
+            "no_endpoints": stats.no_endpoints,
+        },
+        "bytes": {"in": stats.bytes_in, "out": stats.bytes_out},
+        "path": packet_path(proxier, name, desired, bound, error, view),
+    }
+    if protocol == "UDP":
+        entry["udp"] = {
+            "sessions_active": stats.udp_sessions_active,
+            "sessions_created": stats.udp_sessions_created,
+            "sessions_expired": stats.udp_sessions_expired,
+            "datagrams_in": stats.udp_datagrams_in,
+            "datagrams_out": stats.udp_datagrams_out,
+            "datagrams_dropped": stats.udp_datagrams_dropped,
+        }
+    return entry
+
+
+def packet_path(
+    proxier: StatusInputs,
+    name: ServicePortName,
+    desired: DesiredPort | None,
+    bound: tuple[str, int] | None,
+    error: str | None,
+    view: BalancerViewLike,
+) -> list[str]:
+    """Human-readable steps a new connection takes to reach an endpoint."""
+    if desired is None:
+        return [f"not served: {error}" if error else "not served"]
+    frontend = desired.frontend
+    protocol = frontend.protocol
+    steps: list[str] = []
+    if bound is None:
+        steps.append(f"not served: {error or 'no listener is bound yet'}")
+        return steps
+
+    proxy_ip, proxy_port = bound
+    listener = format_hostport(proxy_ip, proxy_port)
+    if proxier.laptop_mode:
+        steps.append(
+            f"client connects straight to {listener}/{protocol}: laptop mode gives the "
+            "service its own IP with its real port, no kernel rules"
+        )
+    elif proxier.rules_name in ("none", ""):
+        steps.append(
+            f"no kernel rules (--rules none): clients must connect to {listener} themselves"
+        )
+    else:
+        steps.extend(_rule_steps(proxier, frontend.addresses, frontend.port,
+                                 frontend.node_port, protocol, proxy_ip, proxy_port))
+    kind = "accepts the connection" if protocol == "TCP" else "receives the datagram"
+    steps.append(f"listener {listener} ({protocol}) {kind}")
+    steps.append(_balancer_step(view, protocol))
+    if view.endpoints:
+        if protocol == "TCP":
+            steps.append("dial the endpoint at once (retry 250 ms → 2 s, fail over), "
+                         "then relay bytes both ways")
+        else:
+            steps.append("forward through the client's UDP session; replies go back "
+                         "from the service address")
+    return steps
+
+
+def _rule_steps(
+    proxier: StatusInputs,
+    addresses: tuple[str, ...],
+    port: int,
+    node_port: int | None,
+    protocol: str,
+    proxy_ip: str,
+    proxy_port: int,
+) -> list[str]:
+    prefix = proxier.chain_prefix
+    proto = protocol.lower()
+    wildcard = proxy_ip in WILDCARDS
+    redirect = f"REDIRECT --to-ports {proxy_port}"
+    dnat = f"DNAT --to-destination {format_hostport(proxy_ip, proxy_port)}"
+    host_target = redirect if wildcard else dnat
+    container_target = redirect if wildcard else dnat
+    nft = proxier.rules_name == "nft"
+    steps: list[str] = []
+    for address in addresses:
+        family = 6 if ":" in address else 4
+        mask = "/128" if family == 6 else "/32"
+        if nft:
+            table = f"table ip{'6' if family == 6 else ''} {prefix.lower()}"
+            match = f"ip{'6' if family == 6 else ''} daddr {address} {proto} dport {port}"
+            target = (f"redirect to :{proxy_port}" if wildcard
+                      else f"dnat to {format_hostport(proxy_ip, proxy_port)}")
+            steps.append(f"from this host: nft {table} output → {match} → {target}")
+            steps.append(f"from pods/other hosts: nft {table} prerouting → {match} → {target}")
+            continue
+        rule = f"-d {address}{mask} -p {proto} --dport {port}"
+        steps.append(
+            f"from this host: nat OUTPUT → {prefix}-PORTALS-HOST: {rule} → {host_target}"
+        )
+        steps.append(
+            f"from pods/other hosts: nat PREROUTING → {prefix}-PORTALS-CONTAINER: "
+            f"{rule} → {container_target}"
+        )
+    if node_port:
+        rule = f"-m addrtype --dst-type LOCAL -p {proto} --dport {node_port}"
+        if nft:
+            steps.append(f"node port {node_port}: nft prerouting/output → fib daddr type "
+                         f"local {proto} dport {node_port} → redirect to :{proxy_port}")
+        else:
+            steps.append(f"node port: nat PREROUTING/OUTPUT → {prefix}-NODEPORT-CONTAINER/"
+                         f"{prefix}-NODEPORT-HOST: {rule} → {host_target}")
+    if not steps:
+        steps.append("no virtual IP: only the listener itself reaches this port")
+    return steps
+
+
+def _balancer_step(view: BalancerViewLike, protocol: str) -> str:
+    count = len(view.endpoints)
+    if not count:
+        fate = "connection reset" if protocol == "TCP" else "datagram dropped"
+        return f"balancer: no endpoints → {fate} (counted as no_endpoints)"
+    nxt = view.endpoints[view.next_index % count]
+    plural = "endpoint" if count == 1 else "endpoints"
+    rr = f"round-robin over {count} {plural}, next: {nxt}"
+    if view.affinity_timeout is None:
+        return f"balancer: {rr}"
+    timeout = view.affinity_timeout
+    shown = f"{timeout:g}"
+    return (f"balancer: ClientIP affinity, {shown} s ({len(view.pins)} pinned clients); "
+            f"new clients: {rr}")
