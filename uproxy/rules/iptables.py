@@ -86,6 +86,7 @@ class IptablesRules:
         *,
         command_prefix: Sequence[str] = (),
         legacy: bool = False,
+        families: Sequence[int] = FAMILIES,
     ) -> None:
         self.prefix = check_chain_prefix(chain_prefix)
         self.command_prefix = tuple(command_prefix)
@@ -94,6 +95,7 @@ class IptablesRules:
             4: (f"iptables{variant}-save", f"iptables{variant}-restore"),
             6: (f"ip6tables{variant}-save", f"ip6tables{variant}-restore"),
         }
+        self.families = tuple(families)
         self.restores = 0  # transactions sent, for tests and metrics
 
     def render(self, portals: Sequence[Portal]) -> str:
@@ -129,7 +131,7 @@ class IptablesRules:
 
     async def apply(self, portals: Sequence[Portal]) -> None:
         entries = portal_entries(portals)
-        for family in FAMILIES:
+        for family in self.families:
             mine = [e for e in entries if e.family == family]
             saved = await self._save(family)
             if saved is None:
@@ -146,7 +148,7 @@ class IptablesRules:
     async def remove_all(self) -> list[str]:
         """Remove our jumps and chains; says what was removed."""
         removed: list[str] = []
-        for family in FAMILIES:
+        for family in self.families:
             saved = await self._save(family)
             if saved is None:
                 continue

@@ -1,0 +1,238 @@
+"""The `iptc` backend: the same chains as `iptables`, written with python-iptables.
+
+For hosts on legacy xtables only: libiptc edits the legacy tables, which an
+nf_tables-variant `iptables` neither shows nor honours in the same way, so
+on such a host the backend refuses to start. libiptc calls block and are not
+thread-safe: they run in a worker thread, one at a time under one lock, and
+hold the xtables lock (the file `iptables -w` waits on) while they work.
+libxtables registers an extension (REDIRECT, DNAT) for the first address
+family that loads it only, so one process cannot build both IPv4 and IPv6
+rules with python-iptables: IPv6 rules go through `ip6tables-legacy-restore`
+(the `iptables` backend, IPv6 only), the same chains in the same tables.
+Each table is committed as one transaction (libiptc replaces the table
+atomically), so a failure leaves the previous rules in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from uproxy.rules.base import Portal, RulesError
+from uproxy.rules.iptables import IptablesRules
+from uproxy.rules.render import (
+    Entry,
+    chain_names,
+    check_chain_prefix,
+    jumps,
+    portal_entries,
+    render_iptables,
+)
+
+XTABLES_LOCK_TIMEOUT = 10.0  # seconds, like `iptables -w 10`
+_LIBIPTC = threading.Lock()  # one libiptc user per process
+
+
+class IptcUnavailable(RulesError):
+    """python-iptables cannot be used on this host."""
+
+
+def iptc_unavailable(iptables_cmd: str = "iptables") -> str | None:
+    """Why the iptc backend cannot run here (one line), or None."""
+    try:
+        version = subprocess.run([iptables_cmd, "--version"], capture_output=True,
+                                 text=True, timeout=10, check=False).stdout.strip()
+    except FileNotFoundError:
+        return f"--rules iptc: {iptables_cmd!r} not found; cannot tell the xtables variant"
+    if "nf_tables" in version:
+        return (f"--rules iptc: this host's iptables is the nf_tables variant ({version}); "
+                "python-iptables only edits legacy xtables: use --rules iptables or nft")
+    try:
+        import iptc  # noqa: F401
+    except Exception as error:  # ImportError, or OSError from a missing libiptc
+        return f"--rules iptc: python-iptables cannot load: {error}"
+    return None
+
+
+@contextlib.contextmanager
+def xtables_lock(timeout: float = XTABLES_LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the lock that iptables and iptables-restore take with -w."""
+    path = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RulesError(f"xtables lock {path} held for {timeout:g}s") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)  # also releases the flock
+
+
+def _rule(iptc: Any, family: int, entry: Entry) -> Any:
+    rule = iptc.Rule() if family == 4 else iptc.Rule6()
+    rule.protocol = entry.protocol
+    if entry.address is not None:
+        rule.dst = f"{entry.address}/{32 if family == 4 else 128}"
+    else:
+        rule.create_match("addrtype").dst_type = "LOCAL"
+    rule.create_match(entry.protocol).dport = str(entry.port)
+    rule.create_match("comment").comment = entry.comment
+    if entry.redirect:
+        rule.create_target("REDIRECT").to_ports = str(entry.proxy_port)
+    else:
+        ip = entry.proxy_ip if family == 4 else f"[{entry.proxy_ip}]"
+        rule.create_target("DNAT").to_destination = f"{ip}:{entry.proxy_port}"
+    return rule
+
+
+def _accept(iptc: Any, family: int, protocol: str, port: int, comment: str) -> Any:
+    rule = iptc.Rule() if family == 4 else iptc.Rule6()
+    rule.protocol = protocol
+    rule.create_match(protocol).dport = str(port)
+    rule.create_match("comment").comment = comment
+    rule.create_target("ACCEPT")
+    return rule
+
+
+def _jump(iptc: Any, family: int, target: str) -> Any:
+    rule = iptc.Rule() if family == 4 else iptc.Rule6()
+    rule.create_match("comment").comment = f"uproxy {target.lower()}"
+    rule.create_target(target)
+    return rule
+
+
+class IptcRules:
+    name = "iptc"
+
+    def __init__(self, chain_prefix: str = "UPROXY", *, iptables_cmd: str = "iptables") -> None:
+        self.prefix = check_chain_prefix(chain_prefix)
+        reason = iptc_unavailable(iptables_cmd)
+        if reason is not None:
+            raise IptcUnavailable(reason)
+        self.commits = 0
+        legacy = shutil.which("ip6tables-legacy-restore") is not None
+        self.ipv6 = IptablesRules(chain_prefix, legacy=legacy, families=(6,))
+
+    def render(self, portals: Sequence[Portal]) -> str:
+        return render_iptables(portals, self.prefix)
+
+    @staticmethod
+    def _table(iptc: Any, family: int, name: str) -> Any:
+        table = iptc.Table(name) if family == 4 else iptc.Table6(name)
+        table.autocommit = False
+        table.refresh()
+        return table
+
+    def _ours_present(self, iptc: Any, family: int) -> bool:
+        for table_name, chains in chain_names(self.prefix).items():
+            table = self._table(iptc, family, table_name)
+            if any(table.is_chain(chain) for chain in chains):
+                return True
+        return False
+
+    def _apply_family(self, iptc: Any, family: int, entries: list[Entry]) -> None:
+        if not entries and not self._ours_present(iptc, family):
+            return
+        names = chain_names(self.prefix)
+        portals_container, portals_host, nodeport_container, nodeport_host = names["nat"]
+        (non_local,) = names["filter"]
+        wanted: dict[str, list[Any]] = {chain: [] for chains in names.values() for chain in chains}
+        accepted: dict[tuple[str, int], str] = {}
+        for entry in entries:
+            pair = ((portals_container, portals_host) if entry.kind == "portal"
+                    else (nodeport_container, nodeport_host))
+            for chain in pair:
+                wanted[chain].append(_rule(iptc, family, entry))
+            accepted.setdefault((entry.protocol, entry.proxy_port), entry.comment)
+        for (protocol, port), comment in sorted(accepted.items()):
+            wanted[non_local].append(_accept(iptc, family, protocol, port, comment))
+
+        for table_name, chains in names.items():
+            table = self._table(iptc, family, table_name)
+            try:
+                for chain_name in chains:
+                    chain = (iptc.Chain(table, chain_name) if table.is_chain(chain_name)
+                             else table.create_chain(chain_name))
+                    chain.flush()
+                    for rule in wanted[chain_name]:
+                        chain.append_rule(rule)
+                for jump in jumps(self.prefix):
+                    if jump.table != table_name:
+                        continue
+                    builtin = iptc.Chain(table, jump.chain)
+                    found = [r for r in builtin.rules if r.target.name == jump.target]
+                    if not found:
+                        rule = _jump(iptc, family, jump.target)
+                        if jump.first:
+                            builtin.insert_rule(rule)
+                        else:
+                            builtin.append_rule(rule)
+                    for extra in found[1:]:
+                        builtin.delete_rule(extra)
+                table.commit()
+                self.commits += 1
+            except iptc.IPTCError as error:
+                table.refresh()  # drop the uncommitted changes
+                raise RulesError(f"iptc IPv{family} {table_name}: {error}") from error
+
+    def _remove_family(self, iptc: Any, family: int) -> list[str]:
+        removed = []
+        for table_name, chains in chain_names(self.prefix).items():
+            table = self._table(iptc, family, table_name)
+            present = [c for c in chains if table.is_chain(c)]
+            touched = False
+            for jump in jumps(self.prefix):
+                if jump.table != table_name:
+                    continue
+                builtin = iptc.Chain(table, jump.chain)
+                for rule in [r for r in builtin.rules if r.target.name == jump.target]:
+                    builtin.delete_rule(rule)
+                    removed.append(f"iptc IPv{family}: jump {jump.chain} -> {jump.target}")
+                    touched = True
+            for chain_name in present:
+                iptc.Chain(table, chain_name).flush()
+                table.delete_chain(chain_name)
+                removed.append(f"iptc IPv{family}: chain {table_name} {chain_name}")
+                touched = True
+            if touched:
+                table.commit()
+        return removed
+
+    def _apply_sync(self, entries: list[Entry]) -> None:
+        import iptc
+
+        with _LIBIPTC, xtables_lock():
+            self._apply_family(iptc, 4, [e for e in entries if e.family == 4])
+
+    def _remove_sync(self) -> list[str]:
+        import iptc
+
+        removed: list[str] = []
+        with _LIBIPTC, xtables_lock():
+            removed += self._remove_family(iptc, 4)
+        return removed
+
+    async def apply(self, portals: Sequence[Portal]) -> None:
+        await asyncio.to_thread(self._apply_sync, portal_entries(portals))
+        await self.ipv6.apply(portals)
+
+    async def remove_all(self) -> list[str]:
+        removed = await asyncio.to_thread(self._remove_sync)
+        return removed + await self.ipv6.remove_all()
+
+    async def cleanup(self) -> None:
+        await self.remove_all()
