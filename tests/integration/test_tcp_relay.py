@@ -38,7 +38,8 @@ PAYLOAD = bytes(range(256)) * (MiB // 256)
 def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
     """uvloop is what runs in production; the stdlib loop must work too."""
     if request.param == "uvloop":
-        return uvloop.EventLoopPolicy()
+        policy: asyncio.AbstractEventLoopPolicy = uvloop.EventLoopPolicy()
+        return policy
     return asyncio.DefaultEventLoopPolicy()
 
 

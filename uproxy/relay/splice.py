@@ -9,6 +9,7 @@ leak into a new one); otherwise it is closed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -34,10 +35,8 @@ class Pipe:
 
     def close(self) -> None:
         for fd in (self.read_fd, self.write_fd):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self.read_fd = self.write_fd = -1
 
 

@@ -21,6 +21,7 @@ flowing. An error or a reset on either side resets both (SO_LINGER 0).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -51,18 +52,14 @@ AccessLog = Callable[[dict[str, object]], None]
 
 def reset_close(sock: socket.socket) -> None:
     """Close with an RST instead of a FIN: the peer sees ECONNRESET."""
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass
     sock.close()
 
 
 def _nodelay(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass
 
 
 class TcpServer:
@@ -680,8 +677,6 @@ class _Side(asyncio.Protocol):
         if self.transport is not None:
             sock = self.transport.get_extra_info("socket")
             if sock is not None:
-                try:
+                with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                except OSError:
-                    pass
             self.transport.abort()
