@@ -549,12 +549,12 @@ def _short_slices(
                 f"ip:port endpoints need a single-port service; this one has "
                 f"{len(service.ports)} ports (write the IP alone and set targetPort)",
             )
+        if port is not None and port == (service.ports[0].target_port or service.ports[0].port):
+            port = None  # same as the default: same slice as the plain IPs
         if (ip, port) in seen:
             read.fail(endpoint_at, f"duplicate of endpoints[{seen[ip, port]}]")
         seen[ip, port] = index
         family: int = ipaddress.ip_address(ip).version
-        if port is not None and port == (service.ports[0].target_port or service.ports[0].port):
-            port = None  # same as the default: same slice as the plain IPs
         groups.setdefault((family, port), []).append(ip)
 
     slices: list[EndpointSlice] = []
