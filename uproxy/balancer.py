@@ -174,7 +174,7 @@ class Balancer:
 class PortPicker:
     """Picks for one service port; what a listener holds."""
 
-    __slots__ = ("_balancer", "_name", "_stats")
+    __slots__ = ("_balancer", "_labels", "_name", "_stats")
 
     def __init__(
         self, balancer: Balancer, name: ServicePortName, stats: PortStats | None
@@ -182,6 +182,8 @@ class PortPicker:
         self._balancer = balancer
         self._name = name
         self._stats = stats
+        # "ip:port" per endpoint, so counting a pick does not format a string.
+        self._labels: dict[Endpoint, str] = {}
 
     @property
     def name(self) -> ServicePortName:
@@ -190,7 +192,11 @@ class PortPicker:
     def pick(self, client_ip: str, reset_affinity: bool = False) -> Endpoint:
         endpoint = self._balancer.pick(self._name, client_ip, reset_affinity)
         if self._stats is not None:
+            key = self._labels.get(endpoint)
+            if key is None:
+                if len(self._labels) >= 4096:  # endpoints come and go; stay bounded
+                    self._labels.clear()
+                key = self._labels[endpoint] = str(endpoint)
             picks = self._stats.picks
-            key = str(endpoint)
             picks[key] = picks.get(key, 0) + 1
         return endpoint
