@@ -1,0 +1,293 @@
+"""UDP relay over real loopback sockets: clients, the UdpServer, echo endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import uvloop
+
+from tests.integration.relay_helpers import FixedPicker, endpoint_of, udp_socket
+from uproxy.model import Endpoint
+from uproxy.relay.udp import UdpServer
+from uproxy.stats import PortStats
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*event_loop_policy.*:DeprecationWarning")
+BIG = 65507  # the largest UDP payload over IPv4
+
+
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    if request.param == "uvloop":
+        policy: asyncio.AbstractEventLoopPolicy = uvloop.EventLoopPolicy()
+        return policy
+    return asyncio.DefaultEventLoopPolicy()
+
+
+class UdpEcho:
+    """An endpoint that sends every datagram back, prefixed with a tag."""
+
+    def __init__(self, host: str = "127.0.0.1", tag: bytes = b"") -> None:
+        self.sock = udp_socket(host)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        self.tag = tag
+        self.peers: list[tuple[object, ...]] = []
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_readable)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return endpoint_of(self.sock)
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except BlockingIOError:
+                return
+            self.peers.append(addr)
+            self.sock.sendto(self.tag + data, addr)
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+def client_socket(host: str = "127.0.0.1") -> socket.socket:
+    sock = udp_socket(host)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    return sock
+
+
+async def receive(sock: socket.socket, timeout: float = 2.0) -> tuple[bytes, tuple[object, ...]]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        try:
+            data, addr = sock.recvfrom(65536)
+            return data, addr
+        except BlockingIOError:
+            await asyncio.sleep(0.005)
+    raise TimeoutError("no datagram")
+
+
+async def nothing_arrives(sock: socket.socket, wait: float = 0.2) -> bool:
+    try:
+        await receive(sock, wait)
+    except TimeoutError:
+        return True
+    return False
+
+
+@pytest.fixture
+async def make_server() -> AsyncIterator[Callable[..., tuple[UdpServer, PortStats, int]]]:
+    servers: list[UdpServer] = []
+
+    def make(picker: FixedPicker, host: str = "127.0.0.1",
+             **kwargs: object) -> tuple[UdpServer, PortStats, int]:
+        sock = udp_socket(host)
+        stats = PortStats()
+        server = UdpServer(sock, picker, stats, **kwargs)  # type: ignore[arg-type]
+        server.start()
+        servers.append(server)
+        return server, stats, sock.getsockname()[1]
+
+    yield make
+    for server in servers:
+        server.abort()
+
+
+async def test_echo_through_one_session(make_server: Callable[..., tuple[UdpServer, PortStats,
+                                                                          int]]) -> None:
+    echo = UdpEcho()
+    server, stats, port = make_server(FixedPicker(echo.endpoint))
+    client = client_socket()
+
+    for word in (b"one", b"two", b"three"):
+        client.sendto(word, ("127.0.0.1", port))
+        data, addr = await receive(client)
+        assert data == word
+        assert addr == ("127.0.0.1", port)
+
+    assert server.open_sessions == 1
+    assert len(set(echo.peers)) == 1  # one connected socket per client
+    assert (stats.udp_datagrams_in, stats.udp_datagrams_out) == (3, 3)
+    assert (stats.udp_sessions_created, stats.udp_sessions_active) == (1, 1)
+    client.close()
+    echo.close()
+
+
+async def test_64k_datagram_passes_whole(make_server: Callable[..., tuple[UdpServer, PortStats,
+                                                                           int]]) -> None:
+    echo = UdpEcho()
+    _, stats, port = make_server(FixedPicker(echo.endpoint))
+    client = client_socket()
+    payload = bytes(range(256)) * (BIG // 256) + b"x" * (BIG % 256)
+
+    client.sendto(payload, ("127.0.0.1", port))
+    data, _ = await receive(client)
+
+    assert len(data) == BIG
+    assert data == payload
+    assert stats.udp_datagrams_dropped == 0
+    client.close()
+    echo.close()
+
+
+async def test_ipv6_echo(make_server: Callable[..., tuple[UdpServer, PortStats, int]]) -> None:
+    echo = UdpEcho("::1")
+    _, _, port = make_server(FixedPicker(echo.endpoint), host="::1")
+    client = client_socket("::1")
+
+    client.sendto(b"six", ("::1", port))
+    data, addr = await receive(client)
+
+    assert data == b"six"
+    assert addr[:2] == ("::1", port)
+    client.close()
+    echo.close()
+
+
+async def test_idle_session_expires(make_server: Callable[..., tuple[UdpServer, PortStats,
+                                                                      int]]) -> None:
+    echo = UdpEcho()
+    server, stats, port = make_server(FixedPicker(echo.endpoint), session_timeout=0.3)
+    client = client_socket()
+    client.sendto(b"a", ("127.0.0.1", port))
+    await receive(client)
+    assert server.open_sessions == 1
+
+    await asyncio.sleep(0.5)
+    assert server.open_sessions == 0
+    assert (stats.udp_sessions_expired, stats.udp_sessions_active) == (1, 0)
+
+    client.sendto(b"b", ("127.0.0.1", port))  # a new session
+    assert (await receive(client))[0] == b"b"
+    assert stats.udp_sessions_created == 2
+    client.close()
+    echo.close()
+
+
+async def test_activity_keeps_a_session(make_server: Callable[..., tuple[UdpServer, PortStats,
+                                                                          int]]) -> None:
+    echo = UdpEcho()
+    server, stats, port = make_server(FixedPicker(echo.endpoint), session_timeout=0.3)
+    client = client_socket()
+    for _ in range(6):  # 0.6 s of traffic, never idle for 0.3 s
+        client.sendto(b"k", ("127.0.0.1", port))
+        await receive(client)
+        await asyncio.sleep(0.1)
+    assert stats.udp_sessions_created == 1
+    assert server.open_sessions == 1
+    client.close()
+    echo.close()
+
+
+async def test_reply_leaves_from_the_address_the_client_used(
+        make_server: Callable[..., tuple[UdpServer, PortStats, int]]) -> None:
+    echo = UdpEcho()
+    _, _, port = make_server(FixedPicker(echo.endpoint), host="0.0.0.0")
+    client = client_socket()
+
+    for target in ("127.0.0.2", "127.0.0.1", "127.0.0.3"):
+        client.sendto(target.encode(), (target, port))
+        data, addr = await receive(client)
+        assert data == target.encode()
+        assert addr == (target, port)
+    client.close()
+    echo.close()
+
+
+async def test_reply_source_on_a_wildcard_ipv6_listener(
+        make_server: Callable[..., tuple[UdpServer, PortStats, int]]) -> None:
+    echo = UdpEcho("::1")
+    _, _, port = make_server(FixedPicker(echo.endpoint), host="::")
+    client = client_socket("::1")
+
+    client.sendto(b"v6", ("::1", port))
+    data, addr = await receive(client)
+
+    assert data == b"v6"
+    assert addr[:2] == ("::1", port)
+    client.close()
+    echo.close()
+
+
+async def test_no_endpoints_drops_and_counts(make_server: Callable[..., tuple[UdpServer,
+                                                                             PortStats, int]]
+                                             ) -> None:
+    server, stats, port = make_server(FixedPicker())
+    client = client_socket()
+
+    client.sendto(b"lost", ("127.0.0.1", port))
+    client.sendto(b"lost", ("127.0.0.1", port))
+
+    assert await nothing_arrives(client)
+    assert stats.udp_datagrams_dropped == 2
+    assert stats.no_endpoints == 2
+    assert server.open_sessions == 0
+    client.close()
+
+
+async def test_full_table_evicts_the_least_recently_used(
+        make_server: Callable[..., tuple[UdpServer, PortStats, int]]) -> None:
+    echo = UdpEcho()
+    server, stats, port = make_server(FixedPicker(echo.endpoint), max_sessions=2)
+    clients = [client_socket() for _ in range(3)]
+
+    for client in clients:
+        client.sendto(b"hi", ("127.0.0.1", port))
+        await receive(client)
+        await asyncio.sleep(0.01)
+
+    assert server.open_sessions == 2
+    assert stats.udp_sessions_created == 3
+    assert stats.udp_sessions_expired == 1
+    oldest = clients[0].getsockname()
+    assert (oldest[0], oldest[1], "127.0.0.1") not in server.sessions
+    for client in clients:
+        client.close()
+    echo.close()
+
+
+async def test_sessions_go_to_different_endpoints(
+        make_server: Callable[..., tuple[UdpServer, PortStats, int]]) -> None:
+    first, second = UdpEcho(tag=b"1:"), UdpEcho(tag=b"2:")
+    _, _, port = make_server(FixedPicker(first.endpoint, second.endpoint))
+    clients = [client_socket() for _ in range(2)]
+
+    replies = set()
+    for client in clients:
+        client.sendto(b"x", ("127.0.0.1", port))
+        replies.add((await receive(client))[0])
+
+    assert replies == {b"1:x", b"2:x"}
+    for client in clients:
+        client.close()
+    first.close()
+    second.close()
+
+
+async def test_drain_lets_replies_through_then_closes(
+        make_server: Callable[..., tuple[UdpServer, PortStats, int]]) -> None:
+    echo = UdpEcho()
+    server, stats, port = make_server(FixedPicker(echo.endpoint), session_timeout=30)
+    client = client_socket()
+    client.sendto(b"a", ("127.0.0.1", port))
+    await receive(client)
+
+    server.stop_accepting()
+    client.sendto(b"ignored", ("127.0.0.1", port))
+    started = time.monotonic()
+    await server.drain(5.0)
+
+    assert time.monotonic() - started < 2.0  # idle sessions end quickly when draining
+    assert server.open_sessions == 0
+    assert stats.udp_datagrams_in == 1
+    assert server.sock is None
+    client.close()
+    echo.close()
