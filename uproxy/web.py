@@ -26,7 +26,6 @@ from importlib import resources
 from typing import Any, Literal
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from uproxy.metrics import Metrics
 from uproxy.status import RunnerView, StatusInputs, TrackerView, build_status, sources_ready
@@ -39,6 +38,8 @@ FLAGS: dict[str, str] = {
     "metrics": "--metrics-bind-address",
 }
 HEALTHZ_MARGIN = 5.0  # seconds on top of 2 x sync period
+# The classic text format every Prometheus understands (generate_latest's output).
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class WebBindError(Exception):
@@ -223,7 +224,7 @@ def metrics_app(state: WebState) -> web.Application:
 
     async def metrics_handler(request: web.Request) -> web.Response:
         return web.Response(body=metrics.exposition(),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+                            headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def status_json(request: web.Request) -> web.Response:
         status = build_status(state.proxier, state.runner, state.tracker,
