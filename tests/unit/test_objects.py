@@ -565,7 +565,7 @@ def test_short_form_round_trips_ports_and_endpoints(entry: dict[str, Any]) -> No
 
     # every endpoint is in exactly one slice of its family, with the port it names
     single = service.ports[0]
-    default_port = single.target_port or single.port
+    default_port = int(single.target_port or single.port)
     seen = []
     for endpoint_slice in slices:
         assert endpoint_slice.service == service.key
