@@ -1,0 +1,192 @@
+"""Wiring: builds the parts from Settings, owns every task, orders shutdown.
+
+Start: load the source's first view (a bad services file is a one-line
+fatal error), open the web servers, then run the source, the sync runner
+and the housekeeping loop in one TaskGroup.
+
+Shutdown on SIGTERM/SIGINT, in this order: remove kernel rules (traffic
+stops arriving), stop accepting (listeners close), let open connections
+drain for --shutdown-grace, close what is left, stop the tasks, close the
+web servers. Exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from uproxy.balancer import Balancer
+from uproxy.listeners import ListenerPool
+from uproxy.model import ServicePortName
+from uproxy.proxier import Proxier
+from uproxy.relay.base import Picker
+from uproxy.rules.base import Rules
+from uproxy.runner import SyncRunner
+from uproxy.settings import Settings
+from uproxy.sources.base import Source
+from uproxy.stats import PortStats
+from uproxy.tracking import ChangeTracker
+
+log = logging.getLogger("uproxy")
+
+
+class StartupError(Exception):
+    """uproxy cannot start; the message is the one line users see."""
+
+
+def make_rules(settings: Settings) -> Rules:
+    from uproxy.rules.select import make_rules as select
+
+    return select(
+        settings.rules_backend, settings.rules.chain_prefix,
+        laptop_mode=settings.listeners.laptop_mode,
+    )
+
+
+def make_source(settings: Settings) -> Source:
+    if settings.source.services_path is not None:
+        from uproxy.sources.file import FileSource
+
+        return FileSource(settings.source.services_path)
+    from uproxy.sources.kube import KubeSource
+
+    return KubeSource(
+        kubeconfig=settings.source.kubeconfig,
+        master=settings.source.master,
+        namespaces=settings.source.namespaces,
+    )
+
+
+@dataclass
+class Parts:
+    """Everything a running uproxy is made of; tests build and poke these."""
+
+    settings: Settings
+    source: Source
+    tracker: ChangeTracker
+    balancer: Balancer
+    pool: ListenerPool
+    rules: Rules
+    proxier: Proxier
+    runner: SyncRunner
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    started: float = field(default_factory=time.monotonic)
+
+
+def build(
+    settings: Settings,
+    *,
+    source: Source | None = None,
+    rules: Rules | None = None,
+    table_writer: Callable[[str], None] | None = None,
+    access_log: Callable[[dict[str, object]], None] | None = None,
+) -> Parts:
+    balancer = Balancer()
+
+    def make_picker(name: ServicePortName, stats: PortStats) -> Picker:
+        return balancer.picker(name, stats)
+
+    tracker = ChangeTracker()
+    pool = ListenerPool(settings.listeners, make_picker, access_log=access_log)
+    rules = rules if rules is not None else make_rules(settings)
+    source = source if source is not None else make_source(settings)
+    proxier = Proxier(
+        tracker, pool, rules, balancer,
+        required_sources=(source.name,),
+        node_name=settings.source.node_name,
+        chain_prefix=settings.rules.chain_prefix,
+        table_writer=table_writer,
+    )
+
+    async def sync() -> None:
+        await proxier.sync()
+
+    runner = SyncRunner(sync, settings.sync.min_sync_period, settings.sync.sync_period)
+    tracker.notify = runner.request
+    return Parts(
+        settings=settings,
+        source=source,
+        tracker=tracker, balancer=balancer, pool=pool, rules=rules,
+        proxier=proxier, runner=runner,
+    )
+
+
+async def load_initial(parts: Parts) -> None:
+    """The first view of a file source, before anything listens."""
+    load = getattr(parts.source, "load_initial", None)
+    if load is None:
+        return
+    try:
+        load()
+    except Exception as error:  # the source's one-line message
+        raise StartupError(str(error)) from None
+
+
+async def run(parts: Parts) -> None:
+    """Serve until `parts.stop` is set, then shut down in order."""
+    await load_initial(parts)
+    settings = parts.settings
+    loop = asyncio.get_running_loop()
+    with contextlib.ExitStack() as signals:
+        for number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(number, parts.stop.set)
+            signals.callback(loop.remove_signal_handler, number)
+        reload = getattr(parts.source, "reload", None)
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, reload)
+            signals.callback(loop.remove_signal_handler, signal.SIGHUP)
+
+        async with asyncio.TaskGroup() as tasks:
+            source_task = tasks.create_task(parts.source.run(parts.tracker), name="source")
+            runner_task = tasks.create_task(parts.runner.run(), name="sync-runner")
+            await parts.stop.wait()
+            log.info("shutting down: removing rules, closing listeners, draining connections")
+            source_task.cancel()
+            # Let a sync that is running finish before the parts are torn down.
+            while parts.runner.in_sync:
+                await asyncio.sleep(0.01)
+            runner_task.cancel()
+            await parts.proxier.remove_rules()
+            parts.pool.stop_accepting()
+            if parts.pool.open_connections:
+                log.info("draining %d open connections for up to %.1fs",
+                         parts.pool.open_connections, settings.shutdown_grace)
+                await parts.pool.drain(settings.shutdown_grace)
+            parts.pool.abort()
+    log.info("stopped")
+
+
+def print_table(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def main(settings: Settings) -> int:
+    from uproxy.logs import setup_logging
+
+    setup_logging("json" if settings.logs.format == "json" else "text", settings.logs.verbose)
+    try:
+        if settings.listeners.workers > 1:
+            raise StartupError("--workers: more than one worker is not yet supported")
+        parts = build(settings, table_writer=print_table)
+        asyncio.run(run(parts))
+    except StartupError as error:
+        print(f"uproxy: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cleanup(settings: Settings) -> int:
+    from uproxy.rules.select import cleanup_all
+
+    kinds = () if settings.rules.backend in ("auto",) else (settings.rules.backend,)
+    for line in asyncio.run(cleanup_all(settings.rules.chain_prefix, kinds)):
+        print(line)
+    return 0

@@ -1,0 +1,238 @@
+"""The listener pool: one listening socket per (service, port, protocol).
+
+In rules mode a listener binds `--bind-address` on a proxy port from
+`--proxy-port-range` (or one the OS picks) and kernel rules steer the
+service's traffic to it. In laptop mode (`--bind-range`) every service gets
+its own IP from the range and listens on `IP:servicePort` directly.
+
+A port that cannot be bound is recorded in `errors` and left out; the other
+listeners keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from uproxy.allocators import AddressAllocator, ExhaustedError, PortAllocator
+from uproxy.model import DesiredPort, ServicePortName, format_hostport
+from uproxy.relay.base import Picker
+from uproxy.relay.tcp import TcpServer
+from uproxy.relay.udp import UdpServer
+from uproxy.settings import ListenerSettings
+from uproxy.stats import PortStats
+
+log = logging.getLogger("uproxy.listeners")
+
+IP_FREEBIND = 15  # Linux; lets laptop mode bind range addresses not yet on an interface
+BIND_ATTEMPTS = 16  # proxy ports tried before a port is reported as not served
+AccessLog = Callable[[dict[str, object]], None]
+
+
+class BindError(Exception):
+    """A listener could not be opened; the message names the address and why."""
+
+
+@dataclass(slots=True)
+class Listener:
+    name: ServicePortName
+    protocol: str
+    ip: str
+    port: int
+    server: TcpServer | UdpServer
+
+    @property
+    def address(self) -> str:
+        return format_hostport(self.ip, self.port)
+
+
+def open_socket(protocol: str, ip: str, port: int, *, freebind: bool = False) -> socket.socket:
+    """A bound (and for TCP listening) non-blocking socket."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    kind = socket.SOCK_STREAM if protocol == "TCP" else socket.SOCK_DGRAM
+    sock = socket.socket(family, kind)
+    try:
+        if protocol == "TCP":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ip == "::" else 1)
+        if freebind:
+            level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
+            sock.setsockopt(level, IP_FREEBIND, 1)
+        sock.bind((ip, port))
+        if protocol == "TCP":
+            sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ListenerPool:
+    def __init__(
+        self,
+        settings: ListenerSettings,
+        make_picker: Callable[[ServicePortName, PortStats], Picker],
+        *,
+        access_log: AccessLog | None = None,
+    ) -> None:
+        self.settings = settings
+        self._make_picker = make_picker
+        self._access_log = access_log
+        self.listeners: dict[ServicePortName, Listener] = {}
+        self.errors: dict[ServicePortName, str] = {}
+        self.stats: dict[ServicePortName, PortStats] = {}
+        self._retiring: list[TcpServer | UdpServer] = []
+        self._ports = (
+            PortAllocator(settings.proxy_port_range) if settings.proxy_port_range else None
+        )
+        self._addresses = (
+            AddressAllocator(settings.bind_range) if settings.bind_range is not None else None
+        )
+
+    # -- opening -------------------------------------------------------------
+
+    def _bind_ip(self, port: DesiredPort) -> str:
+        if self._addresses is not None:
+            return self._addresses.allocate(port.name.service)
+        bind = self.settings.bind_address
+        wants_v6 = any(":" in ip for ip in port.frontend.addresses)
+        if wants_v6 and bind == "0.0.0.0":
+            return "::"  # dual-stack socket: IPv4 and IPv6 portals reach it
+        return bind
+
+    def _bind(self, port: DesiredPort, ip: str) -> socket.socket:
+        protocol = port.frontend.protocol
+        if self._addresses is not None:
+            return open_socket(protocol, ip, port.frontend.port, freebind=True)
+        if self._ports is None:
+            return open_socket(protocol, ip, 0)
+        tried: set[int] = set()
+        for _ in range(BIND_ATTEMPTS):
+            number = self._ports.allocate(frozenset(tried))
+            try:
+                return open_socket(protocol, ip, number)
+            except OSError as error:
+                self._ports.release(number)
+                if error.errno != errno.EADDRINUSE:
+                    raise
+                tried.add(number)
+        raise BindError(
+            f"{port.name} {protocol}: {BIND_ATTEMPTS} ports of --proxy-port-range "
+            f"{self._ports.range} were in use by other programs"
+        )
+
+    def open(self, port: DesiredPort) -> Listener | None:
+        """Open and start the listener for a service port; None (and an entry
+        in `errors`) when it cannot be bound."""
+        name = port.name
+        protocol = port.frontend.protocol
+        try:
+            ip = self._bind_ip(port)
+            sock = self._bind(port, ip)
+        except (ExhaustedError, BindError) as error:
+            self._failed(name, str(error))
+            return None
+        except OSError as error:
+            where = ip if self._addresses is None else format_hostport(ip, port.frontend.port)
+            self._failed(name, f"{name} {protocol}: cannot bind {where}: {error.strerror}")
+            return None
+        bound_ip, bound_port = sock.getsockname()[:2]
+        stats = self.stats.setdefault(name, PortStats())
+        picker = self._make_picker(name, stats)
+        server: TcpServer | UdpServer
+        if protocol == "TCP":
+            server = TcpServer(
+                sock, picker, stats, mode=self.settings.relay_mode, name=str(name),
+                access_log=self._access_log,
+            )
+        else:
+            server = UdpServer(
+                sock, picker, stats, session_timeout=self.settings.udp_timeout,
+                max_sessions=self.settings.udp_max_sessions, name=str(name),
+            )
+        server.start()
+        listener = Listener(name, protocol, bound_ip, bound_port, server)
+        self.listeners[name] = listener
+        if self.errors.pop(name, None) is not None:
+            log.info("%s %s: now served on %s", name, protocol, listener.address)
+        return listener
+
+    def _failed(self, name: ServicePortName, message: str) -> None:
+        if self.errors.get(name) != message:
+            log.error("%s (not served)", message)
+        self.errors[name] = message
+
+    # -- closing -------------------------------------------------------------
+
+    def close(self, name: ServicePortName) -> None:
+        """Close a service port's listener: new connections are refused, open
+        ones run on until they end or shutdown drains them."""
+        self.errors.pop(name, None)
+        listener = self.detach(name)
+        if listener is not None:
+            self.retire(listener)
+
+    def detach(self, name: ServicePortName) -> Listener | None:
+        """Take a listener out of the pool without closing it, so a replacement
+        (same service port, new frontend) can open before it closes."""
+        return self.listeners.pop(name, None)
+
+    def retire(self, listener: Listener) -> None:
+        listener.server.stop_accepting()
+        if self._ports is not None:
+            self._ports.release(listener.port)
+        if self._addresses is not None:
+            service = listener.name.service
+            if not any(other.service == service for other in self.listeners):
+                self._addresses.release(service)
+        self._retiring = [s for s in self._retiring if _busy(s)]
+        self._retiring.append(listener.server)
+
+    def forget(self, name: ServicePortName) -> None:
+        """Drop the counters of a service port that is gone for good."""
+        self.stats.pop(name, None)
+
+    def address_of(self, name: ServicePortName) -> tuple[str, int] | None:
+        listener = self.listeners.get(name)
+        return None if listener is None else (listener.ip, listener.port)
+
+    # -- shutdown ------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        for listener in self.listeners.values():
+            listener.server.stop_accepting()
+            self._retiring.append(listener.server)
+        self.listeners.clear()
+
+    @property
+    def open_connections(self) -> int:
+        return sum(_open(server) for server in self._all_servers())
+
+    def _all_servers(self) -> list[TcpServer | UdpServer]:
+        return [listener.server for listener in self.listeners.values()] + self._retiring
+
+    async def drain(self, timeout: float) -> None:
+        servers = self._all_servers()
+        if servers:
+            await asyncio.gather(*(server.drain(timeout) for server in servers))
+
+    def abort(self) -> None:
+        for server in self._all_servers():
+            server.abort()
+        self._retiring.clear()
+
+
+def _open(server: TcpServer | UdpServer) -> int:
+    if isinstance(server, TcpServer):
+        return server.open_connections
+    return server.open_sessions
+
+
+def _busy(server: TcpServer | UdpServer) -> bool:
+    return _open(server) > 0

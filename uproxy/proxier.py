@@ -1,0 +1,209 @@
+"""The Proxier: the single writer of listeners, rules and balancer state.
+
+Every sync folds the tracker's net changes into the current objects, plans
+purely (`planner.desired_state`, `planner.diff`) and applies the plan in an
+order that never blackholes traffic:
+
+1. open listeners of added ports;
+2. apply the complete rule set in one transaction (this installs the rules
+   of added ports and deletes those of removed ports);
+3. close listeners of removed ports;
+4. publish endpoints to the balancer, forget removed ports.
+
+Rules are applied on every sync, changed or not: that full pass repairs
+rules someone else flushed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+from uproxy.balancer import Balancer
+from uproxy.listeners import ListenerPool
+from uproxy.model import DesiredPort, EndpointSlice, ObjectName, Service, ServicePortName
+from uproxy.planner import Plan, desired_state, diff
+from uproxy.rules.base import Portal, Rules, RulesError
+from uproxy.stats import PortStats
+from uproxy.tracking import ChangeTracker
+
+log = logging.getLogger("uproxy.proxier")
+
+TableWriter = Callable[[str], None]
+
+
+class Proxier:
+    def __init__(
+        self,
+        tracker: ChangeTracker,
+        pool: ListenerPool,
+        rules: Rules,
+        balancer: Balancer,
+        *,
+        node_name: str = "",
+        chain_prefix: str = "UPROXY",
+        table_writer: TableWriter | None = None,
+        required_sources: tuple[str, ...] = (),
+    ) -> None:
+        self.tracker = tracker
+        self.pool = pool
+        self.rules = rules
+        self.balancer = balancer
+        self.node_name = node_name or None
+        self.chain_prefix = chain_prefix
+        self.services: dict[ObjectName, Service] = {}
+        self.slices: dict[ObjectName, EndpointSlice] = {}
+        self.applied: dict[ServicePortName, DesiredPort] = {}
+        self.desired: Mapping[ServicePortName, DesiredPort] = {}
+        self.skipped: Mapping[ObjectName, str] = {}
+        self.rules_failures = 0
+        self.last_rules_error: str | None = None
+        self.last_sync_seconds: float | None = None
+        self._table_writer = table_writer
+        # Until every source has delivered a complete view, a sync would plan
+        # from half the objects and tear down rules that should stay.
+        self.required_sources = required_sources
+        self._last_table: str | None = None
+
+    # -- what observers read -------------------------------------------------
+
+    @property
+    def rules_name(self) -> str:
+        return self.rules.name
+
+    @property
+    def laptop_mode(self) -> bool:
+        return self.pool.settings.laptop_mode
+
+    @property
+    def bound(self) -> Mapping[ServicePortName, tuple[str, int]]:
+        return {name: (lst.ip, lst.port) for name, lst in self.pool.listeners.items()}
+
+    @property
+    def errors(self) -> Mapping[ServicePortName, str]:
+        return self.pool.errors
+
+    @property
+    def stats(self) -> Mapping[ServicePortName, PortStats]:
+        return self.pool.stats
+
+    # -- the sync ------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.tracker.synced(*self.required_sources)
+
+    async def sync(self) -> Plan:
+        if not self.ready:
+            return Plan()
+        started = time.monotonic()
+        self.tracker.take().apply_to(self.services, self.slices)
+        state = desired_state(self.services, self.slices, node_name=self.node_name)
+        self.skipped = state.skipped
+        self.desired = state.ports
+        # Ports that failed to bind are not in `applied`, so every sync retries them.
+        plan = diff(self.applied, state.ports)
+
+        # A port whose frontend changed is in both lists: its old listener
+        # steps aside so the new one opens first, and closes after the rules moved.
+        replaced = [self.pool.detach(port.name) for port in plan.removed]
+        for port in plan.added:
+            if self.pool.open(port) is not None:
+                self.applied[port.name] = port
+
+        rules_error: RulesError | None = None
+        try:
+            await self.rules.apply(self._portals())
+            self.last_rules_error = None
+        except RulesError as error:
+            rules_error = error
+            self.rules_failures += 1
+            if str(error) != self.last_rules_error:
+                log.error("rules (%s) not applied, previous rules stay: %s", self.rules.name, error)
+            self.last_rules_error = str(error)
+
+        added = {port.name for port in plan.added}
+        for port, listener in zip(plan.removed, replaced, strict=True):
+            if port.name not in added:
+                self.applied.pop(port.name, None)
+                self.pool.errors.pop(port.name, None)
+            if listener is not None:
+                self.pool.retire(listener)
+
+        for port in plan.added + plan.updated:
+            if port.name in self.pool.listeners:
+                self.applied[port.name] = port
+                self.balancer.update(port.name, port.endpoints, port.affinity_timeout)
+        gone = {port.name for port in plan.removed} - set(state.ports)
+        for name in gone:
+            self.balancer.remove(name)
+            self.pool.forget(name)
+        for name in set(self.pool.errors) - set(state.ports):
+            self.pool.errors.pop(name, None)
+        self.balancer.expire_pins()
+
+        self.last_sync_seconds = time.monotonic() - started
+        if not plan.empty:
+            log.info(
+                "sync: %d added, %d updated, %d removed; %d ports served, %d not served (%.1f ms)",
+                len(plan.added), len(plan.updated), len(plan.removed),
+                len(self.pool.listeners), len(self.pool.errors), self.last_sync_seconds * 1000,
+            )
+        self._write_table()
+        if rules_error is not None:
+            raise rules_error  # the runner retries with backoff; serving goes on
+        return plan
+
+    def _portals(self) -> list[Portal]:
+        portals = []
+        for name, port in sorted(self.applied.items()):
+            listener = self.pool.listeners.get(name)
+            if listener is not None:
+                portals.append(Portal(port.frontend, listener.ip, listener.port))
+        return portals
+
+    # -- the table users read ------------------------------------------------
+
+    def table(self) -> str:
+        """One line per service port: `ns/name  port/proto  ->  IP:port  (N endpoints)`."""
+        rows: list[tuple[str, str, str, str]] = []
+        for name in sorted(self.desired):
+            port = self.desired[name]
+            listener = self.pool.listeners.get(name)
+            if listener is not None:
+                count = len(port.endpoints)
+                plural = "endpoint" if count == 1 else "endpoints"
+                rows.append((
+                    str(name.service),
+                    f"{port.frontend.port}/{name.protocol.lower()}",
+                    listener.address,
+                    f"({count} {plural})",
+                ))
+            else:
+                rows.append((str(name.service), f"{port.frontend.port}/{name.protocol.lower()}",
+                             "not served",
+                             f"({self.pool.errors.get(name, 'unknown error')})"))
+        if not rows:
+            return "(no services)\n"
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        return "".join(
+            f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  ->  {row[2]:<{widths[2]}}  {row[3]}\n"
+            for row in rows
+        )
+
+    def _write_table(self) -> None:
+        if self._table_writer is None:
+            return
+        text = self.table()
+        if text != self._last_table:
+            self._last_table = text
+            self._table_writer(text)
+
+    # -- shutdown ------------------------------------------------------------
+
+    async def remove_rules(self) -> None:
+        try:
+            await self.rules.cleanup()
+        except RulesError as error:
+            log.error("rules (%s) cleanup failed: %s", self.rules.name, error)
