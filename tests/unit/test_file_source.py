@@ -248,8 +248,8 @@ def test_unquoted_ipv6_endpoint_gets_a_hint(tmp_path: Path) -> None:
 
     message = load_error(path)
 
-    assert message.startswith(f"{path}:5: ")
-    assert "quote IPv6" in message or "invalid YAML" in message
+    assert message.startswith(f"{path}:5: invalid YAML: ")
+    assert message.endswith(" (quote IPv6 endpoints: '[fd00::1]:8080')")
 
 
 def test_duplicate_object_in_a_list(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,8 @@ FILE_SUFFIXES = (".yaml", ".yml", ".json")
 LIST_KINDS = {"List": None, "ServiceList": "Service", "EndpointSliceList": "EndpointSlice"}
 _NONE_HINT = "write 'services: []' for no services"
 _MAX_SETTLE_ROUNDS = 25  # debounce gives up waiting for quiet after this many rounds
+# `- [fd00::1]:8080` unquoted is a YAML flow sequence followed by junk
+_UNQUOTED_V6 = re.compile(r"(^|[\s,\[])\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]:\d")
 
 # libyaml is much faster on big `kubectl get -A` dumps and keeps node marks too.
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -115,6 +118,8 @@ def _documents(file: Path) -> list[tuple[yaml.Node | None, Any]]:
         mark = error.problem_mark or error.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = error.problem or error.context or "cannot parse"
+        if mark is not None and _UNQUOTED_V6.search(_line_text(text, mark.line)):
+            problem += " (quote IPv6 endpoints: '[fd00::1]:8080')"
         raise SourceFileError(f"{file}{line}: invalid YAML: {problem}") from None
     except yaml.YAMLError as error:
         raise SourceFileError(f"{file}: invalid YAML: {_one_line(str(error))}") from None
@@ -123,6 +128,11 @@ def _documents(file: Path) -> list[tuple[yaml.Node | None, Any]]:
     if not documents:
         raise SourceFileError(f"{file}: no objects in the file ({_NONE_HINT})")
     return documents
+
+
+def _line_text(text: str, index: int) -> str:
+    lines = text.splitlines()
+    return lines[index] if 0 <= index < len(lines) else ""
 
 
 def _json_node(text: str) -> yaml.Node | None:
