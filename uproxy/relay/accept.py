@@ -89,7 +89,7 @@ class AcceptLoop:
             except OSError as exc:
                 if exc.errno in CONNECTION_ERRNOS:
                     continue
-                self._pause(exc)
+                self.pause(exc)
                 return
             self._backoff = BACKOFF_FIRST
             if self._logged:
@@ -97,8 +97,13 @@ class AcceptLoop:
                 log.info("%s: accepting again", self.name)
             self._on_accepted(conn, addr)
 
-    def _pause(self, exc: OSError) -> None:
-        assert self._loop is not None
+    def pause(self, exc: OSError) -> None:
+        """Stop accepting for a while: `exc` said a resource ran out.
+
+        Also called by a connection that could not get a descriptor to dial.
+        """
+        if self._loop is None or self._sock is None or self._handle is not None:
+            return
         self.stats.accept_backoffs += 1
         if not self._logged:
             self._logged = True

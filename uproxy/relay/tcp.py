@@ -224,7 +224,8 @@ class _Conn:
         except OSError as exc:  # out of descriptors: no point retrying at once
             self.outcome = "dial_failed"
             self.server.stats.connections_failed += 1
-            log.warning("%s: cannot dial %s: %s", self.server.name, endpoint, exc)
+            log.debug("%s: cannot dial %s: %s", self.server.name, endpoint, exc)
+            self.server._accept.pause(exc)
             self.fail("dial_failed")
             return
         upstream.setblocking(False)
