@@ -261,6 +261,11 @@ def packet_path(
             f"no kernel rules (--rules none): clients must connect to {listener} themselves"
         )
     else:
+        if frontend.addresses:
+            steps.append(
+                f"client connects to {format_hostport(frontend.addresses[0], frontend.port)}"
+                f"/{protocol}: a virtual IP, nothing listens there"
+            )
         steps.extend(_rule_steps(proxier, frontend.addresses, frontend.port,
                                  frontend.node_port, protocol, proxy_ip, proxy_port))
     kind = "accepts the connection" if protocol == "TCP" else "receives the datagram"

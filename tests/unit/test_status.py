@@ -110,6 +110,7 @@ def test_rules_mode_port_explains_the_redirect_listener_and_next_pick() -> None:
     assert port["address"] == "198.18.0.10:80"
     assert port["listener"] == "0.0.0.0:30001"
     assert port["path"] == [
+        "client connects to 198.18.0.10:80/TCP: a virtual IP, nothing listens there",
         "from this host: nat OUTPUT → UPROXY-PORTALS-HOST: "
         "-d 198.18.0.10/32 -p tcp --dport 80 → REDIRECT --to-ports 30001",
         "from pods/other hosts: nat PREROUTING → UPROXY-PORTALS-CONTAINER: "
@@ -135,7 +136,7 @@ def test_picks_and_counters_follow_connections() -> None:
     assert {e["address"]: e["picks"] for e in port["endpoints"]} == {
         "127.0.0.1:8080": 2, "127.0.0.2:8080": 1}
     assert port["next_endpoint"] == "127.0.0.2:8080"
-    assert port["path"][3] == "balancer: round-robin over 2 endpoints, next: 127.0.0.2:8080"
+    assert port["path"][4] == "balancer: round-robin over 2 endpoints, next: 127.0.0.2:8080"
     assert port["connections"] == {"accepted": 3, "active": 2, "failed": 0, "no_endpoints": 0}
     assert port["bytes"] == {"in": 120, "out": 4096}
     assert build_status(proxier, now=0.0)["totals"]["connections_active"] == 2
@@ -146,9 +147,9 @@ def test_listener_on_one_address_is_reached_by_dnat() -> None:
     proxier.serve(WEB, 80, ["127.0.0.1:8080"], listener=("10.1.2.3", 30002), node_port=31080)
 
     path = port_of(build_status(proxier, now=0.0), "default/web:http")["path"]
-    assert path[0].endswith("-d 198.18.0.10/32 -p tcp --dport 80 "
+    assert path[1].endswith("-d 198.18.0.10/32 -p tcp --dport 80 "
                             "→ DNAT --to-destination 10.1.2.3:30002")
-    assert path[2] == ("node port: nat PREROUTING/OUTPUT → UPROXY-NODEPORT-CONTAINER/"
+    assert path[3] == ("node port: nat PREROUTING/OUTPUT → UPROXY-NODEPORT-CONTAINER/"
                        "UPROXY-NODEPORT-HOST: -m addrtype --dst-type LOCAL -p tcp "
                        "--dport 31080 → DNAT --to-destination 10.1.2.3:30002")
     assert "balancer: round-robin over 1 endpoint, next: 127.0.0.1:8080" in path
@@ -162,7 +163,7 @@ def test_ipv6_portal_uses_a_128_mask() -> None:
     port = port_of(build_status(proxier, now=0.0), "default/web:http")
     assert port["address"] == "[fd00:198::10]:80"
     assert port["listener"] == "[::]:30003"
-    assert port["path"][0] == ("from this host: nat OUTPUT → KP-PORTALS-HOST: "
+    assert port["path"][1] == ("from this host: nat OUTPUT → KP-PORTALS-HOST: "
                                "-d fd00:198::10/128 -p tcp --dport 80 → REDIRECT --to-ports 30003")
     assert port["endpoints"][0]["address"] == "[fd00::1]:8080"
 
@@ -195,7 +196,7 @@ def test_affinity_pins_are_listed_with_time_left() -> None:
         "pins": [{"client": "127.0.0.9", "endpoint": str(first), "seconds_left": 30.0}],
     }
     assert [e["pinned_clients"] for e in port["endpoints"]] == [1, 0]
-    assert port["path"][3].startswith("balancer: ClientIP affinity, 30 s (1 pinned clients)")
+    assert port["path"][4].startswith("balancer: ClientIP affinity, 30 s (1 pinned clients)")
 
 
 def test_udp_port_without_endpoints_drops_datagrams() -> None:
@@ -207,7 +208,7 @@ def test_udp_port_without_endpoints_drops_datagrams() -> None:
     assert port["protocol"] == "UDP"
     assert port["endpoints"] == []
     assert port["udp"]["datagrams_dropped"] == 4
-    assert "-p udp --dport 53" in port["path"][0]
+    assert "-p udp --dport 53" in port["path"][1]
     assert port["path"][-1] == "balancer: no endpoints → datagram dropped (counted as no_endpoints)"
 
 
@@ -226,7 +227,7 @@ def test_nft_backend_names_its_table() -> None:
     proxier = FakeProxier(rules_name="nft")
     proxier.serve(WEB, 80, ["127.0.0.1:8080"])
     path = port_of(build_status(proxier, now=0.0), "default/web:http")["path"]
-    assert path[0] == ("from this host: nft table ip uproxy output → "
+    assert path[1] == ("from this host: nft table ip uproxy output → "
                        "ip daddr 198.18.0.10 tcp dport 80 → redirect to :30001")
 
 
