@@ -140,7 +140,11 @@ class ListenerPool:
             return None
         except OSError as error:
             where = ip if self._addresses is None else format_hostport(ip, port.frontend.port)
-            self._failed(name, f"{name} {protocol}: cannot bind {where}: {error.strerror}")
+            hint = ""
+            if error.errno == errno.EACCES and port.frontend.port < 1024:
+                hint = (" (ports below 1024 need root, CAP_NET_BIND_SERVICE or a lower "
+                        "net.ipv4.ip_unprivileged_port_start)")
+            self._failed(name, f"{name} {protocol}: cannot bind {where}: {error.strerror}{hint}")
             return None
         bound_ip, bound_port = sock.getsockname()[:2]
         stats = self.stats.setdefault(name, PortStats())

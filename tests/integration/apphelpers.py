@@ -26,8 +26,7 @@ class TaggedServer(asyncio.Protocol):
         self.tag = tag.encode()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = typing.cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(self.tag + b":" + data)
