@@ -1,0 +1,138 @@
+"""Rendering is pure: portals in, exact rule text out (golden files), safe names."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from uproxy.model import Frontend, ServicePortName
+from uproxy.rules.base import Portal
+from uproxy.rules.iptables import jump_fixes, parse_save
+from uproxy.rules.nft import parse_table
+from uproxy.rules.render import (
+    check_chain_prefix,
+    nft_elements,
+    portal_entries,
+    render_iptables,
+    render_nft,
+    render_nft_diff,
+    render_restore,
+    safe_comment,
+)
+
+GOLDEN = Path(__file__).parent.parent / "golden"
+
+WEB = Frontend(ServicePortName("default", "web", "http", "TCP"), 80, "TCP",
+               cluster_ips=("198.18.1.10",), node_port=30080,
+               external_ips=("198.18.2.10",), load_balancer_ips=("198.18.2.20",))
+DNS = Frontend(ServicePortName("kube-system", "dns", "dns", "UDP"), 53, "UDP",
+               cluster_ips=("198.18.1.53",))
+V6 = Frontend(ServicePortName("default", "six", "", "TCP"), 443, "TCP",
+              cluster_ips=("fd00:0:0::10",), node_port=30443)
+
+
+def sample_portals() -> list[Portal]:
+    return [Portal(WEB, "0.0.0.0", 40001), Portal(DNS, "0.0.0.0", 40002),
+            Portal(V6, "::", 40003)]
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPROXY_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} changed; UPROXY_UPDATE_GOLDEN=1 to accept"
+
+
+def test_iptables_render_matches_golden() -> None:
+    check_golden("render_iptables.txt", render_iptables(sample_portals(), "UPROXY"))
+
+
+def test_nft_render_matches_golden() -> None:
+    check_golden("render_nft.txt", render_nft(sample_portals(), "UPROXY"))
+
+
+def test_dnat_to_bind_address_when_listener_is_not_wildcard() -> None:
+    text = render_iptables([Portal(WEB, "198.18.0.1", 40001)], "UPROXY")
+    assert "-j DNAT --to-destination 198.18.0.1:40001" in text
+    assert "REDIRECT" not in text
+
+
+def test_listener_of_other_family_gets_no_rule_and_a_note() -> None:
+    text = render_iptables([Portal(V6, "198.18.0.1", 40003)], "UPROXY")
+    assert "fd00:0:0::10" in text.splitlines()[0]  # the note
+    assert "-d fd00::10/128" not in text
+
+
+@pytest.mark.parametrize("evil", [
+    'x" -j ACCEPT\n-A INPUT -j DROP #',
+    "a b\tc;d{e}f'g$(h)`i`\\",
+    "é" * 500,
+])
+def test_comments_cannot_inject(evil: str) -> None:
+    frontend = Frontend(ServicePortName("ns", evil, "p", "TCP"), 80, "TCP", ("198.18.1.1",))
+    (entry,) = portal_entries([Portal(frontend, "0.0.0.0", 40001)])
+    assert entry.comment == safe_comment(f"ns/{evil}:p")
+    assert all(c.isalnum() or c in "._:/@+=-" for c in entry.comment)
+    assert len(entry.comment) <= 240
+    text = render_restore([entry], "UPROXY")
+    ours = [line for line in text.splitlines() if line.startswith("-A UPROXY-")]
+    assert len(ours) == 3  # container portal, host portal, accept: one rule per line
+    assert all(line.count('"') == 2 for line in ours)  # the comment stays one quoted word
+
+
+def test_chain_prefix_must_fit_chain_names() -> None:
+    assert check_chain_prefix("KUBE") == "KUBE"
+    with pytest.raises(ValueError, match="--chain-prefix"):
+        check_chain_prefix("A-VERY-LONG-PREFIX")
+
+
+def test_jump_fixes_insert_missing_and_delete_duplicates() -> None:
+    saved = parse_save(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:U-PORTALS-HOST - [0:0]\n"
+        "-A OUTPUT -j U-PORTALS-HOST\n-A OUTPUT -m comment --comment x -j U-PORTALS-HOST\n"
+        "COMMIT\n*filter\n-A INPUT -m comment --comment y -j U-NODEPORT-NON-LOCAL\nCOMMIT\n")
+    fixes = jump_fixes(saved, "U")
+    assert fixes["nat"] == [
+        '-I PREROUTING 1 -m comment --comment "uproxy u-portals-container" '
+        "-j U-PORTALS-CONTAINER",
+        "-D OUTPUT -m comment --comment x -j U-PORTALS-HOST",
+        '-A PREROUTING -m comment --comment "uproxy u-nodeport-container" '
+        "-j U-NODEPORT-CONTAINER",
+        '-A OUTPUT -m comment --comment "uproxy u-nodeport-host" -j U-NODEPORT-HOST',
+    ]
+    assert "filter" not in fixes
+
+
+def test_nft_diff_of_one_service_touches_only_its_elements() -> None:
+    before = nft_elements([e for e in portal_entries(sample_portals()) if e.family == 4])
+    after = nft_elements([e for e in portal_entries(sample_portals()[:1]) if e.family == 4])
+    diff = render_nft_diff(before, after, "UPROXY", 4)
+    assert diff == (
+        "delete element ip uproxy portal_redirect { 198.18.1.53 . udp . 53 }\n"
+        "delete element ip uproxy proxy_ports { udp . 40002 }\n")
+    assert render_nft_diff(after, after, "UPROXY", 4) == ""
+
+
+def test_nft_listing_parses_back_to_rendered_elements() -> None:
+    listing = {"nftables": [
+        {"map": {"family": "ip", "name": "portal_redirect", "table": "uproxy", "handle": 4,
+                 "type": ["ipv4_addr", "inet_proto", "inet_service"], "map": "inet_service",
+                 "elem": [[{"elem": {"val": {"concat": ["198.18.1.10", "tcp", 80]},
+                                     "comment": "default/web:http"}}, 40001]]}},
+        {"map": {"family": "ip", "name": "portal_dnat", "table": "uproxy", "handle": 5,
+                 "type": ["ipv4_addr", "inet_proto", "inet_service"],
+                 "map": ["ipv4_addr", "inet_service"],
+                 "elem": [[{"concat": ["198.18.1.11", "udp", 53]},
+                           {"concat": ["198.18.0.1", 40003]}]]}},
+    ]}
+    skeleton, elements = parse_table(listing)
+    assert "handle" not in skeleton
+    assert elements["portal_redirect"] == {
+        "198.18.1.10 . tcp . 80": '198.18.1.10 . tcp . 80 comment "default/web:http" : 40001'}
+    assert elements["portal_dnat"] == {
+        "198.18.1.11 . udp . 53": "198.18.1.11 . udp . 53 : 198.18.0.1 . 40003"}
+    web = [e for e in portal_entries([Portal(WEB, "0.0.0.0", 40001)])
+           if e.kind == "portal" and e.address == "198.18.1.10"]
+    assert nft_elements(web)["portal_redirect"] == elements["portal_redirect"]
