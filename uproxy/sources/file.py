@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ FILE_SUFFIXES = (".yaml", ".yml", ".json")
 LIST_KINDS = {"List": None, "ServiceList": "Service", "EndpointSliceList": "EndpointSlice"}
 _NONE_HINT = "write 'services: []' for no services"
 _MAX_SETTLE_ROUNDS = 25  # debounce gives up waiting for quiet after this many rounds
+_RACY_NS = 100_000_000  # file timestamps tick coarsely (a jiffy); 100 ms is well past one
 # `- [fd00::1]:8080` unquoted is a YAML flow sequence followed by junk
 _UNQUOTED_V6 = re.compile(r"(^|[\s,\[])\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]:\d")
 
@@ -293,6 +295,13 @@ def fingerprint(path: Path) -> Fingerprint:
     return (own, *(stat(entry) for entry in entries))
 
 
+def _racy(seen: Fingerprint) -> bool:
+    """True when a file changed so recently that another write could land in the
+    same filesystem timestamp tick with the same size and go unnoticed."""
+    age = time.time_ns() - max(entry[3] for entry in seen)
+    return 0 <= age < _RACY_NS
+
+
 class FileSource:
     """Reports the services file's objects to a sink, and every later difference."""
 
@@ -305,17 +314,19 @@ class FileSource:
         self._reported_services: Services = {}
         self._reported_slices: Slices = {}
         self._initial: tuple[Services, Slices] | None = None
-        self._seen: Fingerprint | None = None  # fingerprint of the last load attempt
+        self._seen: Fingerprint | None = None  # fingerprint before the last load attempt
+        self._recheck = False  # the last load was racy: load once more at the next poll
+        self._last_error: str | None = None
         self._reload_requested = asyncio.Event()
 
     def load_initial(self) -> None:
         """Load the file once before running; a bad file raises SourceFileError (fatal at start)."""
         seen = fingerprint(self.path)
         self._initial = load_services_file(self.path)
-        self._seen = seen
+        self._seen, self._recheck = seen, _racy(seen)
 
     def reload(self) -> None:
-        """Reload now (the app's SIGHUP handler); safe to call from the loop's thread only."""
+        """Reload now (the app's SIGHUP handler); call it from the loop's thread."""
         self._reload_requested.set()
 
     async def run(self, sink: SourceSink) -> None:
@@ -326,21 +337,22 @@ class FileSource:
             sink.on_synced(SOURCE_NAME)
             synced = True
         else:
-            synced = await self._load(sink, synced)
+            synced = await self._load(sink, synced, recheck=False)
         while True:
-            if await self._wait_for_trigger():
-                synced = await self._load(sink, synced)
+            trigger = await self._wait_for_trigger()
+            if trigger is not None:
+                synced = await self._load(sink, synced, recheck=trigger == "recheck")
 
-    async def _wait_for_trigger(self) -> bool:
-        """Wait one poll; True when there is something to load."""
+    async def _wait_for_trigger(self) -> str | None:
+        """Wait one poll; say why to load ("reload", "changed", "recheck") or None."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._reload_requested.wait(), self.poll_interval)
         if self._reload_requested.is_set():
             self._reload_requested.clear()
-            return True
+            return "reload"
         now = fingerprint(self.path)
         if now == self._seen:
-            return False
+            return "recheck" if self._recheck else None
         # Changed: wait until it stays the same for one debounce period, so an
         # editor or `kubectl get > file` that writes in pieces is read once, whole.
         for _ in range(_MAX_SETTLE_ROUNDS):
@@ -349,17 +361,22 @@ class FileSource:
             if later == now:
                 break
             now = later
-        return True
+        return "changed"
 
-    async def _load(self, sink: SourceSink, synced: bool) -> bool:
-        self._seen = fingerprint(self.path)
+    async def _load(self, sink: SourceSink, synced: bool, *, recheck: bool) -> bool:
+        seen = fingerprint(self.path)
+        self._seen, self._recheck = seen, _racy(seen)
         try:
             services, slices = await asyncio.to_thread(load_services_file, self.path)
         except SourceFileError as error:
             message = str(error)
+            if recheck and message == self._last_error:
+                return synced  # the same bad file again; said once already
+            self._last_error = message
             log.error("%s", message)
             sink.on_source_error(SOURCE_NAME, message)
             return synced
+        self._last_error = None
         changes = self._report(sink, services, slices)
         if synced:
             if changes:
