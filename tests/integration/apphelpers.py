@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
+import subprocess
+import threading
 import time
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -171,3 +174,30 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0)
         if time.monotonic() > deadline:
             raise AssertionError(f"not true within {timeout}s")
         await asyncio.sleep(0.05)
+
+
+TABLE_LINE = re.compile(r"^(\S+)\s+(\d+)/(tcp|udp)\s+->\s+(\S+):(\d+)\s+\((\d+) endpoints?\)$")
+
+
+class Lines:
+    """Collects a process's stdout lines on a thread, so tests can wait for them."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        assert process.stdout is not None
+        stream = process.stdout
+        self._thread = threading.Thread(target=lambda: self.lines.extend(iter(stream.readline, "")),
+                                        daemon=True)
+        self._thread.start()
+
+    def table(self, services: int, timeout: float = 10) -> dict[str, tuple[str, int, int]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = {}
+            for line in list(self.lines):
+                match = TABLE_LINE.match(line.strip())
+                if match:
+                    found[match[1]] = (match[4], int(match[5]), int(match[6]))
+            if len(found) >= services or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.apphelpers import Backends, running_uproxy, tcp_exchange, write_services
-
-TABLE_LINE = re.compile(r"^(\S+)\s+(\d+)/(tcp|udp)\s+->\s+(\S+):(\d+)\s+\((\d+) endpoints?\)$")
-
+from tests.integration.apphelpers import (
+    Backends,
+    Lines,
+    running_uproxy,
+    tcp_exchange,
+    write_services,
+)
 
 @pytest.fixture
 async def backends() -> Backends:
@@ -88,32 +90,6 @@ async def test_grace_period_bounds_the_drain(tmp_path: Path, backends: Backends)
         with contextlib.suppress(ConnectionResetError):
             assert await asyncio.wait_for(reader.read(), 2) == b""
         writer.close()
-
-
-class Lines:
-    """Collects a process's stdout lines on a thread, so tests can wait for them."""
-
-    def __init__(self, process: subprocess.Popen[str]) -> None:
-        import threading
-
-        self.lines: list[str] = []
-        assert process.stdout is not None
-        stream = process.stdout
-        self._thread = threading.Thread(target=lambda: self.lines.extend(iter(stream.readline, "")),
-                                        daemon=True)
-        self._thread.start()
-
-    def table(self, services: int, timeout: float = 10) -> dict[str, tuple[str, int, int]]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = {}
-            for line in list(self.lines):
-                match = TABLE_LINE.match(line.strip())
-                if match:
-                    found[match[1]] = (match[4], int(match[5]), int(match[6]))
-            if len(found) >= services or time.monotonic() > deadline:
-                return found
-            time.sleep(0.05)
 
 
 def test_uproxy_command_serves_reloads_on_sighup_and_exits_0_on_sigterm(tmp_path: Path) -> None:
