@@ -22,6 +22,7 @@ from tests.integration.apphelpers import (
     write_services,
 )
 
+
 @pytest.fixture
 async def backends() -> Backends:
     made = Backends()
