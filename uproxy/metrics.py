@@ -11,6 +11,7 @@ when a watch restarts, a relist happens, or a file reload fails.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +38,7 @@ DIAL_BUCKETS: tuple[float, ...] = (
 SYNC_BUCKETS: tuple[float, ...] = tuple(0.001 * 2**i for i in range(15))
 
 PORT_LABELS = ("service", "port", "protocol")
+SNAPSHOT_SLICE = 100  # service ports copied between yields to the loop
 
 
 class SyncMetrics:
@@ -106,17 +108,51 @@ class _DialHistogram:
             self.counts[bisect.bisect_left(DIAL_BUCKETS, seconds)] += 1
             self.total += seconds
 
-    def buckets(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        running = 0
-        for bound, count in zip((*DIAL_BUCKETS, float("inf")), self.counts, strict=True):
-            running += count
-            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
-        return out
+
+@dataclass(slots=True)
+class _PortFigures:
+    name: ServicePortName
+    labels: list[str]  # service, port, protocol
+    udp: bool
+    accepted: int
+    active: int
+    failed: int
+    no_endpoints: int
+    bytes_in: int
+    bytes_out: int
+    dial_attempts_failed: int
+    dial_counts: list[int]
+    dial_total: float
+    udp_active: int
+    udp_created: int
+    udp_expired: int
+    udp_dropped: int
+    accept_backoffs: int
+    picks: list[tuple[str, int]]
+
+
+@dataclass(slots=True)
+class Figures:
+    """Every number one scrape exposes, copied off the live state."""
+
+    services: int
+    endpoints: int
+    listeners: int
+    unserved: int
+    ports: list[_PortFigures]
+    accept_backoffs: int
+    watch_restarts: list[tuple[tuple[str, str], int]]
+    relists: list[tuple[tuple[str, str], int]]
+    source_errors: list[tuple[str, int]]
 
 
 class ProxyCollector(Collector):
-    """Yields per service port and global figures from the proxier's state."""
+    """Per service port and global figures from the proxier's state.
+
+    `snapshot` must run on the event loop (it reads live dicts and drains dial
+    latencies); `families` turns a snapshot into metric families anywhere, so
+    the costly part of a scrape can run off the loop.
+    """
 
     def __init__(self, proxier: StatusInputs, sources: SourceMetrics) -> None:
         self._proxier = proxier
@@ -130,106 +166,75 @@ class ProxyCollector(Collector):
         return []  # unchecked collector: families depend on the live state
 
     def collect(self) -> Iterator[Metric]:
+        return families(self.snapshot())
+
+    def snapshot(self) -> Figures:
+        names = sorted(self._proxier.stats)
+        return self._finish([self._port(name) for name in names])
+
+    async def snapshot_in_slices(self, size: int = SNAPSHOT_SLICE) -> Figures:
+        """As `snapshot`, yielding to the loop every `size` ports.
+
+        A port added meanwhile waits for the next scrape; one removed
+        meanwhile is left out. Prometheus tolerates that skew.
+        """
+        stats = self._proxier.stats
+        ports: list[_PortFigures] = []
+        for index, name in enumerate(sorted(stats)):
+            if index and index % size == 0:
+                await asyncio.sleep(0)
+            if name in stats:
+                ports.append(self._port(name))
+        return self._finish(ports)
+
+    def _port(self, name: ServicePortName) -> _PortFigures:
+        port_stats = self._proxier.stats[name]
+        desired = self._proxier.applied.get(name)
+        number = str(desired.frontend.port) if desired is not None else name.port
+        histogram = self._dial_histogram(name, port_stats)
+        return _PortFigures(
+            name=name,
+            labels=[f"{name.namespace}/{name.name}", number, name.protocol],
+            udp=name.protocol == "UDP",
+            accepted=port_stats.connections_accepted,
+            active=port_stats.connections_active,
+            failed=port_stats.connections_failed,
+            no_endpoints=port_stats.no_endpoints,
+            bytes_in=port_stats.bytes_in,
+            bytes_out=port_stats.bytes_out,
+            dial_attempts_failed=port_stats.dial_attempts_failed,
+            dial_counts=list(histogram.counts),
+            dial_total=histogram.total,
+            udp_active=port_stats.udp_sessions_active,
+            udp_created=port_stats.udp_sessions_created,
+            udp_expired=port_stats.udp_sessions_expired,
+            udp_dropped=port_stats.udp_datagrams_dropped,
+            accept_backoffs=port_stats.accept_backoffs,
+            picks=list(port_stats.picks.items()),
+        )
+
+    def _finish(self, ports: list[_PortFigures]) -> Figures:
         proxier = self._proxier
         applied = proxier.applied
-        stats = proxier.stats
-
-        services = GaugeMetricFamily("uproxy_services", "Services with at least one proxied port.")
-        services.add_metric([], len({name.service for name in applied}))
-        endpoints = GaugeMetricFamily(
-            "uproxy_endpoints", "Endpoints summed over service ports.")
-        endpoints.add_metric([], sum(len(p.endpoints) for p in applied.values()))
-        listeners = GaugeMetricFamily("uproxy_listeners", "Listeners bound.")
-        listeners.add_metric([], len(proxier.bound))
-        unserved = GaugeMetricFamily(
-            "uproxy_service_ports_unserved",
-            "Service ports without a listener (bind failed, port range exhausted).")
-        unserved.add_metric([], len(proxier.errors))
-        yield from (services, endpoints, listeners, unserved)
-
-        accepted = CounterMetricFamily(
-            "uproxy_connections", "TCP connections accepted.", labels=PORT_LABELS)
-        active = GaugeMetricFamily(
-            "uproxy_connections_active", "TCP connections open now.", labels=PORT_LABELS)
-        failures = CounterMetricFamily(
-            "uproxy_connection_failures",
-            "Connections (TCP) or datagrams (UDP) not served: dial failed on every attempt, "
-            "or no endpoints.",
-            labels=(*PORT_LABELS, "reason"))
-        byte_count = CounterMetricFamily(
-            "uproxy_bytes", "Bytes relayed; in: client to endpoint, out: endpoint to client.",
-            labels=(*PORT_LABELS, "direction"))
-        dial = HistogramMetricFamily(
-            "uproxy_dial_duration_seconds", "Time to connect to an endpoint.",
-            labels=PORT_LABELS)
-        dial_failed = CounterMetricFamily(
-            "uproxy_dial_attempt_failures", "Single dial attempts that failed (before retry).",
-            labels=PORT_LABELS)
-        udp_active = GaugeMetricFamily(
-            "uproxy_udp_sessions_active", "UDP client sessions open now.", labels=PORT_LABELS)
-        udp_sessions = CounterMetricFamily(
-            "uproxy_udp_sessions", "UDP client sessions created and expired.",
-            labels=(*PORT_LABELS, "event"))
-        udp_dropped = CounterMetricFamily(
-            "uproxy_udp_datagrams_dropped", "UDP datagrams dropped.", labels=PORT_LABELS)
-        picks = CounterMetricFamily(
-            "uproxy_endpoint_picks", "Times the balancer picked an endpoint.",
-            labels=(*PORT_LABELS, "endpoint"))
-
-        backoffs_now: dict[ServicePortName, int] = {}
-        for name in sorted(stats):
-            port_stats = stats[name]
-            desired = applied.get(name)
-            number = str(desired.frontend.port) if desired is not None else name.port
-            labels = [str(name.service), number, name.protocol]
-            backoffs_now[name] = port_stats.accept_backoffs
-            active.add_metric(labels, port_stats.connections_active)
-            accepted.add_metric(labels, port_stats.connections_accepted)
-            failures.add_metric([*labels, "dial"], port_stats.connections_failed)
-            failures.add_metric([*labels, "no_endpoints"], port_stats.no_endpoints)
-            byte_count.add_metric([*labels, "in"], port_stats.bytes_in)
-            byte_count.add_metric([*labels, "out"], port_stats.bytes_out)
-            dial_failed.add_metric(labels, port_stats.dial_attempts_failed)
-            histogram = self._dial_histogram(name, port_stats)
-            dial.add_metric(labels, histogram.buckets(), histogram.total)
-            if name.protocol == "UDP":
-                udp_active.add_metric(labels, port_stats.udp_sessions_active)
-                udp_sessions.add_metric([*labels, "created"], port_stats.udp_sessions_created)
-                udp_sessions.add_metric([*labels, "expired"], port_stats.udp_sessions_expired)
-                udp_dropped.add_metric(labels, port_stats.udp_datagrams_dropped)
-            for endpoint, count in sorted(port_stats.picks.items()):
-                picks.add_metric([*labels, endpoint], count)
-        for name in set(self._dial) - set(stats):
+        live = set(proxier.stats)
+        for name in set(self._dial) - live:
             del self._dial[name]
-        yield from (accepted, active, failures, byte_count, dial, dial_failed,
-                    udp_active, udp_sessions, udp_dropped, picks)
-
+        backoffs_now = {port.name: port.accept_backoffs for port in ports}
         for name, seen in self._backoffs_seen.items():
             if name not in backoffs_now:
                 self._backoffs_retired += seen
         self._backoffs_seen = backoffs_now
-        backoffs = CounterMetricFamily(
-            "uproxy_accept_backoffs",
-            "Times a listener paused accepting because file descriptors ran out (EMFILE).")
-        backoffs.add_metric([], self._backoffs_retired + sum(backoffs_now.values()))
-        yield backoffs
-
-        restarts = CounterMetricFamily(
-            "uproxy_source_watch_restarts", "Watches that ended and were restarted.",
-            labels=("source", "resource"))
-        for (source, resource), count in sorted(self._sources.watch_restarts.items()):
-            restarts.add_metric([source, resource], count)
-        relists = CounterMetricFamily(
-            "uproxy_source_relists", "Full relists (e.g. after 410 Gone).",
-            labels=("source", "resource"))
-        for (source, resource), count in sorted(self._sources.relists.items()):
-            relists.add_metric([source, resource], count)
-        errors = CounterMetricFamily(
-            "uproxy_source_errors", "Source faults survived (bad services file, failed reload).",
-            labels=("source",))
-        for source, count in sorted(self._sources.errors.items()):
-            errors.add_metric([source], count)
-        yield from (restarts, relists, errors)
+        return Figures(
+            services=len({name.service for name in applied}),
+            endpoints=sum(len(p.endpoints) for p in applied.values()),
+            listeners=len(proxier.bound),
+            unserved=len(proxier.errors),
+            ports=ports,
+            accept_backoffs=self._backoffs_retired + sum(backoffs_now.values()),
+            watch_restarts=sorted(self._sources.watch_restarts.items()),
+            relists=sorted(self._sources.relists.items()),
+            source_errors=sorted(self._sources.errors.items()),
+        )
 
     def _dial_histogram(self, name: ServicePortName, port_stats: PortStats) -> _DialHistogram:
         histogram = self._dial.get(name)
@@ -242,16 +247,139 @@ class ProxyCollector(Collector):
         return histogram
 
 
+def _cumulative(counts: Sequence[int]) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip((*DIAL_BUCKETS, float("inf")), counts, strict=True):
+        running += count
+        out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+    return out
+
+
+def families(figures: Figures) -> Iterator[Metric]:
+    """The metric families of one snapshot (pure; safe in a worker thread)."""
+    services = GaugeMetricFamily("uproxy_services", "Services with at least one proxied port.")
+    services.add_metric([], figures.services)
+    endpoints = GaugeMetricFamily("uproxy_endpoints", "Endpoints summed over service ports.")
+    endpoints.add_metric([], figures.endpoints)
+    listeners = GaugeMetricFamily("uproxy_listeners", "Listeners bound.")
+    listeners.add_metric([], figures.listeners)
+    unserved = GaugeMetricFamily(
+        "uproxy_service_ports_unserved",
+        "Service ports without a listener (bind failed, port range exhausted).")
+    unserved.add_metric([], figures.unserved)
+    yield from (services, endpoints, listeners, unserved)
+
+    accepted = CounterMetricFamily(
+        "uproxy_connections", "TCP connections accepted.", labels=PORT_LABELS)
+    active = GaugeMetricFamily(
+        "uproxy_connections_active", "TCP connections open now.", labels=PORT_LABELS)
+    failures = CounterMetricFamily(
+        "uproxy_connection_failures",
+        "Connections (TCP) or datagrams (UDP) not served: dial failed on every attempt, "
+        "or no endpoints.",
+        labels=(*PORT_LABELS, "reason"))
+    byte_count = CounterMetricFamily(
+        "uproxy_bytes", "Bytes relayed; in: client to endpoint, out: endpoint to client.",
+        labels=(*PORT_LABELS, "direction"))
+    dial = HistogramMetricFamily(
+        "uproxy_dial_duration_seconds", "Time to connect to an endpoint.", labels=PORT_LABELS)
+    dial_failed = CounterMetricFamily(
+        "uproxy_dial_attempt_failures", "Single dial attempts that failed (before retry).",
+        labels=PORT_LABELS)
+    udp_active = GaugeMetricFamily(
+        "uproxy_udp_sessions_active", "UDP client sessions open now.", labels=PORT_LABELS)
+    udp_sessions = CounterMetricFamily(
+        "uproxy_udp_sessions", "UDP client sessions created and expired.",
+        labels=(*PORT_LABELS, "event"))
+    udp_dropped = CounterMetricFamily(
+        "uproxy_udp_datagrams_dropped", "UDP datagrams dropped.", labels=PORT_LABELS)
+    picks = CounterMetricFamily(
+        "uproxy_endpoint_picks", "Times the balancer picked an endpoint.",
+        labels=(*PORT_LABELS, "endpoint"))
+    for port in figures.ports:
+        labels = port.labels
+        accepted.add_metric(labels, port.accepted)
+        active.add_metric(labels, port.active)
+        failures.add_metric([*labels, "dial"], port.failed)
+        failures.add_metric([*labels, "no_endpoints"], port.no_endpoints)
+        byte_count.add_metric([*labels, "in"], port.bytes_in)
+        byte_count.add_metric([*labels, "out"], port.bytes_out)
+        dial.add_metric(labels, _cumulative(port.dial_counts), port.dial_total)
+        dial_failed.add_metric(labels, port.dial_attempts_failed)
+        if port.udp:
+            udp_active.add_metric(labels, port.udp_active)
+            udp_sessions.add_metric([*labels, "created"], port.udp_created)
+            udp_sessions.add_metric([*labels, "expired"], port.udp_expired)
+            udp_dropped.add_metric(labels, port.udp_dropped)
+        for endpoint, count in sorted(port.picks):
+            picks.add_metric([*labels, endpoint], count)
+    yield from (accepted, active, failures, byte_count, dial, dial_failed,
+                udp_active, udp_sessions, udp_dropped, picks)
+
+    backoffs = CounterMetricFamily(
+        "uproxy_accept_backoffs",
+        "Times a listener paused accepting because file descriptors ran out (EMFILE).")
+    backoffs.add_metric([], figures.accept_backoffs)
+    restarts = CounterMetricFamily(
+        "uproxy_source_watch_restarts", "Watches that ended and were restarted.",
+        labels=("source", "resource"))
+    for (source, resource), count in figures.watch_restarts:
+        restarts.add_metric([source, resource], count)
+    relists = CounterMetricFamily(
+        "uproxy_source_relists", "Full relists (e.g. after 410 Gone).",
+        labels=("source", "resource"))
+    for (source, resource), count in figures.relists:
+        relists.add_metric([source, resource], count)
+    errors = CounterMetricFamily(
+        "uproxy_source_errors", "Source faults survived (bad services file, failed reload).",
+        labels=("source",))
+    for source, count in figures.source_errors:
+        errors.add_metric([source], count)
+    yield from (backoffs, restarts, relists, errors)
+
+
+class _Joined(Collector):
+    """Several collectors as one, for one scrape."""
+
+    def __init__(self, *parts: Collector) -> None:
+        self._parts = parts
+
+    def collect(self) -> Iterator[Metric]:
+        for part in self._parts:
+            yield from part.collect()
+
+
+class _Frozen(Collector):
+    def __init__(self, figures: Figures) -> None:
+        self._figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        return families(self._figures)
+
+
 class Metrics:
     """The registry behind `/metrics`, and the hooks that feed it."""
 
     def __init__(self, proxier: StatusInputs, wall: Callable[[], float] = time.time) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.sync = SyncMetrics(self.registry, wall)
+        self._sync_registry = CollectorRegistry(auto_describe=False)
+        self.sync = SyncMetrics(self._sync_registry, wall)
         self.sources = SourceMetrics()
         self.collector = ProxyCollector(proxier, self.sources)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self._sync_registry)
         self.registry.register(self.collector)
 
     def exposition(self) -> bytes:
-        """The text exposition format, as served on /metrics."""
+        """The text exposition format, computed on the calling thread."""
         return generate_latest(self.registry)
+
+    async def scrape(self) -> bytes:
+        """As `exposition`, but only the copy of the numbers runs on the loop.
+
+        Formatting costs ~20 µs per sample (1000 service ports: ~26,000
+        samples); in a worker thread it does not stall connections.
+        """
+        figures = await self.collector.snapshot_in_slices()
+        return await asyncio.to_thread(
+            generate_latest, _Joined(self._sync_registry, _Frozen(figures)))

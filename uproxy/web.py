@@ -13,6 +13,7 @@ metrics (`--metrics-bind-address`, default 127.0.0.1:10249):
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import json
@@ -223,14 +224,17 @@ def metrics_app(state: WebState) -> web.Application:
     page = status_page()
 
     async def metrics_handler(request: web.Request) -> web.Response:
-        return web.Response(body=metrics.exposition(),
+        return web.Response(body=await metrics.scrape(),
                             headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def status_json(request: web.Request) -> web.Response:
         status = build_status(state.proxier, state.runner, state.tracker,
                               state.required_sources, now=state.monotonic())
         status["health"] = health(state)[1]
-        return _json(status, True)
+        # The document is built on the loop (live state); encoding can wait in a thread.
+        text = await asyncio.to_thread(json.dumps, status)
+        return web.Response(text=text + "\n", content_type="application/json",
+                            headers={"Cache-Control": "no-store"})
 
     async def status_html(request: web.Request) -> web.Response:
         return web.Response(body=page, content_type="text/html", charset="utf-8",

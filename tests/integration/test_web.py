@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.unit.test_status import DNS, WEB, Clock, FakeProxier, FakeRunner, FakeTracker
 from uproxy.metrics import Metrics
+from uproxy.model import ServicePortName
 from uproxy.web import WebBindError, WebServer, WebState, start_web
 
 SYNC_PERIOD = 30.0
@@ -342,3 +343,22 @@ async def test_port_in_use_is_one_clear_error(world: World) -> None:
 async def test_malformed_address_names_the_flag(world: World, bind: str) -> None:
     with pytest.raises(WebBindError, match=rf"^--metrics-bind-address {bind}: expected IP:PORT"):
         await start_web(bind, "metrics", world.state)
+
+
+async def test_scrape_in_slices_sees_every_port_as_the_plain_exposition_does(
+    world: World, metrics_server: WebServer, http: aiohttp.ClientSession
+) -> None:
+    for i in range(250):  # crosses two slice boundaries (100 ports each)
+        name = ServicePortName("load", f"svc{i:03}", "http", "TCP")
+        world.proxier.serve(name, 8000 + i, [f"127.0.0.{1 + i % 200}:80"],
+                            listener=("0.0.0.0", 40000 + i))
+        world.proxier.connect(name)
+    samples = await scrape(http, metrics_server)
+    accepted = [labels for name, labels in samples if name == "uproxy_connections_total"]
+    assert len(accepted) == 250
+    assert value(samples, "uproxy_connections_total", service="load/svc249", port="8249",
+                 protocol="TCP") == 1
+
+    plain = world.metrics.exposition().decode()
+    async with http.get(metrics_server.url + "/metrics") as response:
+        assert await response.text() == plain
