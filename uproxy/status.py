@@ -79,13 +79,15 @@ class RunnerView(Protocol):
 
 
 class TrackerView(Protocol):
+    """uproxy.tracking.ChangeTracker, as readiness reads it."""
+
     @property
-    def synced(self) -> Set[str]: ...  # sources that delivered a first full view
+    def synced_sources(self) -> Set[str]: ...  # sources that delivered a first full view
 
 
 def sources_ready(tracker: TrackerView, required: Set[str]) -> tuple[bool, list[str]]:
     """Whether every required source has synced, and which have not."""
-    missing = sorted(set(required) - set(tracker.synced))
+    missing = sorted(set(required) - set(tracker.synced_sources))
     return not missing, missing
 
 
@@ -143,7 +145,7 @@ def _sync_status(
     return {
         "syncs": runner.syncs if runner is not None else 0,
         "last_success_age_seconds": None if last is None else round(max(0.0, now - last), 3),
-        "sources_synced": sorted(tracker.synced) if tracker is not None else [],
+        "sources_synced": sorted(tracker.synced_sources) if tracker is not None else [],
         "sources_missing": missing,
         "ready": ready_sources and last is not None,
     }

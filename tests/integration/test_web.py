@@ -246,8 +246,8 @@ async def test_readyz_waits_for_every_source_and_one_sync(
     assert body["reason"] == ("waiting for the first full view of endpointslices, services; "
                               "no sync has completed yet")
 
-    world.tracker.synced.add("services")
-    world.tracker.synced.add("endpointslices")
+    world.tracker.synced_sources.add("services")
+    world.tracker.synced_sources.add("endpointslices")
     status, body = await readyz()
     assert (status, body["reason"]) == (503, "no sync has completed yet")
 

@@ -88,7 +88,7 @@ class FakeRunner:
 
 @dataclass
 class FakeTracker:
-    synced: set[str] = field(default_factory=set)
+    synced_sources: set[str] = field(default_factory=set)
 
 
 def port_of(status: dict[str, Any], port_id: str) -> dict[str, Any]:
@@ -240,7 +240,7 @@ def test_sync_section_and_readiness() -> None:
     assert before == {"syncs": 0, "last_success_age_seconds": None, "sources_synced": [],
                       "sources_missing": ["endpointslices", "services"], "ready": False}
 
-    tracker.synced |= required
+    tracker.synced_sources |= required
     runner.last_success, runner.syncs = 48.5, 1
     after = build_status(proxier, runner, tracker, required, now=50.0)["sync"]
     assert after["ready"] is True
