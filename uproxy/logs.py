@@ -8,6 +8,7 @@ line and scripts can read either. Per-connection access lines go through
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -142,6 +143,13 @@ class AccessLog:
         self.suppressed += 1
         self.suppressed_total += 1
         self._maybe_report(now)
+
+    async def run(self) -> None:
+        """Report suppressed lines every `report_every` seconds until cancelled,
+        so the count is told even when the flood stops."""
+        while True:
+            await asyncio.sleep(self._report_every)
+            self.flush()
 
     def flush(self) -> None:
         """Report suppressed lines now (call periodically and at shutdown)."""

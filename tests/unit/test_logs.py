@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -131,6 +132,26 @@ def test_access_flood_is_rate_limited_and_reported(restore_logging: None) -> Non
     access.flush()  # at shutdown: report what is pending without waiting 10 s
     tail = [json.loads(x)["msg"] for x in lines(out)[7:]]
     assert tail == ["access"] * 5 + ["2 access log lines suppressed (over 5/s)"]
+
+async def test_access_reporter_tells_the_count_after_the_flood_stops(
+    restore_logging: None,
+) -> None:
+    out = io.StringIO()
+    setup_logging("json", 1, stream=out)
+    access = AccessLog(rate=1, burst=1, report_every=0.05)
+    for _ in range(30):
+        access({"client": "127.0.0.1:1"})
+    reporter = asyncio.create_task(access.run())
+    try:
+        for _ in range(100):  # at most 2 s
+            if access.suppressed == 0:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        reporter.cancel()
+    messages = [json.loads(line)["msg"] for line in lines(out)]
+    assert messages == ["access", "29 access log lines suppressed (over 1/s)"]
+
 
 def test_access_log_cost_per_line_is_small(restore_logging: None) -> None:
     """Suppressed calls are what a flood costs: they must be cheap."""
