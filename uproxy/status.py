@@ -17,6 +17,7 @@ from uproxy.model import DesiredPort, Endpoint, ObjectName, ServicePortName, for
 from uproxy.stats import PortStats
 
 WILDCARDS = ("0.0.0.0", "::", "")
+MAX_PINS_SHOWN = 50  # per port; a busy ClientIP service may pin thousands
 
 
 class BalancerViewLike(Protocol):
@@ -207,9 +208,10 @@ def _port_status(proxier: StatusInputs, name: ServicePortName) -> dict[str, Any]
         "next_endpoint": str(next_endpoint) if next_endpoint is not None else None,
         "affinity": None if view.affinity_timeout is None else {
             "timeout_seconds": view.affinity_timeout,
+            "pinned_total": len(view.pins),
             "pins": [
                 {"client": client, "endpoint": str(endpoint), "seconds_left": round(left, 1)}
-                for client, endpoint, left in view.pins
+                for client, endpoint, left in view.pins[:MAX_PINS_SHOWN]
             ],
         },
         "connections": {

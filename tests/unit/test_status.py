@@ -193,10 +193,23 @@ def test_affinity_pins_are_listed_with_time_left() -> None:
     assert first == again
     assert port["affinity"] == {
         "timeout_seconds": 30.0,
+        "pinned_total": 1,
         "pins": [{"client": "127.0.0.9", "endpoint": str(first), "seconds_left": 30.0}],
     }
     assert [e["pinned_clients"] for e in port["endpoints"]] == [1, 0]
     assert port["path"][4].startswith("balancer: ClientIP affinity, 30 s (1 pinned clients)")
+
+
+def test_only_the_first_pins_are_listed_but_all_are_counted() -> None:
+    proxier = FakeProxier()
+    proxier.serve(WEB, 80, ["127.0.0.1:8080", "127.0.0.2:8080"], affinity=60.0)
+    for i in range(120):
+        proxier.connect(WEB, client=f"127.0.1.{i}")
+
+    port = port_of(build_status(proxier, now=0.0), "default/web:http")
+    assert port["affinity"]["pinned_total"] == 120
+    assert len(port["affinity"]["pins"]) == 50
+    assert sum(e["pinned_clients"] for e in port["endpoints"]) == 120
 
 
 def test_udp_port_without_endpoints_drops_datagrams() -> None:
