@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import socket
 import subprocess
@@ -106,10 +107,13 @@ def short_conns_per_s(port: int, seconds: int) -> tuple[float, int]:
     return rate, total
 
 
-def stop(child: subprocess.Popen[bytes]) -> None:
+def stop(child: subprocess.Popen[bytes]) -> float:
+    """End a child; returns the CPU seconds (user + system) it used."""
     assert child.stdin is not None
     child.stdin.close()
-    child.wait(10)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
 
 
 def free_port() -> int:
@@ -122,7 +126,10 @@ def free_port() -> int:
 def bench(args: argparse.Namespace) -> None:
     http, http_port = spawn("--http")
     iperf_port = free_port()
-    print(f"{'mode':<10}{'bulk up MiB/s':>14}{'bulk down MiB/s':>16}{'short conn/s':>14}")
+    # What a proxy process costs with no traffic (interpreter start, imports).
+    idle = min(stop(spawn("--proxy", "auto", "1", "65536", "0")[0]) for _ in range(3))
+    print(f"{'mode':<10}{'up MiB/s':>10}{'down MiB/s':>11}{'CPU s/GiB':>10}"
+          f"{'conn/s':>8}{'CPU us/conn':>12}")
     for mode in ["direct", *args.modes.split(",")]:
         children = []
         if mode == "direct":
@@ -136,9 +143,11 @@ def bench(args: argparse.Namespace) -> None:
         up = bulk_mib_per_s(bulk_port, args.bulk_mib, iperf_port, reverse=False)
         down = bulk_mib_per_s(bulk_port, args.bulk_mib, iperf_port, reverse=True)
         rate, total = short_conns_per_s(short_port, args.seconds)
-        print(f"{mode:<10}{up:>14.0f}{down:>16.0f}{rate:>14.0f}  ({total} conns)", flush=True)
-        for child in children:
-            stop(child)
+        cpu = [stop(child) - idle for child in children] or [float("nan")] * 2
+        per_gib = cpu[0] / (2 * args.bulk_mib / 1024)
+        per_conn = cpu[1] / total * 1e6
+        print(f"{mode:<10}{up:>10.0f}{down:>11.0f}{per_gib:>10.2f}{rate:>8.0f}{per_conn:>12.0f}"
+              f"  ({total} conns)", flush=True)
     stop(http)
 
 

@@ -291,3 +291,24 @@ async def test_drain_lets_replies_through_then_closes(
     assert server.sock is None
     client.close()
     echo.close()
+
+
+async def test_dual_stack_wildcard_listener_replies_to_ipv4_clients(
+        make_server: Callable[..., tuple[UdpServer, PortStats, int]]) -> None:
+    echo = UdpEcho()
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    listener.bind(("::", 0))
+    port = listener.getsockname()[1]
+    server = UdpServer(listener, FixedPicker(echo.endpoint), PortStats())
+    server.start()
+    client = client_socket()
+
+    for target in ("127.0.0.2", "127.0.0.1"):
+        client.sendto(b"mapped", (target, port))
+        data, addr = await receive(client)
+        assert data == b"mapped"
+        assert addr == (target, port)
+    server.abort()
+    client.close()
+    echo.close()
