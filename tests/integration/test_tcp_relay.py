@@ -243,7 +243,7 @@ async def test_failover_when_first_endpoint_does_not_answer(
     assert await read_all(reader) == b"ping"
     elapsed = time.monotonic() - started
 
-    assert 0.2 <= elapsed < 1.0
+    assert elapsed >= 0.2  # the first attempt waited out its timeout
     assert proxy.stats.dial_attempts_failed == 1
     assert picker.calls[1] == ("127.0.0.1", True)
     writer.close()

@@ -161,7 +161,7 @@ async def test_idle_session_expires(make_server: Callable[..., tuple[UdpServer, 
     await receive(client)
     assert server.open_sessions == 1
 
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.8)
     assert server.open_sessions == 0
     assert (stats.udp_sessions_expired, stats.udp_sessions_active) == (1, 0)
 
@@ -175,9 +175,9 @@ async def test_idle_session_expires(make_server: Callable[..., tuple[UdpServer, 
 async def test_activity_keeps_a_session(make_server: Callable[..., tuple[UdpServer, PortStats,
                                                                           int]]) -> None:
     echo = UdpEcho()
-    server, stats, port = make_server(FixedPicker(echo.endpoint), session_timeout=0.3)
+    server, stats, port = make_server(FixedPicker(echo.endpoint), session_timeout=0.5)
     client = client_socket()
-    for _ in range(6):  # 0.6 s of traffic, never idle for 0.3 s
+    for _ in range(8):  # 0.8 s of traffic, never idle for 0.5 s
         client.sendto(b"k", ("127.0.0.1", port))
         await receive(client)
         await asyncio.sleep(0.1)
