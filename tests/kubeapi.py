@@ -517,6 +517,7 @@ class FakeKubeAPI:
                         backlog.extend(_translate(watcher, event))
             # Events in the backlog were queued too; skip those by version.
             sent_upto = self.rv
+            processed = sent_upto  # every event up to here was sent or filtered out
             for type_, obj in backlog:
                 await _send(response, type_, obj)
             deadline = time.monotonic() + timeout
@@ -534,8 +535,8 @@ class FakeKubeAPI:
                         continue
                     if time.monotonic() >= next_bookmark:
                         next_bookmark = time.monotonic() + self.bookmark_interval
-                        if bookmarks:
-                            await _send(response, "BOOKMARK", self._bookmark(resource))
+                        if bookmarks:  # the queue is empty: everything so far was sent
+                            await _send(response, "BOOKMARK", self._bookmark(resource, self.rv))
                     continue
                 if event is None:  # dropped
                     return response
@@ -543,8 +544,12 @@ class FakeKubeAPI:
                     continue
                 for type_, obj in _translate(watcher, event):
                     await _send(response, type_, obj)
+                processed = event.rv
             if bookmarks and not watcher.hung:
-                await _send(response, "BOOKMARK", self._bookmark(resource))
+                # A bookmark promises every event up to its version was sent:
+                # with events still queued, only up to the last one handled.
+                final = self.rv if watcher.queue.empty() else processed
+                await _send(response, "BOOKMARK", self._bookmark(resource, final))
             if watcher.hung:
                 # A hung stream never ends cleanly; the client must give up on it.
                 await asyncio.Event().wait()
@@ -555,10 +560,10 @@ class FakeKubeAPI:
             self.watchers.discard(watcher)
         return response
 
-    def _bookmark(self, resource: str) -> Obj:
+    def _bookmark(self, resource: str, version: int) -> Obj:
         _, api_version, kind = RESOURCES[resource]
         return {"kind": kind, "apiVersion": api_version,
-                "metadata": {"resourceVersion": str(self.rv)}}
+                "metadata": {"resourceVersion": str(version)}}
 
     async def _write(self, request: web.Request, resource: str, namespace: str | None,
                      name: str | None) -> web.Response:

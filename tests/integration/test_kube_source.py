@@ -197,7 +197,8 @@ async def test_410_relist_reports_only_the_difference(api: FakeKubeAPI) -> None:
         api.compact()  # ... and the history that would replay them is gone
         await api.outage_end()
         before = len(sink.timeline)
-        await wait_until(lambda: source.relists["services"] == 1, what="relist")
+        await wait_until(lambda: source.relists == {"services": 1, "endpointslices": 1},
+                         what="both relists")
         await wait_until(lambda: ObjectName("default", "new") in sink.services)
     assert sorted(sink.timeline[before:]) == [
         ("service", "add", "default/new"),
