@@ -16,7 +16,7 @@ from kubernetes_asyncio import client as kube_client
 from tests.kubeapi import FakeKubeAPI, service
 from uproxy.hostsfile import BEGIN, END, merge_block, render_hosts, write_hosts
 from uproxy.model import ObjectName
-from uproxy.sources.kube import KubeConfigError, load_kube_config, node_name
+from uproxy.sources.kube import KubeConfigError, KubeSource, load_kube_config, node_name
 
 
 def kubeconfig(path: Path, server: str, token: str = "sekret") -> Path:
@@ -87,8 +87,14 @@ async def test_in_cluster_configuration(tmp_path: Path, monkeypatch: pytest.Monk
 async def test_configuration_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(KubeConfigError, match=r"^--kubeconfig: .*/missing: no such file$"):
         await load_kube_config(kubeconfig=str(tmp_path / "missing"), environ={})
+    with pytest.raises(KubeConfigError, match=r"^KUBECONFIG: /nowhere: no such file$"):
+        await load_kube_config(environ={"KUBECONFIG": "/nowhere"})
     with pytest.raises(KubeConfigError, match="no cluster configuration"):
         await load_kube_config(environ={"HOME": str(tmp_path)})
+    # The source fails at prepare(), before anything runs.
+    source = KubeSource(kubeconfig=str(tmp_path / "missing"), environ={})
+    with pytest.raises(KubeConfigError, match="no such file"):
+        await source.prepare()
     broken = tmp_path / "broken"
     broken.write_text("current-context: nowhere\n")
     with pytest.raises(KubeConfigError) as raised:

@@ -80,6 +80,7 @@ async def load_kube_config(
     configuration = kube_client.Configuration()
     in_cluster = bool(environ.get("KUBERNETES_SERVICE_HOST"))
     path = kubeconfig or environ.get("KUBECONFIG") or None
+    flag = "--kubeconfig" if kubeconfig else "KUBECONFIG"
     if path is None and master is None and not in_cluster:
         default = Path(environ.get("HOME") or Path.home()) / ".kube" / "config"
         if default.exists():
@@ -88,7 +89,7 @@ async def load_kube_config(
         if path is not None:
             for part in path.split(os.pathsep):
                 if part and not Path(part).expanduser().exists():
-                    raise KubeConfigError(f"--kubeconfig: {part}: no such file")
+                    raise KubeConfigError(f"{flag}: {part}: no such file")
             await kube_config.load_kube_config(
                 config_file=path, context=context, client_configuration=configuration,
                 persist_config=False,
@@ -236,12 +237,20 @@ class KubeSource:
             "events": dict(self.events),
         }
 
-    async def run(self, sink: SourceSink) -> None:
-        configuration = self._configuration
-        if configuration is None:
-            configuration = await load_kube_config(
+    async def prepare(self) -> None:
+        """Load the cluster configuration now, so a bad one fails startup.
+
+        Raises KubeConfigError (one line). `run` calls it when nobody did.
+        """
+        if self._configuration is None:
+            self._configuration = await load_kube_config(
                 kubeconfig=self.kubeconfig, master=self.master, environ=self._environ
             )
+
+    async def run(self, sink: SourceSink) -> None:
+        await self.prepare()
+        configuration = self._configuration
+        assert configuration is not None
         api_client = kube_client.ApiClient(configuration)
         try:
             core = kube_client.CoreV1Api(api_client)
