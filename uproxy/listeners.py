@@ -135,7 +135,10 @@ class ListenerPool:
         try:
             ip = self._bind_ip(port)
             sock = self._bind(port, ip)
-        except (ExhaustedError, BindError) as error:
+        except ExhaustedError as error:
+            self._failed(name, f"{name} {protocol}: {error}")
+            return None
+        except BindError as error:
             self._failed(name, str(error))
             return None
         except OSError as error:

@@ -108,20 +108,9 @@ class Proxier:
         # A port whose frontend changed is in both lists: its old listener
         # steps aside so the new one opens first, and closes after the rules moved.
         replaced = [self.pool.detach(port.name) for port in plan.removed]
-        for port in plan.added:
-            if self.pool.open(port) is not None:
-                self.applied[port.name] = port
+        failed = [port for port in plan.added if not self._open(port)]
 
-        rules_error: RulesError | None = None
-        try:
-            await self.rules.apply(self._portals())
-            self.last_rules_error = None
-        except RulesError as error:
-            rules_error = error
-            self.rules_failures += 1
-            if str(error) != self.last_rules_error:
-                log.error("rules (%s) not applied, previous rules stay: %s", self.rules.name, error)
-            self.last_rules_error = str(error)
+        rules_error = await self._apply_rules()
 
         added = {port.name for port in plan.added}
         for port, listener in zip(plan.removed, replaced, strict=True):
@@ -130,6 +119,9 @@ class Proxier:
                 self.pool.errors.pop(port.name, None)
             if listener is not None:
                 self.pool.retire(listener)
+        # Ports or addresses the removals just freed may fit what did not open.
+        if failed and any(replaced) and any([self._open(port) for port in failed]):
+            rules_error = await self._apply_rules()
 
         for port in plan.added + plan.updated:
             if port.name in self.pool.listeners:
@@ -154,6 +146,24 @@ class Proxier:
         if rules_error is not None:
             raise rules_error  # the runner retries with backoff; serving goes on
         return plan
+
+    def _open(self, port: DesiredPort) -> bool:
+        if self.pool.open(port) is None:
+            return False
+        self.applied[port.name] = port
+        return True
+
+    async def _apply_rules(self) -> RulesError | None:
+        try:
+            await self.rules.apply(self._portals())
+        except RulesError as error:
+            self.rules_failures += 1
+            if str(error) != self.last_rules_error:
+                log.error("rules (%s) not applied, previous rules stay: %s", self.rules.name, error)
+            self.last_rules_error = str(error)
+            return error
+        self.last_rules_error = None
+        return None
 
     def _portals(self) -> list[Portal]:
         portals = []
