@@ -27,6 +27,7 @@ from uproxy.model import ServicePortName
 from uproxy.proxier import Proxier
 from uproxy.relay.base import Picker
 from uproxy.rules.base import Rules
+from uproxy.rules.nodeports import NodePortReservations
 from uproxy.runner import SyncRunner
 from uproxy.settings import Settings
 from uproxy.sources.base import Source
@@ -99,6 +100,7 @@ def build(
     proxier = Proxier(
         tracker, pool, rules, balancer,
         required_sources=(source.name,),
+        node_ports=NodePortReservations() if rules.name not in ("none", "fake") else None,
         node_name=settings.source.node_name,
         chain_prefix=settings.rules.chain_prefix,
         table_writer=table_writer,

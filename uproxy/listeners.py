@@ -191,7 +191,12 @@ class ListenerPool:
         return self.listeners.pop(name, None)
 
     def retire(self, listener: Listener) -> None:
-        listener.server.stop_accepting()
+        if isinstance(listener.server, UdpServer):
+            # UDP has no connections to let finish; closing now frees IP:port
+            # for a service that comes back at once.
+            listener.server.abort()
+        else:
+            listener.server.stop_accepting()
         if self._ports is not None:
             self._ports.release(listener.port)
         if self._addresses is not None:

@@ -25,6 +25,7 @@ from uproxy.listeners import ListenerPool
 from uproxy.model import DesiredPort, EndpointSlice, ObjectName, Service, ServicePortName
 from uproxy.planner import Plan, desired_state, diff
 from uproxy.rules.base import Portal, Rules, RulesError
+from uproxy.rules.nodeports import NodePortReservations, node_ports
 from uproxy.stats import PortStats
 from uproxy.tracking import ChangeTracker
 
@@ -45,6 +46,7 @@ class Proxier:
         chain_prefix: str = "UPROXY",
         table_writer: TableWriter | None = None,
         required_sources: tuple[str, ...] = (),
+        node_ports: NodePortReservations | None = None,
     ) -> None:
         self.tracker = tracker
         self.pool = pool
@@ -64,6 +66,9 @@ class Proxier:
         # Until every source has delivered a complete view, a sync would plan
         # from half the objects and tear down rules that should stay.
         self.required_sources = required_sources
+        # Rules mode holds every node port with a socket so no other program takes it.
+        self.node_ports = node_ports
+        self.node_port_problems: list[str] = []
         self._last_table: str | None = None
 
     # -- what observers read -------------------------------------------------
@@ -110,7 +115,9 @@ class Proxier:
         replaced = [self.pool.detach(port.name) for port in plan.removed]
         failed = [port for port in plan.added if not self._open(port)]
 
-        rules_error = await self._apply_rules()
+        # A sync without changes is the periodic pass: have the backend compare
+        # with the kernel and repair; a sync with changes may send just those.
+        rules_error = await self._apply_rules(verify=plan.empty)
 
         added = {port.name for port in plan.added}
         for port, listener in zip(plan.removed, replaced, strict=True):
@@ -121,7 +128,7 @@ class Proxier:
                 self.pool.retire(listener)
         # Ports or addresses the removals just freed may fit what did not open.
         if failed and any(replaced) and any([self._open(port) for port in failed]):
-            rules_error = await self._apply_rules()
+            rules_error = await self._apply_rules(verify=False)
 
         for port in plan.added + plan.updated:
             if port.name in self.pool.listeners:
@@ -153,9 +160,15 @@ class Proxier:
         self.applied[port.name] = port
         return True
 
-    async def _apply_rules(self) -> RulesError | None:
+    async def _apply_rules(self, *, verify: bool) -> RulesError | None:
+        portals = self._portals()
+        if self.node_ports is not None:
+            problems = self.node_ports.update(node_ports(portals))
+            for problem in set(problems) - set(self.node_port_problems):
+                log.error("%s", problem)
+            self.node_port_problems = problems
         try:
-            await self.rules.apply(self._portals())
+            await self.rules.apply(portals, verify=verify)
         except RulesError as error:
             self.rules_failures += 1
             if str(error) != self.last_rules_error:
@@ -213,6 +226,8 @@ class Proxier:
     # -- shutdown ------------------------------------------------------------
 
     async def remove_rules(self) -> None:
+        if self.node_ports is not None:
+            self.node_ports.close()
         try:
             await self.rules.cleanup()
         except RulesError as error:

@@ -30,14 +30,14 @@ class OrderCheckingRules(FakeRules):
         self.listening_at_apply: list[dict[str, bool]] = []
         self.previous: tuple[Portal, ...] = ()
 
-    async def apply(self, portals: Sequence[Portal]) -> None:
+    async def apply(self, portals: Sequence[Portal], *, verify: bool = True) -> None:
         seen = {str(p.frontend.name): _accepts(p.proxy_ip, p.proxy_port) for p in portals}
         # Portals being removed by this apply: their listener must still be open.
         for old in self.previous:
             if old not in portals:
                 seen[f"removed {old.frontend.name}"] = _accepts(old.proxy_ip, old.proxy_port)
         self.listening_at_apply.append(seen)
-        await super().apply(portals)
+        await super().apply(portals, verify=verify)
         self.previous = tuple(portals)
 
 

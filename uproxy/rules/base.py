@@ -31,8 +31,15 @@ class RulesError(Exception):
 class Rules(Protocol):
     name: str
 
-    async def apply(self, portals: Sequence[Portal]) -> None:
-        """Make the kernel hold exactly these portals. Raises RulesError."""
+    async def apply(self, portals: Sequence[Portal], *, verify: bool = True) -> None:
+        """Make the kernel hold exactly these portals. Raises RulesError.
+
+        verify=True (the periodic full pass, when nothing else changed): read
+        what the kernel really holds and repair every difference. verify=False
+        (a sync that carries changes): the backend may trust what it applied
+        last and send only the difference, as long as it keeps the kernel
+        exact when nobody else touched it.
+        """
 
     async def cleanup(self) -> None:
         """Remove every chain, table and jump this backend made."""
@@ -46,7 +53,7 @@ class NoRules:
 
     name = "none"
 
-    async def apply(self, portals: Sequence[Portal]) -> None:
+    async def apply(self, portals: Sequence[Portal], *, verify: bool = True) -> None:
         return None
 
     async def cleanup(self) -> None:

@@ -14,14 +14,16 @@ class FakeRules:
         self.portals: tuple[Portal, ...] = ()
         self.applies = 0
         self.cleanups = 0
+        self.verified = 0  # applies that were full (verify=True) passes
         self.fail_next: str | None = None  # set to make the next apply fail
         self.events: list[str] = []  # shared timeline with other fakes, if given
 
-    async def apply(self, portals: Sequence[Portal]) -> None:
+    async def apply(self, portals: Sequence[Portal], *, verify: bool = True) -> None:
         if self.fail_next is not None:
             message, self.fail_next = self.fail_next, None
             raise RulesError(message)
         self.applies += 1
+        self.verified += verify
         self.portals = tuple(portals)
         self.events.append(f"rules:{len(self.portals)}")
 
