@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from uproxy.balancer import Balancer
+from uproxy.hostsfile import render_hosts, write_hosts
 from uproxy.listeners import ListenerPool
 from uproxy.model import ServicePortName
 from uproxy.proxier import Proxier
@@ -106,8 +107,13 @@ def build(
         table_writer=table_writer,
     )
 
+    hosts_file = settings.source.hosts_file
+
     async def sync() -> None:
         await proxier.sync()
+        if hosts_file is not None and settings.listeners.laptop_mode:
+            addresses = {name.service: ip for name, (ip, _) in proxier.bound.items()}
+            await asyncio.to_thread(write_hosts, hosts_file, render_hosts(addresses))
 
     runner = SyncRunner(sync, settings.sync.min_sync_period, settings.sync.sync_period)
     tracker.notify = runner.request
@@ -120,12 +126,15 @@ def build(
 
 
 async def load_initial(parts: Parts) -> None:
-    """The first view of a file source, before anything listens."""
+    """What a source must do before anything listens: read the services file
+    (a bad one is fatal at start), load the kubeconfig (a bad one likewise)."""
     load = getattr(parts.source, "load_initial", None)
-    if load is None:
-        return
+    prepare = getattr(parts.source, "prepare", None)
     try:
-        load()
+        if load is not None:
+            load()
+        if prepare is not None:
+            await prepare()
     except Exception as error:  # the source's one-line message
         raise StartupError(str(error)) from None
 

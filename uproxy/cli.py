@@ -187,7 +187,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             kubeconfig=args.kubeconfig,
             master=args.master,
             namespaces=tuple(args.namespace),
-            node_name=args.hostname_override or socket.gethostname(),
+            node_name=(args.hostname_override or socket.gethostname()).strip().lower(),
             hosts_file=args.hosts_file,
         ),
         listeners=ListenerSettings(

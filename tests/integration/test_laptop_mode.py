@@ -244,3 +244,22 @@ async def test_multi_port_service_with_udp_and_tcp(tmp_path: Path, backends: Bac
         assert tcp_address == udp_address
         assert await tcp_exchange(tcp_address) == b"tcp:ping"
         assert (await udp_exchange(udp_address))[0] == b"udp:ping"
+
+
+async def test_hosts_file_names_each_service(tmp_path: Path, backends: Backends) -> None:
+    port = await backends.tcp("h")
+    services = tmp_path / "services.yaml"
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    write_services(services, [{"name": "web", "namespace": "shop", "ports": [{"port": 8080}],
+                               "endpoints": [f"127.0.0.1:{port}"]}])
+    async with running_uproxy(services, *LAPTOP, "--hosts-file", str(hosts)) as up:
+        ip, _ = up.address("shop/web")
+        text = hosts.read_text()
+        assert "127.0.0.1 localhost" in text  # other lines are kept
+        line = next(line for line in text.splitlines() if line.startswith(ip))
+        assert set(line.split()[1:]) >= {"web.shop", "web.shop.svc", "web.shop.svc.cluster.local"}
+
+        write_services(services, [])
+        await up.reload()
+        assert ip not in hosts.read_text()
