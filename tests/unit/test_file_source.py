@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 import uproxy
+import uproxy.sources.file as file_module
 from uproxy.model import EndpointPort, ObjectName, SliceEndpoint
 from uproxy.planner import desired_state
 from uproxy.sources.file import SourceFileError, load_services_file
@@ -336,3 +338,38 @@ def test_non_utf8_file_is_an_error(tmp_path: Path) -> None:
     path.write_bytes(b"services: []\n\xff\xfe")
 
     assert load_error(path) == f"{path}: not UTF-8 text (byte 13)"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        KUBECTL_YAML.read_text(),
+        (DATA / "manifests.yaml").read_text(),
+        "a: &x {b: 1, c: [yes, no, ~, 0x1f, 1_000, 3.5, 2024-01-01, '07', 010, 0, -3, 1:20]}\n"
+        "d: *x\ne:\n  <<: *x\n  f: 2\n",
+    ],
+)
+def test_fast_construction_builds_what_safe_load_builds(text: str) -> None:
+    loader = file_module._Loader(text)
+    documents = []
+    while loader.check_node():
+        node = loader.get_node()
+        assert node is not None
+        documents.append(file_module._construct(loader, node))
+
+    assert documents == list(yaml.safe_load_all(text))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("? [1, 2]\n: g\n", "{p}:1: invalid YAML: found unhashable key"),
+        ("&a [*a]\n", "{p}: invalid YAML: nested too deeply or recursive"),
+        ("a: !foo 1\n", "{p}:1: invalid YAML: could not determine a constructor for the tag "
+         "'!foo'"),
+    ],
+)
+def test_yaml_that_cannot_be_built_is_an_error(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, "odd.yaml", text)
+
+    assert load_error(path) == expected.format(p=path)
