@@ -24,16 +24,19 @@ from dataclasses import dataclass, field
 from uproxy.balancer import Balancer
 from uproxy.hostsfile import render_hosts, write_hosts
 from uproxy.listeners import ListenerPool
+from uproxy.logs import AccessLog
+from uproxy.metrics import Metrics
 from uproxy.model import ServicePortName
 from uproxy.proxier import Proxier
 from uproxy.relay.base import Picker
-from uproxy.rules.base import Rules
+from uproxy.rules.base import Rules, RulesError
 from uproxy.rules.nodeports import NodePortReservations
 from uproxy.runner import SyncRunner
 from uproxy.settings import Settings
 from uproxy.sources.base import Source
 from uproxy.stats import PortStats
 from uproxy.tracking import ChangeTracker
+from uproxy.web import WebBindError, WebServer, WebState, start_web
 
 log = logging.getLogger("uproxy")
 
@@ -77,6 +80,9 @@ class Parts:
     rules: Rules
     proxier: Proxier
     runner: SyncRunner
+    metrics: Metrics
+    access_log: AccessLog | None = None
+    web_servers: list[WebServer] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     started: float = field(default_factory=time.monotonic)
 
@@ -90,6 +96,8 @@ def build(
     access_log: Callable[[dict[str, object]], None] | None = None,
 ) -> Parts:
     balancer = Balancer()
+    if access_log is None and settings.logs.verbose >= 1:
+        access_log = AccessLog()
 
     def make_picker(name: ServicePortName, stats: PortStats) -> Picker:
         return balancer.picker(name, stats)
@@ -108,9 +116,17 @@ def build(
     )
 
     hosts_file = settings.source.hosts_file
+    metrics = Metrics(proxier)
 
     async def sync() -> None:
-        await proxier.sync()
+        started = time.monotonic()
+        try:
+            await proxier.sync()
+        except RulesError:
+            metrics.sync.rules_apply_failed()
+            raise
+        if proxier.ready:
+            metrics.sync.observe_sync(time.monotonic() - started)
         if hosts_file is not None and settings.listeners.laptop_mode:
             addresses = {name.service: ip for name, (ip, _) in proxier.bound.items()}
             await asyncio.to_thread(write_hosts, hosts_file, render_hosts(addresses))
@@ -121,7 +137,8 @@ def build(
         settings=settings,
         source=source,
         tracker=tracker, balancer=balancer, pool=pool, rules=rules,
-        proxier=proxier, runner=runner,
+        proxier=proxier, runner=runner, metrics=metrics,
+        access_log=access_log if isinstance(access_log, AccessLog) else None,
     )
 
 
@@ -139,11 +156,61 @@ async def load_initial(parts: Parts) -> None:
         raise StartupError(str(error)) from None
 
 
+def copy_source_counters(parts: Parts) -> None:
+    """Source counters into the metrics (sources keep plain ints of their own)."""
+    counters = parts.metrics.sources
+    for source, error in parts.tracker.errors.items():
+        counters.errors[source] = error.count
+    for name in ("watch_restarts", "relists"):
+        per_resource = getattr(parts.source, name, None)
+        if isinstance(per_resource, dict):
+            for resource, count in per_resource.items():
+                getattr(counters, name)[(parts.source.name, resource)] = count
+
+
+async def housekeeping(parts: Parts, interval: float = 1.0) -> None:
+    while True:
+        copy_source_counters(parts)
+        parts.balancer.expire_pins()
+        await asyncio.sleep(interval)
+
+
+async def start_web_servers(parts: Parts) -> list[WebServer]:
+    settings = parts.settings
+    state = WebState(
+        proxier=parts.proxier, runner=parts.runner, tracker=parts.tracker,
+        required_sources=frozenset(parts.proxier.required_sources),
+        sync_period=settings.sync.sync_period, metrics=parts.metrics,
+    )
+    servers: list[WebServer] = []
+    try:
+        for bind, kind in ((settings.web.healthz_bind, "healthz"),
+                           (settings.web.metrics_bind, "metrics")):
+            server = await start_web(bind, kind, state)  # type: ignore[arg-type]
+            if server is not None:
+                servers.append(server)
+    except WebBindError as error:
+        for server in servers:
+            await server.close()
+        raise StartupError(str(error)) from None
+    return servers
+
+
 async def run(parts: Parts) -> None:
     """Serve until `parts.stop` is set, then shut down in order."""
     await load_initial(parts)
-    settings = parts.settings
     loop = asyncio.get_running_loop()
+    parts.web_servers = await start_web_servers(parts)
+    try:
+        await _serve(parts, loop)
+    finally:
+        for server in parts.web_servers:
+            await server.close()
+    log.info("stopped")
+
+
+async def _serve(parts: Parts, loop: asyncio.AbstractEventLoop) -> None:
+    settings = parts.settings
     with contextlib.ExitStack() as signals:
         for number in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(number, parts.stop.set)
@@ -156,6 +223,9 @@ async def run(parts: Parts) -> None:
         async with asyncio.TaskGroup() as tasks:
             source_task = tasks.create_task(parts.source.run(parts.tracker), name="source")
             runner_task = tasks.create_task(parts.runner.run(), name="sync-runner")
+            helpers = [tasks.create_task(housekeeping(parts), name="housekeeping")]
+            if parts.access_log is not None:
+                helpers.append(tasks.create_task(parts.access_log.run(), name="access-log"))
             await parts.stop.wait()
             log.info("shutting down: removing rules, closing listeners, draining connections")
             source_task.cancel()
@@ -170,7 +240,10 @@ async def run(parts: Parts) -> None:
                          parts.pool.open_connections, settings.shutdown_grace)
                 await parts.pool.drain(settings.shutdown_grace)
             parts.pool.abort()
-    log.info("stopped")
+            for helper in helpers:
+                helper.cancel()
+            if parts.access_log is not None:
+                parts.access_log.flush()
 
 
 def print_table(text: str) -> None:
