@@ -1,10 +1,15 @@
-"""The `iptables` backend: our chains rewritten by one iptables-restore per family.
+"""The `iptables` backend: our chains written by one iptables-restore per family.
 
-Each apply reads the kernel (`iptables-save`), and when our chains or the
-jumps into them differ from what they should be, rewrites our chains and
-fixes the jumps in one `iptables-restore --noflush -w` transaction. Nothing
-outside our chains and jumps is touched, and a full pass after any failure
-or any hand edit puts everything right again. Works with either iptables
+A verifying apply (the periodic pass, the first apply of an instance, any
+apply after a failure) reads the kernel (`iptables-save`), and when our
+chains or the jumps into them differ from what they should be, rewrites our
+chains and fixes the jumps in one `iptables-restore --noflush -w`
+transaction. An apply that carries changes (`verify=False`) trusts what this
+instance last wrote: nothing is sent when the rules are the same, else one
+restore that deletes the rules that went and appends the new ones (or
+rewrites our chains when many changed). Nothing outside our chains and
+jumps is touched, and a full pass after any failure or any hand edit puts
+everything right again. Works with either iptables
 variant: the host's `iptables-restore`, or `iptables-legacy-restore` with
 `legacy=True`.
 """
@@ -12,6 +17,7 @@ variant: the host's `iptables-restore`, or `iptables-legacy-restore` with
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +25,7 @@ from uproxy.rules import command
 from uproxy.rules.base import Portal, RulesError
 from uproxy.rules.render import (
     FAMILIES,
+    Entry,
     Jump,
     chain_names,
     check_chain_prefix,
@@ -40,6 +47,9 @@ class SavedTables:
     def rules_of(self, table: str, chain: str) -> list[str]:
         head = f"-A {chain} "
         return [line[len(head):] for line in self.rules.get(table, []) if line.startswith(head)]
+
+
+INCREMENTAL_MAX = 2000  # changed rules above which our chains are rewritten whole
 
 
 def parse_save(text: str) -> SavedTables:
@@ -97,6 +107,10 @@ class IptablesRules:
         }
         self.families = tuple(families)
         self.restores = 0  # transactions sent, for tests and metrics
+        # Per family, our chains' rules as this instance last left them (None:
+        # it made no chains there); emptied by a failure, so that the next
+        # apply reads the kernel.
+        self._applied: dict[int, dict[str, list[str]] | None] = {}
 
     def render(self, portals: Sequence[Portal]) -> str:
         return render_iptables(portals, self.prefix)
@@ -121,29 +135,72 @@ class IptablesRules:
                    for table, chains in chain_names(self.prefix).items() for chain in chains)
 
     def _in_place(self, saved: SavedTables, wanted: dict[str, list[str]]) -> bool:
+        # Order does not matter: no two of our rules in a chain match the same
+        # packet, and an incremental change appends where a full write sorts.
         for table, chains in chain_names(self.prefix).items():
             for chain in chains:
                 if chain not in saved.chains.get(table, set()):
                     return False
-                if saved.rules_of(table, chain) != wanted[chain]:
+                if sorted(saved.rules_of(table, chain)) != sorted(wanted[chain]):
                     return False
         return True
 
-    async def apply(self, portals: Sequence[Portal]) -> None:
+    async def apply(self, portals: Sequence[Portal], *, verify: bool = True) -> None:
         entries = portal_entries(portals)
-        for family in self.families:
-            mine = [e for e in entries if e.family == family]
-            saved = await self._save(family)
-            if saved is None:
-                if mine:
-                    raise RulesError(f"{self.tools[family][0]} failed: no IPv{family} iptables")
-                continue
-            if not mine and not self._ours_exist(saved):
-                continue  # nothing wanted, nothing there: leave this family alone
-            fixes = jump_fixes(saved, self.prefix)
-            if not fixes and self._in_place(saved, iptables_chain_rules(mine, self.prefix)):
-                continue
+        try:
+            for family in self.families:
+                mine = [e for e in entries if e.family == family]
+                trusted = family in self._applied
+                last = self._applied.pop(family, None)
+                if trusted and not verify and (last is not None or not mine):
+                    self._applied[family] = await self._send_difference(family, mine, last)
+                else:
+                    self._applied[family] = await self._verify(family, mine)
+        except RulesError:
+            self._applied.clear()  # next time: read the kernel, trust nothing
+            raise
+
+    async def _verify(self, family: int, mine: list[Entry]) -> dict[str, list[str]] | None:
+        """Read the kernel, repair our chains and jumps; what our chains hold after."""
+        saved = await self._save(family)
+        if saved is None:
+            if mine:
+                raise RulesError(f"{self.tools[family][0]} failed: no IPv{family} iptables")
+            return None
+        if not mine and not self._ours_exist(saved):
+            return None  # nothing wanted, nothing there: leave this family alone
+        wanted = iptables_chain_rules(mine, self.prefix)
+        fixes = jump_fixes(saved, self.prefix)
+        if fixes or not self._in_place(saved, wanted):
             await self._restore(family, render_restore(mine, self.prefix, fixes))
+        return wanted
+
+    async def _send_difference(self, family: int, mine: list[Entry],
+                               last: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        """Without reading the kernel: change our chains from `last` to `mine`."""
+        if last is None:
+            return None  # nothing wanted, nothing made (the caller checked)
+        wanted = iptables_chain_rules(mine, self.prefix)
+        if wanted == last:
+            return wanted
+        lines: dict[str, list[str]] = {}
+        changed = 0
+        for table, chains in chain_names(self.prefix).items():
+            body = lines.setdefault(table, [])
+            for chain in chains:
+                before, after = Counter(last.get(chain, [])), Counter(wanted[chain])
+                gone, new = before - after, after - before
+                body += [f"-D {chain} {args}" for args in sorted(gone.elements())]
+                body += [f"-A {chain} {args}" for args in sorted(new.elements())]
+            changed += len(body)
+        if changed > INCREMENTAL_MAX:
+            # Many changes: rewriting our chains is faster than finding each rule.
+            await self._restore(family, render_restore(mine, self.prefix, {}))
+        else:
+            await self._restore(family, "".join(
+                f"*{table}\n" + "".join(f"{line}\n" for line in body) + "COMMIT\n"
+                for table, body in lines.items() if body))
+        return wanted
 
     async def remove_all(self) -> list[str]:
         """Remove our jumps and chains; says what was removed."""
@@ -167,6 +224,7 @@ class IptablesRules:
                 f"*{table}\n" + "".join(f"{line}\n" for line in body) + "COMMIT\n"
                 for table, body in lines.items() if body
             )
+            self._applied.pop(family, None)
             if text:
                 # declarations first in each table: a chain is flushed before -X
                 await self._restore(family, _declarations_first(text))

@@ -124,6 +124,7 @@ class IptcRules:
         if reason is not None:
             raise IptcUnavailable(reason)
         self.commits = 0
+        self._last: list[Entry] | None = None  # IPv4 entries of the last successful apply
         legacy = shutil.which("ip6tables-legacy-restore") is not None
         self.ipv6 = IptablesRules(chain_prefix, legacy=legacy, families=(6,))
 
@@ -226,11 +227,18 @@ class IptcRules:
             removed += self._remove_family(iptc, 4)
         return removed
 
-    async def apply(self, portals: Sequence[Portal]) -> None:
-        await asyncio.to_thread(self._apply_sync, portal_entries(portals))
-        await self.ipv6.apply(portals)
+    async def apply(self, portals: Sequence[Portal], *, verify: bool = True) -> None:
+        """libiptc rewrites a whole table per commit, so there is no smaller
+        change to send: verify=False only skips an apply that changes nothing."""
+        entries = [e for e in portal_entries(portals) if e.family == 4]
+        if verify or entries != self._last:
+            self._last = None
+            await asyncio.to_thread(self._apply_sync, entries)
+            self._last = entries
+        await self.ipv6.apply(portals, verify=verify)
 
     async def remove_all(self) -> list[str]:
+        self._last = None
         removed = await asyncio.to_thread(self._remove_sync)
         return removed + await self.ipv6.remove_all()
 

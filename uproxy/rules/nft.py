@@ -2,16 +2,24 @@
 
 `table ip uproxy` (and `ip6`) holds fixed chains that look the destination
 up in maps keyed by `daddr . l4proto . dport`; a service is a few map
-elements. Each apply reads the table back (`nft -j list table`): when its
-chains and maps are what we built, only the element difference is sent, in
-one small `nft -f` transaction; when anything else differs (someone flushed
-a chain, the table is gone, a fresh process after a crash) the whole table
-is replaced in one transaction.
+elements.
+
+- A sync that carries changes (`verify=False`) after a successful apply
+  sends only the element difference from what this instance last applied,
+  in one small `nft -f` transaction, without reading the kernel.
+- The first apply of an instance (and any apply after a failure) replaces
+  the whole table in one transaction: whatever a crashed run left is
+  replaced, never read or duplicated.
+- The periodic pass (`verify=True`) reads the table back (`nft -n -j list
+  table`, numeric: about half the time of the named listing), and when its
+  chains and maps are what we built sends the element difference, else
+  replaces the whole table.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +28,7 @@ from uproxy.rules.base import Portal, RulesError
 from uproxy.rules.render import (
     FAMILIES,
     NFT_SET,
+    Entry,
     check_chain_prefix,
     nft_elements,
     nft_family,
@@ -27,10 +36,12 @@ from uproxy.rules.render import (
     portal_entries,
     render_nft,
     render_nft_diff,
+    render_nft_skeleton,
     render_nft_table,
 )
 
 Elements = dict[str, dict[str, str]]
+_PROTOCOLS = {6: "tcp", 17: "udp"}  # what `nft -n` prints as numbers
 
 
 def _part(value: Any) -> str:
@@ -38,13 +49,23 @@ def _part(value: Any) -> str:
 
 
 def _key_text(key: Any) -> str:
+    """Element key text as we render it; the l4proto (second to last) by name."""
     if isinstance(key, dict) and "concat" in key:
-        return " . ".join(_part(p) for p in key["concat"])
+        parts = list(key["concat"])
+        if len(parts) >= 2 and isinstance(parts[-2], int):
+            parts[-2] = _PROTOCOLS.get(parts[-2], parts[-2])
+        return " . ".join(_part(p) for p in parts)
     return _part(key)
 
 
+def _value_text(value: Any) -> str:
+    if isinstance(value, dict) and "concat" in value:
+        return " . ".join(_part(p) for p in value["concat"])
+    return _part(value)
+
+
 def parse_table(listing: dict[str, Any]) -> tuple[str, Elements]:
-    """(skeleton, elements) of one table from `nft -j list table`.
+    """(skeleton, elements) of one table from `nft [-n] -j list table`.
 
     The skeleton is everything but handles and elements: two listings with
     equal skeletons have the same chains, rules and map types.
@@ -68,7 +89,7 @@ def parse_table(listing: dict[str, Any]) -> tuple[str, Elements]:
                         key = key["elem"]["val"]
                     key_text = _key_text(key)
                     note = f' comment "{comment}"' if comment is not None else ""
-                    texts[key_text] = f"{key_text}{note} : {_key_text(value)}"
+                    texts[key_text] = f"{key_text}{note} : {_value_text(value)}"
             elif kind == "set":
                 texts = elements.setdefault(body["name"], {})
                 for key in found:
@@ -76,6 +97,53 @@ def parse_table(listing: dict[str, Any]) -> tuple[str, Elements]:
                         key = key["elem"]["val"]
                     texts[_key_text(key)] = _key_text(key)
     return json.dumps(skeleton, sort_keys=True), elements
+
+
+Shape = tuple[tuple[str, ...], ...]
+
+_CHAIN = re.compile(r"^\s*chain (\S+) \{")
+_HOOK = re.compile(r"^\s*type (\S+) hook (\S+) priority (-?\d+); policy (\S+);")
+_COLLECTION = re.compile(r"^\s*(map|set) (\S+) \{")
+
+
+def expected_shape(prefix: str, family: int) -> Shape:
+    """Chains (with hook, priority and rule count) and maps the rendered table has."""
+    shape: list[tuple[str, ...]] = []
+    chain: list[str] | None = None
+    rules = 0
+    for line in render_nft_skeleton(prefix, family):
+        if found := _COLLECTION.match(line):
+            shape.append((found.group(1), found.group(2)))
+        elif found := _CHAIN.match(line):
+            chain, rules = [found.group(1)], 0
+        elif chain is not None and (found := _HOOK.match(line)):
+            chain += list(found.groups())
+        elif chain is not None and line.strip() == "}":
+            shape.append(("chain", *chain, str(rules)))
+            chain = None
+        elif chain is not None and line.strip():
+            rules += 1
+    return tuple(sorted(shape))
+
+
+def listed_shape(listing: dict[str, Any]) -> Shape:
+    """The same facts from `nft -j list table`."""
+    shape: list[tuple[str, ...]] = []
+    rules: dict[str, int] = {}
+    for item in listing.get("nftables", []):
+        if "rule" in item:
+            chain = item["rule"]["chain"]
+            rules[chain] = rules.get(chain, 0) + 1
+    for item in listing.get("nftables", []):
+        if "map" in item or "set" in item:
+            kind = "map" if "map" in item else "set"
+            shape.append((kind, item[kind]["name"]))
+        elif "chain" in item:
+            c = item["chain"]
+            shape.append(("chain", c["name"], str(c.get("type")), str(c.get("hook")),
+                          str(c.get("prio")), str(c.get("policy")),
+                          str(rules.get(c["name"], 0))))
+    return tuple(sorted(shape))
 
 
 class NftRules:
@@ -86,12 +154,15 @@ class NftRules:
         self.prefix = check_chain_prefix(chain_prefix)
         self.table = nft_table_name(self.prefix)
         self.command_prefix = tuple(command_prefix)
-        self._skeleton: dict[int, str] = {}  # what our last full build looked like
-        # Families seen without our table while nothing was wanted there: only
-        # this process makes the table, so they need no listing until wanted.
-        self._absent: set[int] = set()
+        # Per family, the elements this instance last applied, or None when it
+        # left the family without a table (nothing wanted). Emptied by a failure.
+        self._applied: dict[int, Elements | None] = {}
+        # Per family, the skeleton of the table we built, learned on the
+        # first verify pass whose listing has the rendered shape.
+        self._skeleton: dict[int, str] = {}
         self.transactions = 0  # nft -f runs, for tests and metrics
         self.full_builds = 0
+        self.reads = 0  # nft list table runs
 
     def render(self, portals: Sequence[Portal]) -> str:
         return render_nft(portals, self.prefix)
@@ -105,49 +176,103 @@ class NftRules:
         if result.returncode != 0:
             raise RulesError(f"nft -f: {command.failing_line(result.stderr, text)}")
 
-    async def _read(self, family: int) -> tuple[str, Elements] | None:
-        """The table's skeleton and elements, or None when it does not exist."""
-        result = await self._nft("-j", "list", "table", nft_family(family), self.table)
+    async def _tables(self) -> set[int]:
+        """Families that have our table now (`nft list tables` is cheap)."""
+        result = await self._nft("list", "tables")
+        if result.returncode != 0:
+            raise RulesError(f"nft list tables: {result.stderr.strip()}")
+        found = set()
+        for line in result.stdout.splitlines():
+            words = line.split()
+            if len(words) == 3 and words[0] == "table" and words[2] == self.table:
+                found |= {f for f in FAMILIES if nft_family(f) == words[1]}
+        return found
+
+    async def _read(self, family: int) -> dict[str, Any] | None:
+        """The table's listing, or None when it does not exist."""
+        result = await self._nft("-n", "-j", "list", "table", nft_family(family), self.table)
+        self.reads += 1
         if result.returncode != 0:
             if "No such file or directory" in result.stderr:
                 return None
             raise RulesError(f"nft list table: {result.stderr.strip()}")
-        return parse_table(json.loads(result.stdout))
+        try:
+            listing: dict[str, Any] = json.loads(result.stdout)
+        except ValueError as error:
+            raise RulesError(f"nft list table: unreadable JSON: {error}") from error
+        return listing
 
-    async def apply(self, portals: Sequence[Portal]) -> None:
+    async def apply(self, portals: Sequence[Portal], *, verify: bool = True) -> None:
         entries = portal_entries(portals)
-        for family in FAMILIES:
-            mine = [e for e in entries if e.family == family]
-            if not mine and family in self._absent:
-                continue
-            current = await self._read(family)
-            if current is None and not mine:
-                self._absent.add(family)
-                continue
-            self._absent.discard(family)
-            desired = nft_elements(mine)
-            if current is not None and self._skeleton.get(family) == current[0]:
-                diff = render_nft_diff(current[1], desired, self.prefix, family)
-                if diff:
-                    await self._send(diff)
-                continue
-            await self._send(render_nft_table(mine, self.prefix, family))
-            self.full_builds += 1
-            built = await self._read(family)
-            if built is not None:
-                self._skeleton[family] = built[0]
+        existing: set[int] | None = None
+        try:
+            for family in FAMILIES:
+                mine = [e for e in entries if e.family == family]
+                desired = nft_elements(mine)
+                wanted = bool(mine)
+                trusted = family in self._applied
+                last = self._applied.pop(family, None)
+                if not trusted:
+                    if existing is None:
+                        existing = await self._tables()
+                    if wanted or family in existing:
+                        await self._build(mine, family)
+                        last = desired
+                elif last is None:  # we left no table here
+                    if wanted:
+                        await self._build(mine, family)
+                        last = desired
+                elif verify:
+                    last = await self._verify(mine, family, desired)
+                else:
+                    diff = render_nft_diff(last, desired, self.prefix, family)
+                    if diff:
+                        await self._send(diff)
+                    last = desired
+                self._applied[family] = last
+        except RulesError:
+            self._applied.clear()  # next time: replace the tables, trust nothing
+            self._skeleton.clear()
+            raise
+
+    async def _build(self, mine: list[Entry], family: int) -> None:
+        """Replace the whole table (or make it) in one transaction."""
+        await self._send(render_nft_table(mine, self.prefix, family))
+        self.full_builds += 1
+        self._skeleton.pop(family, None)
+
+    async def _verify(self, mine: list[Entry], family: int, desired: Elements) -> Elements | None:
+        """Compare the kernel's table with `desired` and repair; what it holds after."""
+        listing = await self._read(family)
+        if listing is None:
+            if not mine:
+                return None
+            await self._build(mine, family)
+            return desired
+        try:
+            skeleton, current = parse_table(listing)
+            shape = listed_shape(listing)
+        except (KeyError, TypeError, ValueError) as error:
+            raise RulesError(f"nft list table: unexpected listing: {error!r}") from error
+        learned = self._skeleton.get(family)
+        if learned is None and shape == expected_shape(self.prefix, family):
+            self._skeleton[family] = learned = skeleton
+        if learned != skeleton:
+            await self._build(mine, family)
+            return desired
+        diff = render_nft_diff(current, desired, self.prefix, family)
+        if diff:
+            await self._send(diff)
+        return desired
 
     async def remove_all(self) -> list[str]:
         removed = []
-        for family in FAMILIES:
+        for family in sorted(await self._tables()):
             fam = nft_family(family)
-            result = await self._nft("list", "table", fam, self.table)
-            if result.returncode != 0:
-                continue
             await self._send(f"delete table {fam} {self.table}\n")
             removed.append(f"nft: table {fam} {self.table}")
+        self._applied.clear()
         self._skeleton.clear()
-        self._absent.clear()
         return removed
 
     async def cleanup(self) -> None:
