@@ -19,6 +19,7 @@ import yaml
 from uproxy import app
 from uproxy.cli import parse_settings
 from uproxy.rules.base import Rules
+from uproxy.sources.base import Source
 from uproxy.sources.file import FileSource
 
 
@@ -113,14 +114,19 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running_uproxy(
-    services_file: Path, *flags: str, rules: Rules | None = None
+    services_file: Path | None, *flags: str, rules: Rules | None = None,
+    source: Source | None = None,
 ) -> AsyncIterator[Running]:
+    """A whole uproxy on the loop; from the services file, or from `source`."""
+    where = ["--services", str(services_file)] if services_file is not None else []
     settings, _ = parse_settings([
-        "--services", str(services_file), "--min-sync-period", "0s", "--sync-period", "5s",
+        *where, "--min-sync-period", "0s", "--sync-period", "5s",
         "--healthz-bind-address", "", "--metrics-bind-address", "", *flags,
     ])
     tables: list[str] = []
-    source = FileSource(services_file, debounce=0.05, poll_interval=0.1)
+    if source is None:
+        assert services_file is not None
+        source = FileSource(services_file, debounce=0.05, poll_interval=0.1)
     parts = app.build(settings, source=source, rules=rules, table_writer=tables.append)
     task = asyncio.create_task(app.run(parts))
     running = Running(parts, task, tables)

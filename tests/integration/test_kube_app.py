@@ -1,0 +1,110 @@
+"""A whole uproxy fed by the Kubernetes source (the test API server):
+bursts coalesce into few syncs, nothing is served before the first full
+list, and serving follows the cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.integration.apphelpers import Backends, running_uproxy, tcp_exchange
+from tests.kubeapi import FakeKubeAPI, endpoint_slice, service
+from uproxy.sources.kube import KubeSource
+
+LAPTOP = ("--bind-range", "127.77.0.0/16")
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeKubeAPI]:
+    server = FakeKubeAPI(bookmark_interval=1.0)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[Backends]:
+    made = Backends()
+    yield made
+    made.close()
+
+
+def _source(api: FakeKubeAPI) -> KubeSource:
+    return KubeSource(master=api.url, watch_timeout=5, backoff_initial=0.1, backoff_cap=0.5)
+
+
+async def test_a_burst_of_1000_services_is_served_in_few_syncs(
+    api: FakeKubeAPI, backends: Backends
+) -> None:
+    port = await backends.tcp("pod")
+    api.create(service("default", "first", ports=[{"name": "p", "port": 7000}]))
+    api.create(endpoint_slice("default", "first-x", "first", addresses=["127.0.0.1"],
+                              ports=[{"name": "p", "port": port}]))
+    async with running_uproxy(None, *LAPTOP, "--min-sync-period", "500ms",
+                              source=_source(api)) as up:
+        await up.wait_for(lambda: len(up.parts.pool.listeners) == 1)
+        syncs = up.parts.runner.syncs
+        started = time.monotonic()
+        for i in range(1000):
+            name = f"burst-{i}"
+            api.create(service("burst", name, ports=[{"name": "p", "port": 7000}],
+                               cluster_ip=f"198.18.{i // 250}.{i % 250 + 1}"))
+            api.create(endpoint_slice("burst", f"{name}-x", name, addresses=["127.0.0.1"],
+                                      ports=[{"name": "p", "port": port}]))
+        await up.wait_for(lambda: len(up.parts.pool.listeners) == 1001, timeout=30)
+        elapsed = time.monotonic() - started
+        burst_syncs = up.parts.runner.syncs - syncs
+        assert burst_syncs <= 12, f"{burst_syncs} syncs for one burst"
+        assert not up.parts.pool.errors
+        # Every one of them is served; sample a few across the burst.
+        for i in (0, 499, 999):
+            address = up.address(f"burst/burst-{i}", "p")
+            assert await tcp_exchange(address) == b"pod:ping"
+        print(f"1000 services served {elapsed:.2f}s after the burst began, in {burst_syncs} syncs")
+
+
+async def test_nothing_is_served_before_the_first_full_list(
+    api: FakeKubeAPI, backends: Backends
+) -> None:
+    port = await backends.tcp("pod")
+    api.create(service("default", "web", ports=[{"name": "http", "port": 7100}]))
+    api.create(endpoint_slice("default", "web-x", "web", addresses=["127.0.0.1"],
+                              ports=[{"name": "http", "port": port}]))
+    await api.outage_begin()  # the API is down when uproxy starts
+    settings_flags = (*LAPTOP, "--sync-period", "1s")
+    async with running_uproxy(None, *settings_flags, source=_source(api)) as up:
+        await asyncio.sleep(1.5)  # periodic syncs come and go meanwhile
+        assert not up.parts.proxier.ready
+        assert not up.parts.pool.listeners
+        await api.outage_end()
+        await up.wait_for(lambda: len(up.parts.pool.listeners) == 1, timeout=10)
+        assert up.parts.proxier.ready
+        assert await tcp_exchange(up.address("default/web", "http")) == b"pod:ping"
+
+
+async def test_pod_moves_and_service_deletion_follow_the_cluster(
+    api: FakeKubeAPI, backends: Backends
+) -> None:
+    old, new = await backends.tcp("old"), await backends.tcp("new")
+    api.create(service("default", "web", ports=[{"name": "http", "port": 7200}]))
+    api.create(endpoint_slice("default", "web-x", "web", addresses=["127.0.0.1"],
+                              ports=[{"name": "http", "port": old}]))
+    async with running_uproxy(None, *LAPTOP, source=_source(api)) as up:
+        await up.wait_for(lambda: len(up.parts.pool.listeners) == 1)
+        address = up.address("default/web", "http")
+        assert await tcp_exchange(address) == b"old:ping"
+        api.update(endpoint_slice("default", "web-x", "web", addresses=["127.0.0.1"],
+                                  ports=[{"name": "http", "port": new}]))
+        api.drop_streams()  # the change arrives across a dropped watch
+        for _ in range(100):
+            if await tcp_exchange(address) == b"new:ping":
+                break
+            await asyncio.sleep(0.05)
+        assert await tcp_exchange(address) == b"new:ping"
+        api.delete("Service", "default", "web")
+        await up.wait_for(lambda: not up.parts.pool.listeners)
+        with pytest.raises(ConnectionRefusedError):
+            await tcp_exchange(address)
