@@ -21,6 +21,7 @@ from typing import NoReturn, TypeVar
 
 from uproxy import __version__
 from uproxy.durations import PortRange, parse_duration, parse_host_port, parse_port_range
+from uproxy.rules.render import check_chain_prefix
 from uproxy.settings import (
     ListenerSettings,
     LogSettings,
@@ -78,18 +79,19 @@ def _bind_or_empty(text: str) -> str:
 
 
 def _chain_prefix(text: str) -> str:
-    if not text or len(text) > 16 or not all(c.isalnum() or c in "-_" for c in text):
-        raise ValueError(f"{text!r} must be 1-16 letters, digits, '-' or '_'")
-    return text
+    try:
+        return check_chain_prefix(text)
+    except ValueError as error:  # its message names the flag already
+        raise UsageError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="uproxy",
         description=(
-            "A userspace TCP/UDP service proxy for Kubernetes-style services. "
-            "Every service port gets a listener; kernel rules (or, in laptop mode, "
-            "an IP per service) bring clients to it; connections are balanced "
+            "A userspace TCP/UDP service proxy for Kubernetes-style services.\n"
+            "Every service port gets a listener; kernel rules (or, in laptop mode,\n"
+            "an IP per service) bring clients to it; connections are balanced\n"
             "round-robin over the endpoints."
         ),
         epilog=(
@@ -139,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--rules", choices=RULE_BACKENDS, default="auto",
                        help="rule backend; auto: none with --bind-range, else iptables")
     rules.add_argument("--chain-prefix", metavar="NAME", default="UPROXY",
-                       type=_typed("--chain-prefix", _chain_prefix),
+                       type=_chain_prefix,
                        help="prefix of uproxy's chains (nft: the table name, lower-cased)")
     rules.add_argument("--cleanup", action="store_true",
                        help="remove every chain and jump uproxy made, then exit")
