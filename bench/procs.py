@@ -6,6 +6,7 @@ Every process the harness starts gets its own session, so stopping it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -37,16 +38,12 @@ class Proc:
     def stop(self, grace: float = 3.0) -> None:
         if self.popen.poll() is None:
             _signal_group(self.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
         # Children (nginx workers, socat forks) may outlive the leader.
         _signal_group(self.pid, signal.SIGKILL)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            pass
         self._log_file.close()
 
     def tail(self, n: int = 6) -> str:
@@ -58,13 +55,12 @@ class Proc:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
-def run(argv: Sequence[str], timeout: float, check: bool = False) -> subprocess.CompletedProcess[str]:
+def run(argv: Sequence[str], timeout: float,
+        check: bool = False) -> subprocess.CompletedProcess[str]:
     """Run to completion, bounded in time; a timeout raises TimeoutError."""
     try:
         return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,

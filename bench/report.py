@@ -181,6 +181,8 @@ class Table:
             return "matplotlib not installed (pip install 'uproxy[bench]'): no chart"
         scenarios = [s for s in self.scenarios
                      if any(self.values[(s, n)].get(SPECS[s].primary) for n in self.order)]
+        c1 = [s for s in scenarios if s.startswith("C1")]
+        scenarios = [s for s in scenarios if not s.startswith("C1")] + (["C1"] if c1 else [])
         if not scenarios:
             return "nothing to chart"
         cols = 3
@@ -189,6 +191,9 @@ class Table:
         for ax in axes.flat[len(scenarios):]:
             ax.axis("off")
         for ax, scenario in zip(axes.flat, scenarios, strict=False):
+            if scenario == "C1":
+                self._c1_panel(ax, c1)
+                continue
             spec = SPECS[scenario]
             use_ratio = any(self.values[(scenario, s)].get("ratio") for s in self.order)
             metric = "ratio" if use_ratio else spec.primary
@@ -217,3 +222,21 @@ class Table:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return None
+
+    def _c1_panel(self, ax: Any, scenarios: list[str]) -> None:
+        """All C1 sizes in one panel: serving time per size, per uproxy system."""
+        labels, meds, lo, hi = [], [], [], []
+        for scenario in scenarios:
+            for system in self.order:
+                vals = self.values.get((scenario, system), {}).get("serve_ms")
+                if not vals:
+                    continue
+                med = statistics.median(vals)
+                labels.append(scenario if system == "uproxy" else f"{scenario} {system}")
+                meds.append(med)
+                lo.append(med - min(vals))
+                hi.append(max(vals) - med)
+        ax.barh(labels, meds, xerr=[lo, hi], color="#d62728", capsize=3)
+        ax.invert_yaxis()
+        ax.set_title("C1: services-file change to serving, ms", fontsize=9)
+        ax.tick_params(labelsize=8)

@@ -12,6 +12,8 @@ results.md, results.png). See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
 import datetime
 import json
 import os
@@ -29,10 +31,10 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import scenarios as sc  # noqa: E402
-from bench.procs import run  # noqa: E402
-from bench.report import SPECS, Table  # noqa: E402
-from bench.systems import NS_ADDR, VIP, Context, System, all_systems  # noqa: E402
+from bench import scenarios as sc
+from bench.procs import run
+from bench.report import SPECS, Table
+from bench.systems import NS_ADDR, VIP, Context, SkipSystem, System, all_systems
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUPS = ("S1", "S2", "S3", "S4", "S5", "C1")
@@ -41,6 +43,7 @@ C1_SIZES = (1, 100, 1_000, 10_000)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     names = [s.name for s in all_systems()]
+    default = [s.name for s in all_systems() if not s.opt_in]
     parser = argparse.ArgumentParser(
         prog="bench/run.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -50,12 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rounds per system (default 3; 1 with --quick)")
     parser.add_argument("--scenarios", default=",".join(GROUPS),
                         help="comma-separated scenario groups or names (default: all)")
-    parser.add_argument("--systems", default=",".join(names),
-                        help="comma-separated systems (default: all)")
+    parser.add_argument("--systems", default=",".join(default),
+                        help="comma-separated systems (default: all but the opt-in "
+                             "uproxy-splice, uproxy-protocol)")
     parser.add_argument("--quick", action="store_true",
                         help="1 round, 2 s runs, S5 at 2,000 connections only")
     parser.add_argument("--uproxy", default=None,
                         help="the uproxy command (default: `uproxy` next to this Python)")
+    parser.add_argument("--uproxy-args", default="",
+                        help="extra flags for every uproxy run, e.g. '--min-sync-period 0s'")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--max-minutes", type=float, default=40.0,
                         help="stop starting new measurements after this long (default 40)")
@@ -89,8 +95,9 @@ def uproxy_command(args: argparse.Namespace) -> tuple[list[str], str, str]:
         beside = Path(sys.executable).parent / "uproxy"
         found = str(beside) if beside.exists() else shutil.which("uproxy")
         argv = [found] if found else [sys.executable, "-m", "uproxy"]
+    argv += args.uproxy_args.split()
     try:
-        result = run([*argv, "--help"], timeout=20)
+        result = run([argv[0], "--help"] if not args.uproxy else [*argv, "--help"], timeout=20)
     except (OSError, TimeoutError) as exc:
         return argv, "", str(exc)
     if result.returncode != 0:
@@ -145,12 +152,8 @@ def software() -> str:
         text = (out.stdout + out.stderr).strip()
         line = next((ln for ln in text.splitlines() if "version" in ln.lower() or ln), "")
         versions.append(line.strip()[:60])
-    try:
-        import uvloop
-
-        versions.append(f"uvloop {uvloop.__version__}")
-    except ImportError:
-        pass
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        versions.append(f"uvloop {importlib.metadata.version('uvloop')}")
     return "; ".join(versions)
 
 
@@ -212,7 +215,7 @@ def run_case(ctx: Context, system: System, group: str, names: list[str], rnd: in
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every process
     durations = sc.Durations.quick() if args.quick else sc.Durations.full()
     systems = [s for s in all_systems() if s.name in args.system_list]
@@ -225,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     rec.add({"kind": "run", "date": datetime.datetime.now().astimezone().isoformat("T", "seconds"),
              "machine": machine(), "software": software(), "rounds": args.rounds,
              "quick": args.quick, "nofile": hard,
+             "uproxy": " ".join(uproxy_argv),
              "pinning": {s.name: s.pinning for s in systems},
              "load": f"S1 iperf3 {durations.bulk}s (+1s omitted); S2/S3 wrk -t1 "
                      f"-c{sc.WRK_CONNECTIONS} {durations.requests}s; S4 "
@@ -247,12 +251,13 @@ def main(argv: list[str] | None = None) -> int:
                         for name in names:
                             rec.result(rnd, name, system.name, None, "skip: --max-minutes reached")
                         continue
-                    reason = unavailable[system.name] or system.not_applicable(group)
+                    na = system.not_applicable(group)
+                    reason = f"n/a: {na}" if na else (
+                        f"skip: {unavailable[system.name]}" if unavailable[system.name] else "")
                     if reason:
                         if rnd == 1:
-                            prefix = "n/a" if system.not_applicable(group) else "skip"
                             for name in names:
-                                rec.result(rnd, name, system.name, None, f"{prefix}: {reason}")
+                                rec.result(rnd, name, system.name, None, reason)
                         continue
                     if group == "C1":
                         def record(name: str, metrics: dict[str, float],
@@ -265,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     try:
                         run_case(ctx, system, group, names, rnd, durations, rec)
+                    except SkipSystem as exc:
+                        unavailable[system.name] = str(exc)
+                        for name in names:
+                            rec.result(rnd, name, system.name, None, f"skip: {exc}"[:300])
                     except (RuntimeError, TimeoutError, OSError) as exc:
                         for name in names:
                             rec.result(rnd, name, system.name, None, f"error: {exc}"[:300])

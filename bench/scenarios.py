@@ -33,6 +33,7 @@ from bench.systems import (
     wait_for_table,
 )
 
+READY = re.compile(r"READY (\d+)")
 HTTP_BODY = "x" * 99 + "\n"  # 100 bytes
 WRK_CONNECTIONS = 32
 UDP_PROCESSES = 2
@@ -214,11 +215,10 @@ def measure_idle(ctx: Context, system: System, running: Running,
                            str(BENCH_DIR / "holdconns.py"), "client", host, str(port), str(want)],
                           ctx.path(f"hold-client-{size}.log"), "hold-client")
             held.append(client)
-            pattern = re.compile(r"READY (\d+)")
-            ready = wait_until(lambda c=client: bool(pattern.search(c.log.read_text())), 90, 0.1)
+            ready = wait_until(lambda c=client: bool(READY.search(c.log.read_text())), 90, 0.1)
             if not ready:
                 raise RuntimeError(f"hold client did not report within 90s: {client.tail()}")
-            match = pattern.search(client.log.read_text())
+            match = READY.search(client.log.read_text())
             assert match
             total += int(match[1])
             time.sleep(0.5)  # let the proxy settle (lazy frees, worker bookkeeping)

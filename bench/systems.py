@@ -32,7 +32,11 @@ BIND_RANGE = "127.77.0.0/16"
 # `namespace/name  port/proto  ->  IP:port  (N endpoints)` (DESIGN.md laptop table)
 TABLE_LINE = re.compile(
     r"(?P<svc>[\w.-]+/[\w.-]+)\s+(?P<port>\d+)/(?P<proto>TCP|UDP|SCTP)\s+(?:->|→)\s+"
-    r"(?P<ip>[\d.]+):(?P<fport>\d+)\s+\((?P<n>\d+) endpoints?\)")
+    r"(?P<ip>[\d.]+):(?P<fport>\d+)\s+\((?P<n>\d+) endpoints?\)", re.IGNORECASE)
+
+
+class SkipSystem(Exception):
+    """The system cannot run here (e.g. a flag it rejects); skip it for the rest of the run."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class System:
     in_netns = False
     workers = 1
     pinning = ""
+    opt_in = False  # not in the default --systems list
 
     def prefix(self, ctx: Context, cpus: str) -> list[str]:
         argv = ["ip", "netns", "exec", ctx.netns] if self.in_netns and ctx.netns else []
@@ -235,20 +240,24 @@ error_log {root}/logs/error.log crit;
 events {{ worker_connections 20000; multi_accept on; }}
 {body}
 """)
-    return Proc([*prefix, "nginx", "-p", str(root), "-c", str(conf), "-e", f"{root}/logs/error.log"],
-                ctx.path(f"{name}.log"), name)
+    argv = ["nginx", "-p", str(root), "-c", str(conf), "-e", f"{root}/logs/error.log"]
+    return Proc([*prefix, *argv], ctx.path(f"{name}.log"), name)
 
 
 class Uproxy(System):
     """uproxy in laptop mode (own loopback IP per service) or REDIRECT mode in a netns."""
 
-    def __init__(self, mode: str, workers: int = 1) -> None:
+    def __init__(self, mode: str, workers: int = 1, relay: str = "") -> None:
         self.mode = mode  # "laptop" | "redirect"
         self.workers = workers
+        self.relay = relay  # "" (uproxy's default, the hybrid) | "splice" | "protocol"
+        self.opt_in = bool(relay)
         self.in_netns = mode == "redirect"
         self.name = "uproxy" if mode == "laptop" else "uproxy-redirect"
         if workers > 1:
             self.name += f"-{workers}w"
+        if relay:
+            self.name += f"-{relay}"
         self.pinning = ("cpu 0" if workers == 1 else "cpus 0-1 (2 workers, shared with load)")
         if self.in_netns:
             self.pinning += ", in the harness's network namespace"
@@ -258,6 +267,8 @@ class Uproxy(System):
             return f"uproxy command not runnable yet ({ctx.uproxy_error})"
         if self.workers > 1 and "--workers" not in ctx.uproxy_help:
             return "uproxy has no --workers yet"
+        if self.relay and "--relay" not in ctx.uproxy_help:
+            return "uproxy has no --relay yet"
         if self.mode == "redirect":
             if "--rules" not in ctx.uproxy_help or "iptables" not in ctx.uproxy_help:
                 return "uproxy has no --rules iptables yet"
@@ -266,8 +277,11 @@ class Uproxy(System):
         return None
 
     def not_applicable(self, scenario: str) -> str | None:
-        if scenario.startswith("C1") and (self.mode != "laptop" or self.workers > 1):
+        if scenario.startswith("C1") and (self.mode != "laptop" or self.workers > 1
+                                          or self.relay):
             return "C1 runs in laptop mode, 1 worker"
+        if self.relay and scenario.startswith("S4"):
+            return "--relay is the TCP data path"
         return None
 
     def start(self, ctx: Context, route: Route) -> Running:
@@ -290,12 +304,16 @@ class Uproxy(System):
             argv += ["--rules", "iptables"]
         if self.workers > 1:
             argv += ["--workers", str(self.workers)]
+        if self.relay:
+            argv += ["--relay", self.relay]
         proc = self._spawn(ctx, argv, "proxy")
         if self.mode == "laptop":
             table = wait_for_table(proc, {"default/bench"}, timeout=20)
             if "default/bench" not in table:
                 tail = proc.tail()
                 proc.stop()
+                if self.workers > 1 and "--workers" in tail:
+                    raise SkipSystem(f"uproxy rejects --workers {self.workers}: {tail}")
                 raise RuntimeError(f"uproxy printed no table line for default/bench; log: {tail}")
             front = table["default/bench"]
         else:
@@ -339,4 +357,5 @@ def wait_for_table(proc: Proc, names: set[str], timeout: float) -> dict[str, tup
 
 def all_systems() -> list[System]:
     return [Direct(), Uproxy("laptop"), Uproxy("laptop", 2), Uproxy("redirect"),
-            HAProxy(1), HAProxy(2), NginxStream(1), NginxStream(2), Socat()]
+            HAProxy(1), HAProxy(2), NginxStream(1), NginxStream(2), Socat(),
+            Uproxy("laptop", relay="splice"), Uproxy("laptop", relay="protocol")]

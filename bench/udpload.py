@@ -16,10 +16,11 @@ import argparse
 import asyncio
 import json
 import socket
+import struct
 import sys
 import time
 
-PAYLOAD = b"x" * 64
+PADDING = b"x" * 56  # + an 8-byte sequence number = 64 bytes
 MAX_SAMPLES = 20_000
 LOSS_TIMEOUT = 0.2
 
@@ -37,11 +38,15 @@ def echo(host: str, port: int) -> None:
 
 
 class Client(asyncio.DatagramProtocol):
-    __slots__ = ("gen", "sent_at", "transport")
+    """One request in flight; a late reply to a resent request is ignored (stale)."""
+
+    __slots__ = ("gen", "sent_at", "seq", "tag", "transport")
 
     def __init__(self, gen: Load) -> None:
         self.gen = gen
         self.sent_at = 0.0
+        self.seq = 0
+        self.tag = b""
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -49,11 +54,16 @@ class Client(asyncio.DatagramProtocol):
         self.send()
 
     def send(self) -> None:
+        self.seq += 1
+        self.tag = struct.pack("!Q", self.seq)
         self.sent_at = time.perf_counter()
         assert self.transport is not None
-        self.transport.sendto(PAYLOAD)
+        self.transport.sendto(self.tag + PADDING)
 
     def datagram_received(self, data: bytes, addr: object) -> None:
+        if data[:8] != self.tag:
+            self.gen.stale += 1
+            return
         now = time.perf_counter()
         self.gen.record(now - self.sent_at, now)
         if self.gen.running:
@@ -69,6 +79,7 @@ class Load:
         self.stop_at = stop_at
         self.running = True
         self.replies = 0
+        self.stale = 0
         self.samples: list[float] = []
         self.stride = 1
         self.seen = 0
@@ -106,7 +117,7 @@ async def client(host: str, port: int, clients: int, duration: float, warmup: fl
     for proto in protocols:
         if proto.transport is not None:
             proto.transport.close()
-    json.dump({"replies": gen.replies, "seconds": duration, "lost": lost,
+    json.dump({"replies": gen.replies, "seconds": duration, "lost": lost, "stale": gen.stale,
                "samples_ms": [round(s, 4) for s in gen.samples]}, sys.stdout)
     sys.stdout.write("\n")
 
