@@ -1,0 +1,404 @@
+"""The whole `uproxy` command with real kernel rules, in network namespaces.
+
+Timeline per backend: a "node" namespace runs `uproxy --services FILE
+--rules BACKEND` and tagged TCP/UDP servers (the endpoints); a "client"
+namespace, joined by a veth pair, routes the service range through the
+node. Clients reach the endpoints round-robin through the cluster IP (nat
+OUTPUT on the node, PREROUTING from the client), an external IP and the
+node port; UDP replies come from VIP:53. Editing the services file (and
+SIGHUP) moves or removes rules and listeners; a hand-flushed chain comes
+back within --sync-period; kill -9 and a restart leave one copy of every
+rule; SIGTERM and `uproxy --cleanup` leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Netns, require_system
+
+pytestmark = pytest.mark.system
+
+NODE_IP = "198.18.3.1"
+CLIENT_IP = "198.18.3.2"
+WEB_VIP, DNS_VIP, EXTERNAL_IP = "198.18.1.10", "198.18.1.53", "198.18.2.10"
+NODE_PORT = 30080
+SYNC_PERIOD = 2.0
+
+# Endpoints: TCP and UDP on each (ip, port, tag); every answer names its tag.
+SERVERS = """
+import socket, sys, threading
+def tcp(sock, tag):
+    while True:
+        conn, _ = sock.accept()
+        try:
+            conn.sendall(tag.encode())
+        finally:
+            conn.close()
+def udp(sock, tag):
+    while True:
+        data, peer = sock.recvfrom(2048)
+        sock.sendto(tag.encode() + b":" + data, peer)
+for spec in sys.argv[1:]:
+    ip, port, tag = spec.split(",")
+    t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t.bind((ip, int(port))); t.listen(64)
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((ip, int(port)))
+    threading.Thread(target=tcp, args=(t, tag), daemon=True).start()
+    threading.Thread(target=udp, args=(u, tag), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+# A client run inside a namespace: prints one JSON line per attempt.
+CLIENT = """
+import json, socket, sys
+proto, host, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+for _ in range(count):
+    try:
+        if proto == "tcp":
+            with socket.create_connection((host, port), timeout=2) as s:
+                print(json.dumps({"reply": s.recv(100).decode()}))
+        else:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(1)
+                s.sendto(b"hi", (host, port))
+                data, source = s.recvfrom(100)
+                print(json.dumps({"reply": data.decode(), "source": list(source)}))
+    except OSError as e:
+        print(json.dumps({"error": type(e).__name__}))
+"""
+
+# Exit 0 when (proto, port) on 0.0.0.0 can be bound, i.e. no listener holds it
+# (SO_REUSEADDR: connections the listener accepted may linger in TIME_WAIT).
+FREE = """
+import socket, sys
+kind = socket.SOCK_STREAM if sys.argv[1] == "tcp" else socket.SOCK_DGRAM
+s = socket.socket(socket.AF_INET, kind)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("0.0.0.0", int(sys.argv[2])))
+except OSError:
+    sys.exit(1)
+"""
+
+
+def services_yaml(web_port: int = 80, with_dns: bool = True) -> str:
+    services = [{
+        "name": "web", "clusterIP": WEB_VIP, "externalIPs": [EXTERNAL_IP],
+        "ports": [{"name": "http", "port": web_port, "targetPort": 8080, "protocol": "TCP",
+                   "nodePort": NODE_PORT}],
+        "endpoints": ["127.0.0.1", "127.0.0.2"],
+    }]
+    if with_dns:
+        services.append({
+            "name": "dns", "namespace": "kube-system", "clusterIP": DNS_VIP,
+            "ports": [{"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}],
+            "endpoints": ["127.0.0.1"],
+        })
+    return json.dumps({"services": services})
+
+
+def _netns(name: str) -> Netns:
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    ns = Netns(name)
+    ns.run("ip", "link", "set", "lo", "up")
+    return ns
+
+
+@pytest.fixture
+def topology() -> Iterator[tuple[Netns, Netns]]:
+    require_system("iptables", "nft")
+    tag = uuid.uuid4().hex[:6]
+    node, client = _netns(f"uproxy-en-{tag}"), _netns(f"uproxy-ec-{tag}")
+    servers: subprocess.Popen[bytes] | None = None
+    try:
+        subprocess.run(["ip", "link", "add", f"uen{tag}", "netns", node.name, "type", "veth",
+                        "peer", "name", f"uec{tag}", "netns", client.name], check=True)
+        node.run("ip", "addr", "add", f"{NODE_IP}/24", "dev", f"uen{tag}")
+        node.run("ip", "link", "set", f"uen{tag}", "up")
+        client.run("ip", "addr", "add", f"{CLIENT_IP}/24", "dev", f"uec{tag}")
+        client.run("ip", "link", "set", f"uec{tag}", "up")
+        # Locally generated traffic to a VIP needs a route before nat OUTPUT sees it.
+        node.run("ip", "addr", "add", "198.18.0.1/32", "dev", "lo")
+        for net in ("198.18.1.0/24", "198.18.2.0/24"):
+            node.run("ip", "route", "add", net, "dev", "lo", "src", "198.18.0.1")
+            client.run("ip", "route", "add", net, "via", NODE_IP)
+        servers = node.popen(sys.executable, "-c", SERVERS, "127.0.0.1,8080,a",
+                             "127.0.0.2,8080,b", "127.0.0.1,5353,dns",
+                             stdout=subprocess.PIPE)
+        assert servers.stdout is not None
+        assert servers.stdout.readline().strip() == b"ready"
+        yield node, client
+    finally:
+        if servers is not None:
+            servers.kill()
+            servers.wait(5)
+        for ns in (node, client):
+            subprocess.run(["ip", "netns", "del", ns.name], check=False)
+
+
+class Uproxy:
+    """The uproxy command running in the node namespace."""
+
+    def __init__(self, node: Netns, backend: str, services: Path) -> None:
+        self.node = node
+        self.backend = backend
+        self.services = services
+        self.log = services.parent / f"uproxy-{uuid.uuid4().hex[:4]}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "wb") as log:
+            self.process = self.node.popen(
+                sys.executable, "-m", "uproxy", "--services", str(self.services),
+                "--rules", self.backend, "--healthz-bind-address", "",
+                "--metrics-bind-address", "", "--min-sync-period", "0s",
+                "--sync-period", f"{SYNC_PERIOD:g}s", "--shutdown-grace", "1s",
+                stdout=subprocess.DEVNULL, stderr=log)
+
+    def signal(self, number: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(number)
+
+    def wait(self, timeout: float = 10) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_uproxy(
+    topology: tuple[Netns, Netns], tmp_path: Path
+) -> Iterator[Callable[[str], Uproxy]]:
+    node, _ = topology
+    started: list[Uproxy] = []
+    services = tmp_path / "services.json"
+    services.write_text(services_yaml())
+
+    def start(backend: str) -> Uproxy:
+        proxy = Uproxy(node, backend, services)
+        proxy.start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+    node.run(sys.executable, "-m", "uproxy", "--cleanup", check=False)
+
+
+def attempts(ns: Netns, proto: str, host: str, port: int, count: int = 1) -> list[dict[str, str]]:
+    out = ns.run(sys.executable, "-c", CLIENT, proto, host, str(port), str(count)).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def reply(ns: Netns, proto: str, host: str, port: int) -> str:
+    (answer,) = attempts(ns, proto, host, port)
+    return answer.get("reply") or f"error {answer.get('error')}"
+
+
+def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what}")
+        time.sleep(0.1)
+
+
+def dump(node: Netns, backend: str) -> str:
+    """The kernel's rules, without comments lines and counters."""
+    if backend == "nft":
+        text = node.run("nft", "list", "ruleset").stdout
+    else:
+        text = node.run("iptables-save").stdout + node.run("ip6tables-save").stdout
+    return "\n".join(line for line in text.splitlines()
+                     if line.strip() and not line.startswith("#")) + "\n"
+
+
+def ours(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "uproxy" in line.lower()]
+
+
+def rule_lines(node: Netns, backend: str) -> list[str]:
+    """One line per rule or map element uproxy installed."""
+    text = dump(node, backend)
+    if backend == "nft":
+        # Elements are listed one a line when there are many; split the short form too.
+        return [part.strip() for line in text.splitlines() if "comment" in line
+                for part in line.split(",") if "comment" in part]
+    return [line for line in text.splitlines() if line.startswith("-A ")
+            and ("UPROXY" in line)]
+
+
+def proxy_port(node: Netns, backend: str, comment: str) -> int:
+    text = dump(node, backend)
+    pattern = (rf'comment "{re.escape(comment)}" : (\d+)' if backend == "nft"
+               else rf'--comment "?{re.escape(comment)}"? -j REDIRECT --to-ports (\d+)')
+    found = re.search(pattern, text)
+    assert found is not None, text
+    return int(found.group(1))
+
+
+def is_free(node: Netns, proto: str, port: int) -> bool:
+    return node.run(sys.executable, "-c", FREE, proto, str(port), check=False).returncode == 0
+
+
+def serving(node: Netns) -> bool:
+    return reply(node, "tcp", WEB_VIP, 80) in ("a", "b")
+
+
+FULL = ["iptables", "nft"]
+
+
+@pytest.mark.parametrize("backend", FULL)
+def test_serves_every_path_and_follows_the_services_file(
+    backend: str, topology: tuple[Netns, Netns], start_uproxy: Callable[[str], Uproxy],
+) -> None:
+    node, client = topology
+    proxy = start_uproxy(backend)
+    eventually(lambda: serving(node), 10, f"{WEB_VIP}:80 served\n{proxy.logs()}")
+
+    # nat OUTPUT: round-robin over both endpoints.
+    tags = [a.get("reply") for a in attempts(node, "tcp", WEB_VIP, 80, 10)]
+    assert sorted(tags) == ["a"] * 5 + ["b"] * 5
+    assert all(tags[i] != tags[i + 1] for i in range(9))
+    # UDP: the reply comes from the address the client used.
+    assert attempts(node, "udp", DNS_VIP, 53) == [{"reply": "dns:hi", "source": [DNS_VIP, 53]}]
+    # nat PREROUTING from the other namespace: VIP, external IP, node port, DNS.
+    from_client = [reply(client, "tcp", WEB_VIP, 80), reply(client, "tcp", EXTERNAL_IP, 80),
+                   reply(client, "tcp", NODE_IP, NODE_PORT), reply(client, "tcp", NODE_IP, NODE_PORT)]
+    assert set(from_client) == {"a", "b"}
+    assert attempts(client, "udp", DNS_VIP, 53) == [{"reply": "dns:hi", "source": [DNS_VIP, 53]}]
+    assert reply(node, "tcp", NODE_IP, NODE_PORT) in ("a", "b")
+    rules = rule_lines(node, backend)
+    assert len(rules) == len(set(rules)) > 0
+
+    # Hand-flushed chains come back within --sync-period.
+    if backend == "nft":
+        node.run("nft", "flush", "chain", "ip", "uproxy", "portals_host")
+    else:
+        node.run("iptables", "-t", "nat", "-F", "UPROXY-PORTALS-HOST")
+    node.run("conntrack", "-F", check=False)
+    assert reply(node, "tcp", WEB_VIP, 80).startswith("error")
+    eventually(lambda: serving(node), SYNC_PERIOD + 3, "flushed chain repaired")
+    assert sorted(rule_lines(node, backend)) == sorted(rules)
+
+    # Changing the port moves the rule and the listener.
+    old_web = proxy_port(node, backend, "default/web:http")
+    proxy.services.write_text(services_yaml(web_port=8000))
+    proxy.signal(signal.SIGHUP)
+    eventually(lambda: reply(node, "tcp", WEB_VIP, 8000) in ("a", "b"), 5, "port 8000 served")
+    node.run("conntrack", "-F", check=False)
+    assert reply(node, "tcp", WEB_VIP, 80).startswith("error")
+    assert reply(client, "tcp", WEB_VIP, 8000) in ("a", "b")
+    new_web = proxy_port(node, backend, "default/web:http")
+    assert new_web != old_web
+    assert is_free(node, "tcp", old_web)
+    assert not is_free(node, "tcp", new_web)
+
+    # Removing a service removes its rules and closes its listener.
+    dns_port = proxy_port(node, backend, "kube-system/dns:dns")
+    assert not is_free(node, "udp", dns_port)
+    proxy.services.write_text(services_yaml(web_port=8000, with_dns=False))
+    proxy.signal(signal.SIGHUP)
+    eventually(lambda: "kube-system/dns" not in dump(node, backend), 5, "dns rules removed")
+    node.run("conntrack", "-F", check=False)
+    assert attempts(node, "udp", DNS_VIP, 53) == [{"error": "TimeoutError"}]
+    assert is_free(node, "udp", dns_port)
+
+    # SIGTERM: rules removed, exit 0.
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait() == 0, proxy.logs()
+    assert ours(dump(node, backend)) == []
+    assert reply(node, "tcp", WEB_VIP, 8000).startswith("error")
+
+
+@pytest.mark.parametrize("backend", FULL)
+def test_restart_after_kill_keeps_one_copy_and_cleanup_removes_everything(
+    backend: str, topology: tuple[Netns, Netns], start_uproxy: Callable[[str], Uproxy],
+) -> None:
+    node, client = topology
+    first = start_uproxy(backend)
+    eventually(lambda: serving(node), 10, f"served\n{first.logs()}")
+    once = sorted(rule_lines(node, backend))
+    jumps_once = sorted(ours(dump(node, backend)))
+
+    first.signal(signal.SIGKILL)
+    first.wait()
+    assert sorted(rule_lines(node, backend)) == once  # a killed process leaves its rules
+
+    second = start_uproxy(backend)
+    # The restarted process has its own listeners: wait until its rules point there.
+    eventually(lambda: serving(node) and reply(client, "tcp", WEB_VIP, 80) in ("a", "b"),
+               10, f"served after restart\n{second.logs()}")
+    after = sorted(rule_lines(node, backend))
+    assert len(after) == len(once) == len(set(after))
+    assert len(ours(dump(node, backend))) == len(jumps_once)
+
+    second.signal(signal.SIGKILL)
+    second.wait()
+    cleaned = node.run(sys.executable, "-m", "uproxy", "--cleanup", "--rules", backend,
+                       check=False)
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert ours(dump(node, backend)) == []
+    assert reply(node, "tcp", WEB_VIP, 80).startswith("error")
+    again = node.run(sys.executable, "-m", "uproxy", "--cleanup", check=False)
+    assert again.returncode == 0, again.stderr
+    assert ours(dump(node, backend)) == []
+
+
+def test_cleanup_with_nothing_to_remove_exits_0(netns: Netns) -> None:
+    require_system("iptables", "nft")
+    for kinds in ((), ("--rules", "iptables"), ("--rules", "nft"), ("--rules", "iptc")):
+        done = netns.run(sys.executable, "-m", "uproxy", "--cleanup", *kinds, check=False)
+        assert done.returncode == 0, (kinds, done.stderr)
+    assert "uproxy" not in netns.run("nft", "list", "ruleset").stdout.lower()
+
+
+def test_iptc_on_an_nft_variant_host_refuses_in_one_line(netns: Netns, tmp_path: Path) -> None:
+    require_system("iptables")
+    version = netns.run("iptables", "--version").stdout
+    if "nf_tables" not in version:
+        pytest.skip(f"this host's iptables is legacy ({version.strip()}): iptc can run")
+    services = tmp_path / "services.json"
+    services.write_text(services_yaml())
+    done = netns.run(sys.executable, "-m", "uproxy", "--services", str(services),
+                     "--rules", "iptc", "--healthz-bind-address", "",
+                     "--metrics-bind-address", "", check=False, timeout=20)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1, done.stderr
+    assert "nf_tables" in errors[0] and "--rules iptables or nft" in errors[0]
+
+
+def test_is_free_tells_a_held_port(netns: Netns) -> None:
+    """The helper the timelines rely on to see a closed listener."""
+    holder = netns.popen(sys.executable, "-c",
+                         "import socket,time; s=socket.socket(); s.bind(('0.0.0.0', 41999));"
+                         " s.listen(); print('ready', flush=True); time.sleep(30)",
+                         stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"ready"
+        assert not is_free(netns, "tcp", 41999)
+    finally:
+        holder.kill()
+        holder.wait(5)
+    assert is_free(netns, "tcp", 41999)
