@@ -48,10 +48,13 @@ class StartupError(Exception):
 def make_rules(settings: Settings) -> Rules:
     from uproxy.rules.select import make_rules as select
 
-    return select(
-        settings.rules_backend, settings.rules.chain_prefix,
-        laptop_mode=settings.listeners.laptop_mode,
-    )
+    try:
+        return select(
+            settings.rules_backend, settings.rules.chain_prefix,
+            laptop_mode=settings.listeners.laptop_mode,
+        )
+    except (RulesError, ValueError) as error:  # e.g. iptc on an nf_tables host
+        raise StartupError(str(error)) from None
 
 
 def make_source(settings: Settings) -> Source:
