@@ -284,7 +284,8 @@ def test_serves_every_path_and_follows_the_services_file(
     assert attempts(node, "udp", DNS_VIP, 53) == [{"reply": "dns:hi", "source": [DNS_VIP, 53]}]
     # nat PREROUTING from the other namespace: VIP, external IP, node port, DNS.
     from_client = [reply(client, "tcp", WEB_VIP, 80), reply(client, "tcp", EXTERNAL_IP, 80),
-                   reply(client, "tcp", NODE_IP, NODE_PORT), reply(client, "tcp", NODE_IP, NODE_PORT)]
+                   reply(client, "tcp", NODE_IP, NODE_PORT),
+                   reply(client, "tcp", NODE_IP, NODE_PORT)]
     assert set(from_client) == {"a", "b"}
     assert attempts(client, "udp", DNS_VIP, 53) == [{"reply": "dns:hi", "source": [DNS_VIP, 53]}]
     assert reply(node, "tcp", NODE_IP, NODE_PORT) in ("a", "b")
