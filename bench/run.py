@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import datetime
+import fcntl
+import importlib.metadata
 import json
 import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -157,6 +159,36 @@ def software() -> str:
     return "; ".join(versions)
 
 
+LOCK = Path("/tmp/uproxy-bench.lock")
+
+
+def one_run_at_a_time(wait_minutes: float) -> int:
+    """Hold a machine-wide lock: two runs would share ports and each other's CPUs."""
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_minutes * 60
+    told = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                sys.exit(f"bench: another run holds {LOCK} (pid {os.pread(fd, 20, 0).decode()});"
+                         f" gave up after {wait_minutes:.0f} min")
+            if not told:
+                print(f"bench: waiting for another run to finish (pid "
+                      f"{os.pread(fd, 20, 0).decode().strip()}, {LOCK})", flush=True)
+                told = True
+            time.sleep(1)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM: unwind, stopping every process this run started
+
+
 class Recorder:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -215,6 +247,8 @@ def run_case(ctx: Context, system: System, group: str, names: list[str], rnd: in
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, interrupt)
+    lock = one_run_at_a_time(args.max_minutes)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every process
     durations = sc.Durations.quick() if args.quick else sc.Durations.full()
@@ -292,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbench: {time.monotonic() - started:.0f}s; wrote {args.out}/results.jsonl, "
           f"results.md{'' if problem else ', results.png'}"
           + (f" ({problem})" if problem else ""))
+    os.close(lock)
     return 0
 
 
