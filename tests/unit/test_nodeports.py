@@ -84,17 +84,17 @@ def test_node_ports_of_portals() -> None:
     assert node_ports(portals) == {("TCP", 30080), ("UDP", 30053)}
 
 
-@pytest.mark.parametrize(("kind", "laptop", "made"), [
-    ("auto", False, IptablesRules),
-    ("auto", True, NoRules),
-    ("iptables", False, IptablesRules),
-    ("nft", False, NftRules),
-    ("none", False, NoRules),
+@pytest.mark.parametrize(("kind", "laptop", "made", "name"), [
+    ("auto", False, IptablesRules, "iptables"),
+    ("auto", True, NoRules, "none"),
+    ("iptables", False, IptablesRules, "iptables"),
+    ("nft", False, NftRules, "nft"),
+    ("none", False, NoRules, "none"),
 ])
-def test_make_rules_choices(kind: str, laptop: bool, made: type) -> None:
+def test_make_rules_choices(kind: str, laptop: bool, made: type, name: str) -> None:
     rules = make_rules(kind, "UPROXY", laptop_mode=laptop)
     assert isinstance(rules, made)
-    assert rules.name == made.name
+    assert rules.name == name
 
 
 def test_make_rules_refuses_unknown_kinds_and_prefixes() -> None:

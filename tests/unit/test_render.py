@@ -12,6 +12,7 @@ from uproxy.rules.base import Portal
 from uproxy.rules.iptables import jump_fixes, parse_save
 from uproxy.rules.nft import parse_table
 from uproxy.rules.render import (
+    ElementIndex,
     check_chain_prefix,
     nft_elements,
     portal_entries,
@@ -136,3 +137,25 @@ def test_nft_listing_parses_back_to_rendered_elements() -> None:
     web = [e for e in portal_entries([Portal(WEB, "0.0.0.0", 40001)])
            if e.kind == "portal" and e.address == "198.18.1.10"]
     assert nft_elements(web)["portal_redirect"] == elements["portal_redirect"]
+
+
+def test_element_index_follows_portal_lists_like_a_full_render() -> None:
+    """Portal by portal, the index holds what nft_elements renders from scratch."""
+    web, dns = sample_portals()[:2]
+    moved = Portal(web.frontend, "0.0.0.0", 40009)  # same frontend, new listener
+    twin = Portal(Frontend(ServicePortName("other", "web", "http", "TCP"), 80, "TCP",
+                           cluster_ips=("198.18.1.10",)), "0.0.0.0", 40005)  # same VIP:port
+    index = ElementIndex()
+    timeline = [[web, dns], [web, dns], [web], [moved, dns], [moved, dns, twin], [twin], []]
+    previous: dict[str, dict[str, str]] = {}
+    for portals in timeline:
+        touched = index.update(portals)
+        expected = nft_elements([e for e in portal_entries(portals) if e.family == 4])
+        assert index.elements(4) == expected
+        assert index.wanted(4) == bool(portals)
+        changed = {(4, name, key) for name in expected for key in
+                   set(expected[name]) | set(previous.get(name, {}))
+                   if expected[name].get(key) != previous.get(name, {}).get(key)}
+        assert changed <= touched
+        previous = expected
+    assert index.update([]) == set()

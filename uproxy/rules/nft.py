@@ -6,7 +6,8 @@ elements.
 
 - A sync that carries changes (`verify=False`) after a successful apply
   sends only the element difference from what this instance last applied,
-  in one small `nft -f` transaction, without reading the kernel.
+  in one small `nft -f` transaction, without reading the kernel; only the
+  portals that changed are rendered again (`ElementIndex`).
 - The first apply of an instance (and any apply after a failure) replaces
   the whole table in one transaction: whatever a crashed run left is
   replaced, never read or duplicated.
@@ -27,17 +28,17 @@ from uproxy.rules import command
 from uproxy.rules.base import Portal, RulesError
 from uproxy.rules.render import (
     FAMILIES,
+    NFT_MAPS,
     NFT_SET,
-    Entry,
+    ElementIndex,
+    ItemKey,
     check_chain_prefix,
-    nft_elements,
     nft_family,
     nft_table_name,
-    portal_entries,
     render_nft,
     render_nft_diff,
     render_nft_skeleton,
-    render_nft_table,
+    render_nft_table_of,
 )
 
 Elements = dict[str, dict[str, str]]
@@ -160,6 +161,7 @@ class NftRules:
         # Per family, the skeleton of the table we built, learned on the
         # first verify pass whose listing has the rendered shape.
         self._skeleton: dict[int, str] = {}
+        self._index = ElementIndex()  # the wanted elements, rendered portal by portal
         self.transactions = 0  # nft -f runs, for tests and metrics
         self.full_builds = 0
         self.reads = 0  # nft list table runs
@@ -203,52 +205,74 @@ class NftRules:
         return listing
 
     async def apply(self, portals: Sequence[Portal], *, verify: bool = True) -> None:
-        entries = portal_entries(portals)
+        touched = self._index.update(portals)
         existing: set[int] | None = None
         try:
             for family in FAMILIES:
-                mine = [e for e in entries if e.family == family]
-                desired = nft_elements(mine)
-                wanted = bool(mine)
+                wanted = self._index.wanted(family)
                 trusted = family in self._applied
                 last = self._applied.pop(family, None)
                 if not trusted:
                     if existing is None:
                         existing = await self._tables()
                     if wanted or family in existing:
-                        await self._build(mine, family)
-                        last = desired
+                        last = await self._build(family)
                 elif last is None:  # we left no table here
                     if wanted:
-                        await self._build(mine, family)
-                        last = desired
+                        last = await self._build(family)
                 elif verify:
-                    last = await self._verify(mine, family, desired)
+                    last = await self._verify(family, wanted)
                 else:
-                    diff = render_nft_diff(last, desired, self.prefix, family)
-                    if diff:
-                        await self._send(diff)
-                    last = desired
+                    await self._send_changes(family, last, touched)
                 self._applied[family] = last
         except RulesError:
             self._applied.clear()  # next time: replace the tables, trust nothing
             self._skeleton.clear()
             raise
 
-    async def _build(self, mine: list[Entry], family: int) -> None:
-        """Replace the whole table (or make it) in one transaction."""
-        await self._send(render_nft_table(mine, self.prefix, family))
+    async def _build(self, family: int) -> Elements:
+        """Replace the whole table (or make it) in one transaction; its elements."""
+        desired = self._index.elements(family)
+        await self._send(render_nft_table_of(desired, self.prefix, family))
         self.full_builds += 1
         self._skeleton.pop(family, None)
+        return desired
 
-    async def _verify(self, mine: list[Entry], family: int, desired: Elements) -> Elements | None:
-        """Compare the kernel's table with `desired` and repair; what it holds after."""
+    async def _send_changes(self, family: int, last: Elements, touched: set[ItemKey]) -> None:
+        """Turn `last` (what we applied) into the wanted elements; `last` follows."""
+        gone: dict[str, list[str]] = {}
+        new: dict[str, list[str]] = {}
+        for item in sorted(touched):
+            item_family, name, key = item
+            if item_family != family:
+                continue
+            want = self._index.text(item)
+            have = last.setdefault(name, {}).get(key)
+            if want == have:
+                continue
+            if have is not None:
+                gone.setdefault(name, []).append(key)
+                del last[name][key]
+            if want is not None:
+                new.setdefault(name, []).append(want)
+                last[name][key] = want
+        fam = nft_family(family)
+        lines: list[str] = []
+        for name in (*NFT_MAPS, NFT_SET):
+            if name in gone:
+                lines.append(f"delete element {fam} {self.table} {name} {{ "
+                             f"{', '.join(gone[name])} }}")
+            if name in new:
+                lines.append(f"add element {fam} {self.table} {name} {{ "
+                             f"{', '.join(new[name])} }}")
+        if lines:
+            await self._send("\n".join(lines) + "\n")
+
+    async def _verify(self, family: int, wanted: bool) -> Elements | None:
+        """Compare the kernel's table with what is wanted and repair; what it holds after."""
         listing = await self._read(family)
         if listing is None:
-            if not mine:
-                return None
-            await self._build(mine, family)
-            return desired
+            return await self._build(family) if wanted else None
         try:
             skeleton, current = parse_table(listing)
             shape = listed_shape(listing)
@@ -258,8 +282,8 @@ class NftRules:
         if learned is None and shape == expected_shape(self.prefix, family):
             self._skeleton[family] = learned = skeleton
         if learned != skeleton:
-            await self._build(mine, family)
-            return desired
+            return await self._build(family)
+        desired = self._index.elements(family)
         diff = render_nft_diff(current, desired, self.prefix, family)
         if diff:
             await self._send(diff)

@@ -285,14 +285,104 @@ def nft_element(entry: Entry, *, with_value: bool = True) -> str:
     return f'{key} comment "{entry.comment}" : {value}'
 
 
+def nft_items(entry: Entry) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+    """(map or set name, key, element text) of the two elements an entry makes."""
+    key = f"{entry.protocol} . {entry.proxy_port}"
+    return ((nft_map_of(entry), nft_element(entry, with_value=False), nft_element(entry)),
+            (NFT_SET, key, key))
+
+
 def nft_elements(entries: Sequence[Entry]) -> dict[str, dict[str, str]]:
-    """map or set name -> {key: element text}; keys are what `delete element` needs."""
+    """map or set name -> {key: element text}; keys are what `delete element` needs.
+
+    Two entries with one key (two services claim one VIP:port) keep the
+    greatest text, so the choice does not depend on order (see ElementIndex).
+    """
     elements: dict[str, dict[str, str]] = {name: {} for name in (*NFT_MAPS, NFT_SET)}
     for entry in entries:
-        elements[nft_map_of(entry)][nft_element(entry, with_value=False)] = nft_element(entry)
-        key = f"{entry.protocol} . {entry.proxy_port}"
-        elements[NFT_SET].setdefault(key, key)
+        for name, key, text in nft_items(entry):
+            have = elements[name].get(key)
+            if have is None or text > have:
+                elements[name][key] = text
     return elements
+
+
+ItemKey = tuple[int, str, str]  # (family, map or set name, element key)
+Item = tuple[int, str, str, str]  # (family, map or set name, element key, element text)
+Slot = tuple[int, str, int]  # (id of the frontend, proxy ip, proxy port)
+
+
+class ElementIndex:
+    """The nft elements of a portal list, kept up to date portal by portal.
+
+    The proxier hands the backend every portal on every sync; rendering
+    20k portals from scratch takes most of a second. A portal whose
+    frontend is the very object seen last time, with the same listener,
+    reuses what it rendered then, so a sync that changes one service renders
+    one service. Each (family, map, key) counts the texts portals want for
+    it; the element is the greatest text, as in `nft_elements`.
+    """
+
+    def __init__(self) -> None:
+        self._portals: dict[Slot, tuple[object, tuple[Item, ...]]] = {}
+        self._wanted: dict[ItemKey, dict[str, int]] = {}
+        self._families: dict[int, int] = {}  # family -> items wanted
+
+    def update(self, portals: Iterable[Portal]) -> set[ItemKey]:
+        """Take the new portal list; the item keys whose element may have changed."""
+        old = self._portals
+        new: dict[Slot, tuple[object, tuple[Item, ...]]] = {}
+        added: list[tuple[Item, ...]] = []
+        for portal in portals:
+            frontend = portal.frontend
+            slot = (id(frontend), portal.proxy_ip, portal.proxy_port)
+            known = old.get(slot)
+            if known is not None and known[0] is frontend and slot not in new:
+                new[slot] = known
+                continue
+            items = tuple((entry.family, name, key, text)
+                          for entry in portal_entries([portal])
+                          for name, key, text in nft_items(entry))
+            if slot in new:  # the same frontend object twice: count it twice
+                slot = (id(items), portal.proxy_ip, portal.proxy_port)
+            new[slot] = (frontend, items)
+            added.append(items)
+        touched: set[ItemKey] = set()
+        for slot, (_, items) in old.items():
+            if new.get(slot, (None,))[0] is not old[slot][0]:
+                self._count(items, -1, touched)
+        for items in added:
+            self._count(items, 1, touched)
+        self._portals = new
+        return touched
+
+    def _count(self, items: Iterable[Item], step: int,
+               touched: set[ItemKey]) -> None:
+        for family, name, key, text in items:
+            item = (family, name, key)
+            texts = self._wanted.setdefault(item, {})
+            texts[text] = texts.get(text, 0) + step
+            if texts[text] == 0:
+                del texts[text]
+            if not texts:
+                del self._wanted[item]
+            self._families[family] = self._families.get(family, 0) + step
+            touched.add(item)
+
+    def text(self, item: ItemKey) -> str | None:
+        texts = self._wanted.get(item)
+        return max(texts) if texts else None
+
+    def wanted(self, family: int) -> bool:
+        return self._families.get(family, 0) > 0
+
+    def elements(self, family: int) -> dict[str, dict[str, str]]:
+        """What `nft_elements` gives for this family's entries."""
+        elements: dict[str, dict[str, str]] = {name: {} for name in (*NFT_MAPS, NFT_SET)}
+        for (item_family, name, key), texts in self._wanted.items():
+            if item_family == family:
+                elements[name][key] = max(texts)
+        return elements
 
 
 def render_nft_skeleton(prefix: str, family: int) -> list[str]:
@@ -339,11 +429,17 @@ def render_nft_table(entries: Sequence[Entry], prefix: str, family: int) -> str:
     `add table` then `delete table` makes the delete succeed whether or not
     the table exists; the definition that follows recreates it.
     """
+    return render_nft_table_of(nft_elements(entries), prefix, family)
+
+
+def render_nft_table_of(elements_by_name: dict[str, dict[str, str]], prefix: str,
+                        family: int) -> str:
+    """`render_nft_table` from elements (`nft_elements`, `ElementIndex.elements`)."""
     fam = nft_family(family)
     table = nft_table_name(prefix)
     lines = [f"add table {fam} {table}", f"delete table {fam} {table}"]
     lines += render_nft_skeleton(prefix, family)
-    for name, elements in nft_elements(entries).items():
+    for name, elements in elements_by_name.items():
         if elements:
             lines.append(f"add element {fam} {table} {name} {{")
             lines += [f"  {text}," for _, text in sorted(elements.items())]
