@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--max-minutes", type=float, default=40.0,
                         help="stop starting new measurements after this long (default 40)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite results.md/results.png from OUT/results.jsonl")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the work folder with every process's log")
     args = parser.parse_args(argv)
@@ -245,8 +247,21 @@ def run_case(ctx: Context, system: System, group: str, names: list[str], rnd: in
         backend.stop()
 
 
+def write_report(out: Path, records: list[dict[str, Any]]) -> Table:
+    table = Table(records)
+    (out / "results.md").write_text(table.markdown())
+    problem = table.chart(out / "results.png")
+    print(f"bench: wrote {out}/results.md" + (f" ({problem})" if problem
+                                                else f", {out}/results.png"))
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        lines = (args.out / "results.jsonl").read_text().splitlines()
+        print(write_report(args.out, [json.loads(line) for line in lines if line]).printed())
+        return 0
     signal.signal(signal.SIGTERM, interrupt)
     lock = one_run_at_a_time(args.max_minutes)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -318,14 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["ip", "netns", "del", netns], check=False, timeout=10)
         if not args.keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
-    table = Table(rec.records)
-    (args.out / "results.md").write_text(table.markdown())
-    problem = table.chart(args.out / "results.png")
+    table = write_report(args.out, rec.records)
     print("\nmedian primary metric (ratio to direct):")
     print(table.printed())
-    print(f"\nbench: {time.monotonic() - started:.0f}s; wrote {args.out}/results.jsonl, "
-          f"results.md{'' if problem else ', results.png'}"
-          + (f" ({problem})" if problem else ""))
+    print(f"\nbench: {time.monotonic() - started:.0f}s; results in {args.out}/results.jsonl")
     os.close(lock)
     return 0
 
