@@ -37,6 +37,7 @@ from uproxy.sources.base import Source
 from uproxy.stats import PortStats
 from uproxy.tracking import ChangeTracker
 from uproxy.web import WebBindError, WebServer, WebState, start_web
+from uproxy.workers import WorkerGroup
 
 log = logging.getLogger("uproxy")
 
@@ -85,6 +86,7 @@ class Parts:
     runner: SyncRunner
     metrics: Metrics
     access_log: AccessLog | None = None
+    workers: WorkerGroup | None = None  # --workers N > 1
     web_servers: list[WebServer] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     started: float = field(default_factory=time.monotonic)
@@ -98,7 +100,9 @@ def build(
     table_writer: Callable[[str], None] | None = None,
     access_log: Callable[[dict[str, object]], None] | None = None,
 ) -> Parts:
-    balancer = Balancer()
+    # --workers N > 1: worker processes serve the sockets; this balancer tells them.
+    workers = WorkerGroup(settings) if settings.listeners.workers > 1 else None
+    balancer = workers.balancer if workers is not None else Balancer()
     if access_log is None and settings.logs.verbose >= 1:
         access_log = AccessLog()
 
@@ -106,7 +110,8 @@ def build(
         return balancer.picker(name, stats)
 
     tracker = ChangeTracker()
-    pool = ListenerPool(settings.listeners, make_picker, access_log=access_log)
+    pool = ListenerPool(settings.listeners, make_picker, access_log=access_log,
+                        make_server=workers.make_server if workers is not None else None)
     rules = rules if rules is not None else make_rules(settings)
     source = source if source is not None else make_source(settings)
     proxier = Proxier(
@@ -142,6 +147,7 @@ def build(
         tracker=tracker, balancer=balancer, pool=pool, rules=rules,
         proxier=proxier, runner=runner, metrics=metrics,
         access_log=access_log if isinstance(access_log, AccessLog) else None,
+        workers=workers,
     )
 
 
@@ -205,8 +211,12 @@ async def run(parts: Parts) -> None:
     loop = asyncio.get_running_loop()
     parts.web_servers = await start_web_servers(parts)
     try:
+        if parts.workers is not None:
+            await parts.workers.start()
         await _serve(parts, loop)
     finally:
+        if parts.workers is not None and not parts.workers.stopping:
+            await parts.workers.stop(0.0)
         for server in parts.web_servers:
             await server.close()
     log.info("stopped")
@@ -229,6 +239,8 @@ async def _serve(parts: Parts, loop: asyncio.AbstractEventLoop) -> None:
             helpers = [tasks.create_task(housekeeping(parts), name="housekeeping")]
             if parts.access_log is not None:
                 helpers.append(tasks.create_task(parts.access_log.run(), name="access-log"))
+            if parts.workers is not None:
+                helpers.append(tasks.create_task(parts.workers.supervise(), name="workers"))
             await parts.stop.wait()
             log.info("shutting down: removing rules, closing listeners, draining connections")
             source_task.cancel()
@@ -238,6 +250,8 @@ async def _serve(parts: Parts, loop: asyncio.AbstractEventLoop) -> None:
             runner_task.cancel()
             await parts.proxier.remove_rules()
             parts.pool.stop_accepting()
+            if parts.workers is not None:  # they drain their own connections
+                await parts.workers.stop(settings.shutdown_grace)
             if parts.pool.open_connections:
                 log.info("draining %d open connections for up to %.1fs",
                          parts.pool.open_connections, settings.shutdown_grace)
@@ -260,8 +274,6 @@ def main(settings: Settings) -> int:
 
     setup_logging("json" if settings.logs.format == "json" else "text", settings.logs.verbose)
     try:
-        if settings.listeners.workers > 1:
-            raise StartupError("--workers: more than one worker is not yet supported")
         parts = build(settings, table_writer=print_table)
         asyncio.run(run(parts))
     except StartupError as error:

@@ -17,6 +17,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from uproxy.allocators import AddressAllocator, ExhaustedError, PortAllocator
 from uproxy.model import DesiredPort, ServicePortName, format_hostport
@@ -33,6 +34,22 @@ BIND_ATTEMPTS = 16  # proxy ports tried before a port is reported as not served
 AccessLog = Callable[[dict[str, object]], None]
 
 
+class Server(Protocol):
+    """A listener's server that is neither TcpServer nor UdpServer (--workers:
+    uproxy.workers.SharedServer); `open_connections` counts UDP sessions too."""
+
+    def start(self) -> None: ...
+    def stop_accepting(self) -> None: ...
+    async def drain(self, timeout: float) -> None: ...
+    def abort(self) -> None: ...
+    @property
+    def open_connections(self) -> int: ...
+
+
+# (name, protocol, bound socket, picker, stats) -> the server that runs it
+ServerFactory = Callable[[ServicePortName, str, socket.socket, Picker, PortStats], Server]
+
+
 class BindError(Exception):
     """A listener could not be opened; the message names the address and why."""
 
@@ -43,14 +60,15 @@ class Listener:
     protocol: str
     ip: str
     port: int
-    server: TcpServer | UdpServer
+    server: TcpServer | UdpServer | Server
 
     @property
     def address(self) -> str:
         return format_hostport(self.ip, self.port)
 
 
-def open_socket(protocol: str, ip: str, port: int, *, freebind: bool = False) -> socket.socket:
+def open_socket(protocol: str, ip: str, port: int, *, freebind: bool = False,
+                reuseport: bool = False) -> socket.socket:
     """A bound (and for TCP listening) non-blocking socket."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     kind = socket.SOCK_STREAM if protocol == "TCP" else socket.SOCK_DGRAM
@@ -58,6 +76,8 @@ def open_socket(protocol: str, ip: str, port: int, *, freebind: bool = False) ->
     try:
         if protocol == "TCP":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ip == "::" else 1)
         if freebind:
@@ -80,14 +100,18 @@ class ListenerPool:
         make_picker: Callable[[ServicePortName, PortStats], Picker],
         *,
         access_log: AccessLog | None = None,
+        make_server: ServerFactory | None = None,
     ) -> None:
         self.settings = settings
         self._make_picker = make_picker
         self._access_log = access_log
+        # --workers: a factory serving each bound socket with SO_REUSEPORT siblings.
+        self._make_server = make_server
+        self._reuseport = make_server is not None
         self.listeners: dict[ServicePortName, Listener] = {}
         self.errors: dict[ServicePortName, str] = {}
         self.stats: dict[ServicePortName, PortStats] = {}
-        self._retiring: list[TcpServer | UdpServer] = []
+        self._retiring: list[TcpServer | UdpServer | Server] = []
         self._ports = (
             PortAllocator(settings.proxy_port_range) if settings.proxy_port_range else None
         )
@@ -109,14 +133,15 @@ class ListenerPool:
     def _bind(self, port: DesiredPort, ip: str) -> socket.socket:
         protocol = port.frontend.protocol
         if self._addresses is not None:
-            return open_socket(protocol, ip, port.frontend.port, freebind=True)
+            return open_socket(protocol, ip, port.frontend.port, freebind=True,
+                               reuseport=self._reuseport)
         if self._ports is None:
-            return open_socket(protocol, ip, 0)
+            return open_socket(protocol, ip, 0, reuseport=self._reuseport)
         tried: set[int] = set()
         for _ in range(BIND_ATTEMPTS):
             number = self._ports.allocate(frozenset(tried))
             try:
-                return open_socket(protocol, ip, number)
+                return open_socket(protocol, ip, number, reuseport=self._reuseport)
             except OSError as error:
                 self._ports.release(number)
                 if error.errno != errno.EADDRINUSE:
@@ -152,8 +177,19 @@ class ListenerPool:
         bound_ip, bound_port = sock.getsockname()[:2]
         stats = self.stats.setdefault(name, PortStats())
         picker = self._make_picker(name, stats)
-        server: TcpServer | UdpServer
-        if protocol == "TCP":
+        server: TcpServer | UdpServer | Server
+        if self._make_server is not None:
+            try:
+                server = self._make_server(name, protocol, sock, picker, stats)
+            except OSError as error:
+                sock.close()
+                if self._ports is not None:
+                    self._ports.release(bound_port)
+                where = format_hostport(bound_ip, bound_port)
+                self._failed(name, f"{name} {protocol}: cannot share {where} between workers: "
+                                   f"{error.strerror or error}")
+                return None
+        elif protocol == "TCP":
             server = TcpServer(
                 sock, picker, stats, mode=self.settings.relay_mode, name=str(name),
                 access_log=self._access_log,
@@ -191,7 +227,7 @@ class ListenerPool:
         return self.listeners.pop(name, None)
 
     def retire(self, listener: Listener) -> None:
-        if isinstance(listener.server, UdpServer):
+        if listener.protocol == "UDP":
             # UDP has no connections to let finish; closing now frees IP:port
             # for a service that comes back at once.
             listener.server.abort()
@@ -226,7 +262,7 @@ class ListenerPool:
     def open_connections(self) -> int:
         return sum(_open(server) for server in self._all_servers())
 
-    def _all_servers(self) -> list[TcpServer | UdpServer]:
+    def _all_servers(self) -> list[TcpServer | UdpServer | Server]:
         return [listener.server for listener in self.listeners.values()] + self._retiring
 
     async def drain(self, timeout: float) -> None:
@@ -240,11 +276,11 @@ class ListenerPool:
         self._retiring.clear()
 
 
-def _open(server: TcpServer | UdpServer) -> int:
-    if isinstance(server, TcpServer):
-        return server.open_connections
-    return server.open_sessions
+def _open(server: TcpServer | UdpServer | Server) -> int:
+    if isinstance(server, UdpServer):
+        return server.open_sessions
+    return server.open_connections
 
 
-def _busy(server: TcpServer | UdpServer) -> bool:
+def _busy(server: TcpServer | UdpServer | Server) -> bool:
     return _open(server) > 0
