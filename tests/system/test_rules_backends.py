@@ -303,7 +303,10 @@ def test_changes_send_only_the_difference_and_a_failure_makes_the_next_apply_ver
         pytest.skip("iptc runs in a process per call here; it has no smaller change to send")
     node, client = topology
     rules = backend.rules
-    sent = (lambda: rules.transactions) if backend.kind == "nft" else (lambda: rules.restores)
+
+    def sent() -> int:
+        return int(rules.transactions if backend.kind == "nft" else rules.restores)
+
     backend.apply(PORTALS)
     full = backend.dump()
     before = sent()
