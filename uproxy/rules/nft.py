@@ -45,24 +45,20 @@ Elements = dict[str, dict[str, str]]
 _PROTOCOLS = {6: "tcp", 17: "udp"}  # what `nft -n` prints as numbers
 
 
-def _part(value: Any) -> str:
-    return str(value)
-
-
 def _key_text(key: Any) -> str:
     """Element key text as we render it; the l4proto (second to last) by name."""
-    if isinstance(key, dict) and "concat" in key:
-        parts = list(key["concat"])
-        if len(parts) >= 2 and isinstance(parts[-2], int):
-            parts[-2] = _PROTOCOLS.get(parts[-2], parts[-2])
-        return " . ".join(_part(p) for p in parts)
-    return _part(key)
+    if type(key) is dict and "concat" in key:
+        parts = key["concat"]
+        if len(parts) >= 2 and type(parts[-2]) is int:
+            parts = [*parts[:-2], _PROTOCOLS.get(parts[-2], parts[-2]), parts[-1]]
+        return " . ".join(map(str, parts))
+    return str(key)
 
 
 def _value_text(value: Any) -> str:
-    if isinstance(value, dict) and "concat" in value:
-        return " . ".join(_part(p) for p in value["concat"])
-    return _part(value)
+    if type(value) is dict and "concat" in value:
+        return " . ".join(map(str, value["concat"]))
+    return str(value)
 
 
 def parse_table(listing: dict[str, Any]) -> tuple[str, Elements]:

@@ -317,7 +317,7 @@ def nft_elements(entries: Sequence[Entry]) -> dict[str, dict[str, str]]:
 
 ItemKey = tuple[int, str, str]  # (family, map or set name, element key)
 Item = tuple[int, str, str, str]  # (family, map or set name, element key, element text)
-Slot = tuple[int, str, int]  # (id of the frontend, proxy ip, proxy port)
+Known = tuple[object, str, int, tuple[Item, ...]]  # frontend, proxy ip and port, items
 
 
 class ElementIndex:
@@ -332,33 +332,34 @@ class ElementIndex:
     """
 
     def __init__(self) -> None:
-        self._portals: dict[Slot, tuple[object, tuple[Item, ...]]] = {}
+        self._portals: dict[int, Known] = {}  # by id() of the frontend (held, so ids stay unique)
         self._wanted: dict[ItemKey, list[str]] = {}  # the texts portals want, with repeats
         self._families: dict[int, int] = {}  # family -> items wanted
 
     def update(self, portals: Iterable[Portal]) -> set[ItemKey]:
         """Take the new portal list; the item keys whose element may have changed."""
         old = self._portals
-        new: dict[Slot, tuple[object, tuple[Item, ...]]] = {}
+        new: dict[int, Known] = {}
         added: list[tuple[Item, ...]] = []
         for portal in portals:
             frontend = portal.frontend
-            slot = (id(frontend), portal.proxy_ip, portal.proxy_port)
+            slot = id(frontend)
             known = old.get(slot)
-            if known is not None and known[0] is frontend and slot not in new:
+            if (known is not None and known[0] is frontend and known[1] == portal.proxy_ip
+                    and known[2] == portal.proxy_port and slot not in new):
                 new[slot] = known
                 continue
             items = tuple((entry.family, name, key, text)
                           for entry in set(entries_of(portal))
                           for name, key, text in nft_items(entry))
-            if slot in new:  # the same frontend object twice: count it twice
-                slot = (id(items), portal.proxy_ip, portal.proxy_port)
-            new[slot] = (frontend, items)
+            if slot in new:  # the same frontend object twice: a slot of its own
+                slot = id(items)
+            new[slot] = (frontend, portal.proxy_ip, portal.proxy_port, items)
             added.append(items)
         touched: set[ItemKey] = set()
-        for slot, (_, items) in old.items():
-            if new.get(slot, (None,))[0] is not old[slot][0]:
-                self._count(items, -1, touched)
+        for slot, known in old.items():
+            if new.get(slot) is not known:
+                self._count(known[3], -1, touched)
         for items in added:
             self._count(items, 1, touched)
         self._portals = new
