@@ -286,6 +286,11 @@ def cleanup(settings: Settings) -> int:
     from uproxy.rules.select import cleanup_all
 
     kinds = () if settings.rules.backend in ("auto",) else (settings.rules.backend,)
-    for line in asyncio.run(cleanup_all(settings.rules.chain_prefix, kinds)):
+    try:
+        removed = asyncio.run(cleanup_all(settings.rules.chain_prefix, kinds))
+    except (RulesError, ValueError) as error:
+        print(f"uproxy: error: {error}", file=sys.stderr)
+        return 1
+    for line in removed:
         print(line)
     return 0
