@@ -6,6 +6,10 @@ readable callback; when the process or the system is out of descriptors
 and try again after a pause that doubles from 100 ms up to 1 s. Errors a
 connection brings with it (ECONNABORTED, a pending network error) only skip
 that connection. Pending clients wait in the kernel's accept queue meanwhile.
+
+The callback gets the bare descriptor (the C-level `_accept`): wrapping it in
+a Python `socket.socket` costs an `__init__` in Python per connection, and the
+relay makes the object it needs itself.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from typing import cast
 
 from uproxy.stats import PortStats
 
@@ -33,12 +38,13 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 1.0
 ACCEPT_BATCH = 64
 
-Accepted = Callable[[socket.socket, tuple[object, ...]], None]
+Accepted = Callable[[int, tuple[object, ...]], None]
+_RawAccept = Callable[[], tuple[int, tuple[object, ...]]]
 
 
 class AcceptLoop:
     __slots__ = (
-        "_backoff", "_fd", "_handle", "_logged", "_loop", "_on_accepted", "_sock",
+        "_accept", "_backoff", "_fd", "_handle", "_logged", "_loop", "_on_accepted", "_sock",
         "batch", "name", "stats",
     )
 
@@ -46,6 +52,8 @@ class AcceptLoop:
                  name: str = "", batch: int = ACCEPT_BATCH) -> None:
         self._sock: socket.socket | None = sock
         self._fd = sock.fileno()
+        # accept4(2) without building a socket object; typeshed does not list it.
+        self._accept = cast(_RawAccept, sock._accept)  # type: ignore[attr-defined]
         self._on_accepted = on_accepted
         self.stats = stats
         self.name = name
@@ -74,16 +82,21 @@ class AcceptLoop:
         self._sock = None
 
     @property
+    def stopped(self) -> bool:
+        return self._sock is None
+
+    @property
     def paused(self) -> bool:
         return self._handle is not None
 
     def _on_readable(self) -> None:
-        sock = self._sock
-        if sock is None:
+        if self._sock is None:
             return
+        accept = self._accept
+        on_accepted = self._on_accepted
         for _ in range(self.batch):
             try:
-                conn, addr = sock.accept()
+                fd, addr = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -91,11 +104,13 @@ class AcceptLoop:
                     continue
                 self.pause(exc)
                 return
-            self._backoff = BACKOFF_FIRST
             if self._logged:
                 self._logged = False
+                self._backoff = BACKOFF_FIRST
                 log.info("%s: accepting again", self.name)
-            self._on_accepted(conn, addr)
+            on_accepted(fd, addr)
+            if self._sock is None or self._handle is not None:
+                return  # the callback stopped or paused us
 
     def pause(self, exc: OSError) -> None:
         """Stop accepting for a while: `exc` said a resource ran out.

@@ -1,33 +1,48 @@
 """TCP relay: accept, dial the endpoint at once, move bytes both ways.
 
-Per connection there is no Task and no coroutine on the fast paths: a
-`_Conn` state object with `__slots__` is driven by readiness callbacks on the
-raw non-blocking sockets (the accept loop, the dial, and one `_Pump` per
-direction). Modes:
+Per connection there is no Task, no coroutine, no asyncio handle and no
+callback object: a `_Conn` with two `_Pump`s (all `__slots__`) is driven by one
+edge-triggered epoll set per event loop (`_Poller`). The loop watches only the
+poller's descriptor; each socket is added to the set once with
+IN|OUT|RDHUP|ET and leaves it when closed, so a connection costs two
+epoll_ctl calls in all (the loop's add_reader/remove_reader per direction cost
+twelve, half of them failing, and an object per descriptor). Modes:
 
-- "splice": each direction moves socket -> pipe -> socket with splice(2).
-- "auto": each direction starts with recv/send (no pipe to set up for a short
-  request/response) and switches to splice once it has moved
-  `promote_after` bytes; pipes come from a bounded shared pool.
+- "auto" (default): each direction copies through one shared buffer
+  (recv_into + send, no allocation unless the destination is full) and
+  switches to splice once it has moved `promote_after` bytes; pipes come from
+  a bounded shared pool.
+- "splice": each direction moves socket -> pipe -> socket with splice(2) from
+  the first byte.
 - "protocol": the two sockets become asyncio transports joined by a Protocol
   pair with backpressure (a peer above its high-water mark pauses reading on
   this side). Wrapping sockets into transports needs one short Task.
 
 All modes honour half-close: EOF from one side becomes shutdown(SHUT_WR) on
 the other once buffered bytes are flushed, and the other direction keeps
-flowing. An error or a reset on either side resets both (SO_LINGER 0).
+flowing; when the second direction ends, close() sends its FIN. An error or a
+reset on either side resets both (SO_LINGER 0).
+
+Edge-triggered rules kept here: a direction reads until EAGAIN, or until a
+short read (the queue was empty), or until a short read on a socket that
+reported RDHUP (that was the last data: EOF without another recv). It writes
+until EAGAIN or a short send (TCP then signals EPOLLOUT when space frees). A
+direction that used its ROUNDS and may have more is re-run from call_soon.
 """
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -42,24 +57,46 @@ log = logging.getLogger("uproxy.relay")
 MODES = ("splice", "protocol", "auto")
 COPY_CHUNK = 256 * 1024
 PROMOTE_AFTER = 256 * 1024  # bytes one direction moves before it switches to splice
-ROUNDS = 16  # chunks a direction moves per callback before it lets others run
+ROUNDS = 16  # chunks a direction moves per turn before it lets others run
 HIGH_WATER = 256 * 1024  # protocol mode write buffer limits
 LOW_WATER = 64 * 1024
+TIMER_SLACK = 0.05  # dial timeouts fire up to this late, so one timer serves many dials
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+_EPOLLERR = select.EPOLLERR
+_EPOLLHUP = select.EPOLLHUP
+_EPOLLRDHUP = select.EPOLLRDHUP
+_READABLE = _EPOLLIN | _EPOLLRDHUP | _EPOLLHUP
+_WATCH = _EPOLLIN | _EPOLLOUT | _EPOLLRDHUP | select.EPOLLET
+_DONTWAIT = socket.MSG_DONTWAIT
+_STREAM = socket.SOCK_STREAM
+_NONBLOCK_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+_SOL_SOCKET = socket.SOL_SOCKET
+_SO_ERROR = socket.SO_ERROR
+_SHUT_WR = socket.SHUT_WR
+_EINPROGRESS = errno.EINPROGRESS
+_RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE})
+
+# One copy buffer per process: the loop is single-threaded and a chunk leaves
+# it (sent, or copied into the connection when the destination is full)
+# before the next recv.
+_BUFFER = bytearray(COPY_CHUNK)
+_VIEW = memoryview(_BUFFER)
+
+# (DIALLING, OPEN, CLOSED)
+_DIALLING, _OPEN, _CLOSED = 0, 1, 2
+
+Sock = _socket.socket
 AccessLog = Callable[[dict[str, object]], None]
 
 
-def reset_close(sock: socket.socket) -> None:
+def reset_close(sock: Sock) -> None:
     """Close with an RST instead of a FIN: the peer sees ECONNRESET."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     sock.close()
-
-
-def _nodelay(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class TcpServer:
@@ -88,19 +125,36 @@ class TcpServer:
         self.dial_timeouts = tuple(dial_timeouts)
         self.name = name or _sockname(sock)
         self.access_log = access_log
-        self.promote_after = promote_after
+        self.promote_after = promote_after if mode == "auto" else -1
         self.pipes = POOL if pipes is None else pipes
+        self.family = sock.family
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.poller: _Poller | None = None
+        self._listener = sock
         self._accept = AcceptLoop(sock, self._on_accepted, stats, self.name)
         self._conns: set[_Conn] = set()
         self._idle: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.poller = _poller_for(self.loop)
+        self.poller.users += 1
+        # Accepted sockets inherit TCP_NODELAY from the listener: one syscall
+        # per listener instead of one per connection.
+        with contextlib.suppress(OSError):
+            self._listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._accept.start()
 
     def stop_accepting(self) -> None:
         self._accept.stop()
+        self._maybe_release()
+
+    def _maybe_release(self) -> None:
+        """Stopped and idle: let go of the loop's poller (the last user closes it)."""
+        poller = self.poller
+        if poller is not None and not self._conns and self._accept.stopped:
+            self.poller = None
+            poller.release()
 
     async def drain(self, timeout: float) -> None:
         if not self._conns:
@@ -124,17 +178,18 @@ class TcpServer:
 
     # -- called by connections ------------------------------------------------
 
-    def _on_accepted(self, client: socket.socket, addr: tuple[object, ...]) -> None:
+    def _on_accepted(self, fd: int, addr: tuple[object, ...]) -> None:
         stats = self.stats
         stats.connections_accepted += 1
-        client.setblocking(False)
-        client_ip = str(addr[0])
+        # The C-level socket type: no Python __init__, and a blocking fd is
+        # fine because every recv/send passes MSG_DONTWAIT.
+        client = Sock(self.family, _STREAM, 0, fd)
         try:
-            endpoint = self.picker.pick(client_ip)
+            endpoint = self.picker.pick(addr[0])  # type: ignore[arg-type]
         except NoEndpointsError:
             stats.no_endpoints += 1
             reset_close(client)
-            self._log_access(client_ip, addr, None, "no_endpoints", 0, 0, 0.0, 0.0, 0)
+            self._log_access(addr, None, "no_endpoints", 0, 0, 0.0, 0.0, 0)
             return
         conn = _Conn(self, client, addr, endpoint)
         self._conns.add(conn)
@@ -145,25 +200,28 @@ class TcpServer:
         self._conns.discard(conn)
         stats = self.stats
         stats.connections_active -= 1
-        stats.bytes_in += conn.bytes_in
-        stats.bytes_out += conn.bytes_out
+        bytes_in, bytes_out = conn.bytes_moved()
+        stats.bytes_in += bytes_in
+        stats.bytes_out += bytes_out
         if self.access_log is not None:
             self._log_access(
-                conn.client_ip, conn.addr, conn.endpoint, conn.outcome, conn.bytes_in,
-                conn.bytes_out, conn.dial_seconds, time.monotonic() - conn.started,
-                conn.attempt + 1,
+                conn.addr, conn.endpoint, conn.outcome, bytes_in, bytes_out, conn.dial_seconds,
+                time.monotonic() - conn.started, conn.attempt + 1,
             )
-        if not self._conns and self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
+        if not self._conns:
+            if self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
+            if self._accept.stopped:
+                self._maybe_release()
 
-    def _log_access(self, client_ip: str, addr: tuple[object, ...], endpoint: Endpoint | None,
+    def _log_access(self, addr: tuple[object, ...], endpoint: Endpoint | None,
                     outcome: str, bytes_in: int, bytes_out: int, dial_seconds: float,
                     duration: float, attempts: int) -> None:
         if self.access_log is None:
             return
         self.access_log({
             "service": self.name,
-            "client": f"{client_ip}:{addr[1]}",
+            "client": f"{addr[0]}:{addr[1]}",
             "endpoint": str(endpoint) if endpoint is not None else None,
             "outcome": outcome,
             "bytes_in": bytes_in,
@@ -182,105 +240,221 @@ def _sockname(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
+class _Poller:
+    """One edge-triggered epoll set per event loop for every relayed socket.
+
+    Also keeps the dial deadlines: one deque per timeout value (deadlines in
+    each are in order), one loop timer for the earliest; a connection that
+    connected in time is skipped when its entry comes up.
+    """
+
+    __slots__ = (
+        "again", "again_armed", "conns", "deadlines", "epoll", "fd", "loop", "pid", "timer",
+        "timer_at", "users",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pid = os.getpid()
+        self.epoll = select.epoll()
+        self.fd = self.epoll.fileno()
+        self.conns: dict[int, _Conn] = {}
+        self.again: list[_Pump] = []
+        self.again_armed = False
+        self.deadlines: dict[float, deque[tuple[float, _Conn, int]]] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.users = 0  # servers started on this loop and not yet stopped and idle
+        loop.add_reader(self.fd, self._on_ready)
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            if _POLLERS.get(id(self.loop)) is self:
+                del _POLLERS[id(self.loop)]
+            self.close()
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.deadlines.clear()
+        self.again.clear()
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.fd)
+        self.epoll.close()
+
+    def watch(self, fd: int, conn: _Conn) -> None:
+        self.conns[fd] = conn
+        self.epoll.register(fd, _WATCH)
+
+    def _on_ready(self) -> None:
+        conns = self.conns
+        for fd, mask in self.epoll.poll(0):
+            conn = conns.get(fd)
+            if conn is not None:
+                conn.on_event(fd, mask)
+
+    def later(self, pump: _Pump) -> None:
+        """Run `pump` again soon: it stopped after ROUNDS with work left."""
+        self.again.append(pump)
+        if not self.again_armed:
+            self.again_armed = True
+            self.loop.call_soon(self._run_again)
+
+    def _run_again(self) -> None:
+        self.again_armed = False
+        pumps, self.again = self.again, []
+        for pump in pumps:
+            if pump.conn.state == _OPEN:
+                pump.run()
+
+    def dial_deadline(self, conn: _Conn, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        queue = self.deadlines.get(timeout)
+        if queue is None:
+            queue = self.deadlines[timeout] = deque()
+        queue.append((deadline, conn, conn.attempt))
+        if self.timer is None:
+            self._arm(deadline)
+        elif deadline < self.timer_at:  # a shorter timeout than the armed one
+            self.timer.cancel()
+            self._arm(deadline)
+
+    def _arm(self, deadline: float) -> None:
+        delay = max(deadline - time.monotonic(), 0.0) + TIMER_SLACK
+        self.timer_at = deadline
+        self.timer = self.loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        now = time.monotonic()
+        earliest = None
+        for timeout, queue in list(self.deadlines.items()):
+            while queue and queue[0][0] <= now:
+                _, conn, attempt = queue.popleft()
+                if conn.state == _DIALLING and conn.attempt == attempt:
+                    conn.dial_timed_out()
+            if not queue:
+                del self.deadlines[timeout]
+            elif earliest is None or queue[0][0] < earliest:
+                earliest = queue[0][0]
+        if earliest is not None and self.timer is None:
+            self._arm(earliest)
+
+
+_POLLERS: dict[int, _Poller] = {}
+
+
+def _poller_for(loop: asyncio.AbstractEventLoop) -> _Poller:
+    """The running loop's poller; pollers of closed (or pre-fork) loops are dropped."""
+    pid = os.getpid()
+    for key, old in list(_POLLERS.items()):
+        if old.loop.is_closed() or old.pid != pid:
+            del _POLLERS[key]
+            if old.pid == pid:
+                old.close()
+    poller = _POLLERS.get(id(loop))
+    if poller is None or poller.loop is not loop:
+        poller = _POLLERS[id(loop)] = _Poller(loop)
+    return poller
+
+
 class _Conn:
     """One client connection: dialling, then two pumps (or a protocol pair)."""
 
     __slots__ = (
-        "addr", "attempt", "bytes_in", "bytes_out", "client", "client_ip", "dial_seconds",
-        "dial_started", "done", "endpoint", "loop", "outcome", "pumps", "server", "sides",
-        "started", "timer", "upstream",
+        "addr", "attempt", "cfd", "client", "dial_seconds", "dial_started", "down",
+        "endpoint", "outcome", "poller", "server", "sides", "started", "state", "ufd", "up",
+        "upstream",
     )
 
-    def __init__(self, server: TcpServer, client: socket.socket, addr: tuple[object, ...],
+    def __init__(self, server: TcpServer, client: Sock, addr: tuple[object, ...],
                  endpoint: Endpoint) -> None:
-        assert server.loop is not None
+        assert server.poller is not None
         self.server = server
-        self.loop = server.loop
+        self.poller = server.poller
         self.client = client
+        self.cfd = client.fileno()
         self.addr = addr
-        self.client_ip = str(addr[0])
         self.endpoint = endpoint
-        self.upstream: socket.socket | None = None
+        self.upstream: Sock | None = None
+        self.ufd = -1
         self.attempt = 0
-        self.timer: asyncio.TimerHandle | None = None
+        self.state = _DIALLING
         self.started = self.dial_started = time.monotonic()
         self.dial_seconds = 0.0
-        self.pumps: tuple[_Pump, _Pump] | None = None
+        self.up: _Pump | None = None  # client -> endpoint
+        self.down: _Pump | None = None  # endpoint -> client
         self.sides: tuple[_Side, _Side] | None = None
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.outcome = "ok"
-        self.done = False
+
+    def bytes_moved(self) -> tuple[int, int]:
+        sides = self.sides
+        if sides is not None:
+            return sides[0].moved, sides[1].moved
+        up, down = self.up, self.down
+        return (0 if up is None else up.moved), (0 if down is None else down.moved)
 
     # -- dialling ---------------------------------------------------------------
 
     def dial(self) -> None:
         """Start one connect attempt to `self.endpoint` (non-blocking)."""
+        if self.state != _DIALLING:
+            return
         endpoint = self.endpoint
-        family = socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET
+        server = self.server
         self.dial_started = time.monotonic()
         try:
-            upstream = socket.socket(family, socket.SOCK_STREAM)
+            upstream = Sock(socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET,
+                            _NONBLOCK_STREAM)
         except OSError as exc:  # out of descriptors: no point retrying at once
-            self.outcome = "dial_failed"
-            self.server.stats.connections_failed += 1
-            log.debug("%s: cannot dial %s: %s", self.server.name, endpoint, exc)
-            self.server._accept.pause(exc)
+            server.stats.connections_failed += 1
+            log.debug("%s: cannot dial %s: %s", server.name, endpoint, exc)
+            server._accept.pause(exc)
             self.fail("dial_failed")
             return
-        upstream.setblocking(False)
+        with contextlib.suppress(OSError):
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.upstream = upstream
+        self.ufd = upstream.fileno()
         err = upstream.connect_ex((endpoint.ip, endpoint.port))
-        if err == 0:
-            self._connected()
-        elif err == errno.EINPROGRESS:
-            self.loop.add_writer(upstream.fileno(), self._on_connect_ready)
-            self.timer = self.loop.call_later(
-                self.server.dial_timeouts[self.attempt], self._on_dial_timeout)
+        if err == _EINPROGRESS or err == 0:
+            # A connected socket reports EPOLLOUT as soon as it is added.
+            self.poller.watch(self.ufd, self)
+            self.poller.dial_deadline(self, server.dial_timeouts[self.attempt])
         else:
             self._attempt_failed(os.strerror(err))
 
-    def _on_connect_ready(self) -> None:
-        upstream = self.upstream
-        assert upstream is not None
-        self.loop.remove_writer(upstream.fileno())
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        err = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err == 0:
-            self._connected()
-        else:
-            self._attempt_failed(os.strerror(err))
-
-    def _on_dial_timeout(self) -> None:
-        self.timer = None
-        upstream = self.upstream
-        assert upstream is not None
-        self.loop.remove_writer(upstream.fileno())
+    def dial_timed_out(self) -> None:
         self._attempt_failed("timed out")
 
     def _attempt_failed(self, why: str) -> None:
         server = self.server
         stats = server.stats
         stats.dial_attempts_failed += 1
-        if self.upstream is not None:
-            self.upstream.close()
+        upstream = self.upstream
+        if upstream is not None:
+            self.poller.conns.pop(self.ufd, None)
+            upstream.close()
             self.upstream = None
+            self.ufd = -1
         log.debug("%s: dial %s for %s failed (attempt %d): %s",
-                  server.name, self.endpoint, self.client_ip, self.attempt + 1, why)
+                  server.name, self.endpoint, self.addr[0], self.attempt + 1, why)
         if self.attempt + 1 < len(server.dial_timeouts):
             self.attempt += 1
             try:
-                self.endpoint = server.picker.pick(self.client_ip, reset_affinity=True)
+                self.endpoint = server.picker.pick(self.addr[0], reset_affinity=True)  # type: ignore[arg-type]
             except NoEndpointsError:
                 pass
             else:
-                self.dial()
+                # Not from inside an epoll batch: a new socket may get the
+                # number of one closed in this batch, whose event is pending.
+                self.poller.loop.call_soon(self.dial)
                 return
         stats.connections_failed += 1
         log.info("%s: no endpoint answered for %s after %d attempts (last %s: %s)",
-                 server.name, self.client_ip, self.attempt + 1, self.endpoint, why)
+                 server.name, self.addr[0], self.attempt + 1, self.endpoint, why)
         self.fail("dial_failed")
 
     def _connected(self) -> None:
@@ -288,43 +462,91 @@ class _Conn:
         assert upstream is not None
         now = time.monotonic()
         self.dial_seconds = now - self.started
-        self.server.stats.record_dial(now - self.dial_started)
-        _nodelay(self.client)
-        _nodelay(upstream)
-        mode = self.server.mode
-        if mode == "protocol":
-            task = self.loop.create_task(self._wrap())
+        server = self.server
+        server.stats.record_dial(now - self.dial_started)
+        self.state = _OPEN
+        if server.mode == "protocol":
+            self.poller.conns.pop(self.ufd, None)
+            self.poller.epoll.unregister(self.ufd)
+            task = self.poller.loop.create_task(self._wrap())
             task.add_done_callback(_ignore_result)
             return
-        splice_now = mode == "splice"
-        self.pumps = (
-            _Pump(self, self.client, upstream, True, splice_now),
-            _Pump(self, upstream, self.client, False, splice_now),
-        )
-        for pump in self.pumps:
-            pump.start()
+        splice_now = server.mode == "splice"
+        client = self.client
+        self.up = up = _Pump(self, client, upstream, splice_now)
+        self.down = _Pump(self, upstream, client, splice_now)
+        # The client's request is usually here already: move it now, then
+        # watch the client (adding it reports whatever arrives meanwhile).
+        up.readable = True
+        up.run()
+        if self.state == _OPEN:
+            self.poller.watch(self.cfd, self)
+
+    # -- readiness ---------------------------------------------------------------
+
+    def on_event(self, fd: int, mask: int) -> None:
+        if self.state != _OPEN:
+            if self.state == _DIALLING and fd == self.ufd:
+                if mask & (_EPOLLERR | _EPOLLHUP):
+                    upstream = self.upstream
+                    assert upstream is not None
+                    err = upstream.getsockopt(_SOL_SOCKET, _SO_ERROR)
+                    self._attempt_failed(os.strerror(err) if err else "hung up")
+                elif mask & _EPOLLOUT:
+                    self._connected()
+                    if mask & _READABLE and self.down is not None and self.state == _OPEN:
+                        self.on_event(fd, mask & ~_EPOLLOUT)  # the endpoint spoke first
+            return
+        if mask & _EPOLLERR:
+            self.fail("reset")
+            return
+        up = self.up
+        down = self.down
+        assert up is not None and down is not None
+        if fd == self.cfd:
+            reader, writer = up, down
+        else:
+            reader, writer = down, up
+        if mask & _READABLE:
+            reader.readable = True
+            if mask & _EPOLLRDHUP:
+                reader.rdhup = True
+        if mask & _EPOLLOUT:
+            writer.writable = True
+            if writer.pending is not None or writer.in_pipe:
+                writer.run()
+                if self.state != _OPEN:
+                    return
+        if mask & _READABLE:
+            reader.run()
 
     # -- protocol mode ------------------------------------------------------------
 
     async def _wrap(self) -> None:
         upstream = self.upstream
         assert upstream is not None
+        loop = self.poller.loop
         client_side = _Side(self, True)
         upstream_side = _Side(self, False)
         client_side.peer = upstream_side
         upstream_side.peer = client_side
         self.sides = (client_side, upstream_side)
+        family = self.server.family
         try:
+            # Transports want socket.socket objects; these take over the fds.
+            client_sock = socket.socket(family, _STREAM, 0, self.client.detach())
+            upstream_sock = socket.socket(upstream.family, _STREAM, 0, upstream.detach())
+            self.client, self.upstream = client_sock, upstream_sock
             # connection_made may run later than the await returns (uvloop).
-            client_side.transport, _ = await self.loop.connect_accepted_socket(
-                lambda: client_side, sock=self.client)
-            upstream_side.transport, _ = await self.loop.create_connection(
-                lambda: upstream_side, sock=upstream)
+            client_side.transport, _ = await loop.connect_accepted_socket(
+                lambda: client_side, sock=client_sock)
+            upstream_side.transport, _ = await loop.create_connection(
+                lambda: upstream_side, sock=upstream_sock)
         except (OSError, RuntimeError) as exc:
-            log.warning("%s: cannot relay %s: %s", self.server.name, self.client_ip, exc)
+            log.warning("%s: cannot relay %s: %s", self.server.name, self.addr[0], exc)
             self.fail("error")
             return
-        if self.done:  # aborted while the transports were being made
+        if self.state == _CLOSED:  # aborted while the transports were being made
             client_side.abort()
             upstream_side.abort()
             return
@@ -333,18 +555,11 @@ class _Conn:
 
     # -- ending -----------------------------------------------------------------
 
-    def direction_done(self) -> None:
-        """A pump reached EOF and half-closed its destination."""
-        pumps = self.pumps
-        assert pumps is not None
-        if pumps[0].done and pumps[1].done:
-            self.close()
-
     def close(self) -> None:
-        """Both directions finished: a clean close with FINs already sent."""
-        if self.done:
+        """Both directions finished: close() sends the last FIN."""
+        if self.state == _CLOSED:
             return
-        self.done = True
+        self.state = _CLOSED
         self._release()
         self.client.close()
         if self.upstream is not None:
@@ -353,22 +568,15 @@ class _Conn:
 
     def fail(self, outcome: str) -> None:
         """An error, reset or abort: reset both sides."""
-        if self.done:
+        if self.state == _CLOSED:
             return
-        self.done = True
+        self.state = _CLOSED
         if self.outcome == "ok":
             self.outcome = outcome
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         sides = self.sides
         if sides is not None:
             # Protocol mode: a socket wrapped in a transport belongs to the loop.
-            self.sides = None
-            client_side, upstream_side = sides
-            client_side.count()
-            upstream_side.count()
-            for side, sock in ((client_side, self.client), (upstream_side, self.upstream)):
+            for side, sock in zip(sides, (self.client, self.upstream), strict=True):
                 if side.transport is not None:
                     side.abort()
                 elif sock is not None:
@@ -378,18 +586,16 @@ class _Conn:
         self._release()
         reset_close(self.client)
         if self.upstream is not None:
-            if self.pumps is None:
-                # Still dialling: the writer callback may be registered.
-                self.loop.remove_writer(self.upstream.fileno())
             reset_close(self.upstream)
         self.server._closed(self)
 
     def _release(self) -> None:
-        pumps = self.pumps
-        if pumps is None:
-            return
-        for pump in pumps:
-            pump.release()
+        conns = self.poller.conns
+        conns.pop(self.cfd, None)
+        conns.pop(self.ufd, None)
+        for pump in (self.up, self.down):
+            if pump is not None and pump.pipe is not None:
+                pump.release()
 
 
 def _ignore_result(task: asyncio.Task[None]) -> None:
@@ -401,67 +607,37 @@ class _Pump:
     """Moves bytes one way, src -> dst, by copying or by splicing."""
 
     __slots__ = (
-        "buf", "conn", "done", "dst", "dst_fd", "eof", "inbound", "loop", "moved", "no_pipe",
-        "pending", "pipe", "reading", "src", "src_fd", "writing",
+        "conn", "done", "dst", "eof", "in_pipe", "moved", "pending", "pipe", "rdhup",
+        "readable", "src", "writable",
     )
 
-    def __init__(self, conn: _Conn, src: socket.socket, dst: socket.socket, inbound: bool,
-                 splice_now: bool) -> None:
+    def __init__(self, conn: _Conn, src: Sock, dst: Sock, splice_now: bool) -> None:
         self.conn = conn
-        self.loop = conn.loop
         self.src = src
         self.dst = dst
-        self.src_fd = src.fileno()
-        self.dst_fd = dst.fileno()
-        self.inbound = inbound  # client -> endpoint
-        self.buf = b""
+        self.pending: bytes | None = None  # copied bytes dst did not take yet
         self.pipe: Pipe | None = None
-        self.pending = 0  # bytes sitting in the pipe
+        self.in_pipe = 0  # bytes sitting in the pipe
         self.moved = 0
+        self.readable = False
+        self.writable = True
+        self.rdhup = False
         self.eof = False
         self.done = False
-        self.reading = False
-        self.writing = False
-        self.no_pipe = False
         if splice_now:
             self._take_pipe()
-
-    def start(self) -> None:
-        self._run()
 
     def _take_pipe(self) -> bool:
         try:
             self.pipe = self.conn.server.pipes.get()
         except OSError:
-            self.no_pipe = True  # out of descriptors: keep copying
-            return False
+            return False  # out of descriptors: keep copying
+        # splice(2) honours only the socket's own O_NONBLOCK.
+        self.src.setblocking(False)
+        self.dst.setblocking(False)
         return True
 
-    def _want_read(self) -> None:
-        if self.writing:
-            self.writing = False
-            self.loop.remove_writer(self.dst_fd)
-        if not self.reading:
-            self.reading = True
-            self.loop.add_reader(self.src_fd, self._run)
-
-    def _want_write(self) -> None:
-        if self.reading:
-            self.reading = False
-            self.loop.remove_reader(self.src_fd)
-        if not self.writing:
-            self.writing = True
-            self.loop.add_writer(self.dst_fd, self._run)
-
-    def _unwatch(self) -> None:
-        if self.reading:
-            self.reading = False
-            self.loop.remove_reader(self.src_fd)
-        if self.writing:
-            self.writing = False
-            self.loop.remove_writer(self.dst_fd)
-
-    def _run(self) -> None:
+    def run(self) -> None:
         if self.done:
             return
         try:
@@ -470,104 +646,118 @@ class _Pump:
             else:
                 self._splice()
         except OSError as exc:
-            self.count()
-            self.conn.fail("reset" if exc.errno in (errno.ECONNRESET, errno.EPIPE) else "error")
+            self.conn.fail("reset" if exc.errno in _RESET_ERRNOS else "error")
 
     def _copy(self) -> None:
-        src = self.src
         dst = self.dst
-        for _ in range(ROUNDS):
-            if self.buf:
-                try:
-                    sent = dst.send(self.buf)
-                except (BlockingIOError, InterruptedError):
-                    self._want_write()
-                    return
-                self.moved += sent
-                self.buf = self.buf[sent:]
-                if self.buf:
-                    self._want_write()
-                    return
-            if self.eof:
-                self._finish()
+        pending = self.pending
+        if pending is not None:
+            if not self.writable:
                 return
-            if (self.moved >= self.conn.server.promote_after and self.conn.server.mode == "auto"
-                    and not self.no_pipe and self._take_pipe()):
+            try:
+                sent = dst.send(pending, _DONTWAIT)
+            except BlockingIOError:
+                self.writable = False
+                return
+            self.moved += sent
+            if sent < len(pending):
+                self.pending = pending[sent:]
+                self.writable = False
+                return
+            self.pending = None
+        src = self.src
+        promote_after = self.conn.server.promote_after
+        for _ in range(ROUNDS):
+            if not self.readable:
+                if self.eof:
+                    self._finish()
+                return
+            if 0 <= promote_after <= self.moved and self._take_pipe():
                 self._splice()
                 return
             try:
-                data = src.recv(COPY_CHUNK)
-            except (BlockingIOError, InterruptedError):
-                self._want_read()
+                got = src.recv_into(_BUFFER, COPY_CHUNK, _DONTWAIT)
+            except BlockingIOError:
+                self.readable = False
                 return
-            if not data:
-                self.eof = True
-                continue
-            self.buf = data
-        self._want_read()
+            if got < COPY_CHUNK:
+                # The queue was empty after this read; after RDHUP that was
+                # the last of it, and recv would only say EOF.
+                self.readable = False
+                if got == 0 or self.rdhup:
+                    self.eof = True
+                if got == 0:
+                    self._finish()
+                    return
+            try:
+                sent = dst.send(_VIEW[:got], _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            self.moved += sent
+            if sent < got:
+                self.pending = bytes(_VIEW[sent:got])
+                self.writable = False
+                return
+        if self.readable:
+            self.conn.poller.later(self)
+        elif self.eof:
+            self._finish()
 
     def _splice(self) -> None:
         pipe = self.pipe
         assert pipe is not None
         splice = os.splice
+        src_fd = self.src.fileno()
+        dst_fd = self.dst.fileno()
         for _ in range(ROUNDS):
-            if self.pending:
-                try:
-                    sent = splice(pipe.read_fd, self.dst_fd, self.pending, flags=SPLICE_FLAGS)
-                except (BlockingIOError, InterruptedError):
-                    self._want_write()
+            if self.in_pipe:
+                if not self.writable:
                     return
-                self.pending -= sent
+                try:
+                    sent = splice(pipe.read_fd, dst_fd, self.in_pipe, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    self.writable = False
+                    return
+                self.in_pipe -= sent
                 self.moved += sent
-                if self.pending:
-                    continue
-            if self.eof:
-                self._finish()
+                continue  # a short splice is retried: EAGAIN says the socket is full
+            if not self.readable:
+                if self.eof:
+                    self._finish()
                 return
             try:
-                got = splice(self.src_fd, pipe.write_fd, pipe.size, flags=SPLICE_FLAGS)
-            except (BlockingIOError, InterruptedError):
+                got = splice(src_fd, pipe.write_fd, pipe.size, flags=SPLICE_FLAGS)
+            except BlockingIOError:
                 # The pipe is empty here, so EAGAIN means the socket is.
-                self._want_read()
-                return
+                self.readable = False
+                continue
             if got == 0:
+                self.readable = False
                 self.eof = True
                 continue
-            self.pending += got
-        if self.pending:
-            self._want_write()
-        else:
-            self._want_read()
+            self.in_pipe += got
+        self.conn.poller.later(self)
 
     def _finish(self) -> None:
-        self._unwatch()
+        """EOF read and everything flushed: pass the FIN on."""
         self.done = True
-        self.count()
+        conn = self.conn
+        other = conn.down if self is conn.up else conn.up
+        if other is not None and other.done:
+            conn.close()
+            return
         try:
-            self.dst.shutdown(socket.SHUT_WR)
+            self.dst.shutdown(_SHUT_WR)
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:
-                self.conn.fail("reset")
-                return
-        self.conn.direction_done()
-
-    def count(self) -> None:
-        moved, self.moved = self.moved, 0
-        if self.inbound:
-            self.conn.bytes_in += moved
-        else:
-            self.conn.bytes_out += moved
+                conn.fail("reset")
 
     def release(self) -> None:
-        """Stop watching and give the pipe back (the connection is closing)."""
-        self._unwatch()
-        if not self.done:
-            self.done = True
-            self.count()
+        """Give the pipe back (the connection is closing)."""
         pipe = self.pipe
         if pipe is not None:
             self.pipe = None
-            self.conn.server.pipes.put(pipe, empty=self.pending == 0)
+            self.conn.server.pipes.put(pipe, empty=self.in_pipe == 0)
 
 
 class _Side(asyncio.Protocol):
@@ -590,7 +780,7 @@ class _Side(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
-        if self.conn.done:
+        if self.conn.state == _CLOSED:
             self.abort()
 
     def ready(self) -> None:
@@ -632,24 +822,15 @@ class _Side(asyncio.Protocol):
 
     def conn_finished(self) -> None:
         conn = self.conn
-        if conn.done:
+        if conn.state == _CLOSED:
             return
-        conn.done = True
-        self.count()
+        conn.state = _CLOSED
         peer = self.peer
         assert peer is not None
-        peer.count()
         for side in (self, peer):
             if side.transport is not None:
                 side.transport.close()  # flushes, then closes
         conn.server._closed(conn)
-
-    def count(self) -> None:
-        moved, self.moved = self.moved, 0
-        if self.inbound:
-            self.conn.bytes_in += moved
-        else:
-            self.conn.bytes_out += moved
 
     def pause_writing(self) -> None:
         peer = self.peer
@@ -664,14 +845,10 @@ class _Side(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         conn = self.conn
-        if conn.done:
+        if conn.state == _CLOSED:
             return
         if exc is not None or not self.eof:
             # A reset, or closed without a FIN we saw: reset the other side too.
-            self.count()
-            peer = self.peer
-            if peer is not None:
-                peer.count()
             conn.fail("reset")
 
     def abort(self) -> None:
