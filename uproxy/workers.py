@@ -489,10 +489,16 @@ class WorkerGroup:
             await slot.gone()
             how = f"signal {-code}" if code < 0 else f"code {code}"
             if time.monotonic() - slot.started < RESTART_BACKOFF:
-                await asyncio.sleep(RESTART_BACKOFF)
-                if self.stopping:
-                    return
-            await slot.spawn()
+                await asyncio.sleep(RESTART_BACKOFF)  # a crash loop costs a second a turn
+            while not self.stopping:
+                try:
+                    await slot.spawn()
+                    break
+                except OSError as error:
+                    log.error("worker %d: cannot start (%s); retrying", slot.index, error)
+                    await asyncio.sleep(RESTART_BACKOFF)
+            if self.stopping:
+                return
             slot.restarts += 1
             log.warning("worker %d (pid %d) exited with %s; restarted as pid %s",
                         slot.index, process.pid, how, slot.pid)
@@ -712,8 +718,10 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     from uproxy.logs import setup_logging
 
     setup_logging(config.get("log_format", "text"), int(config.get("verbose", 0)))
-    # Ctrl-C reaches the whole process group; the control process orders the shutdown.
+    # Ctrl-C and a hang-up reach the whole process group; the control process
+    # orders the shutdown and owns reloading.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if os.environ.get("UPROXY_NO_UVLOOP") != "1":
         import uvloop
 

@@ -85,6 +85,7 @@ def backends(tcp: list[str], udp: list[str]) -> Iterator[dict[str, int]]:
 @dataclass
 class Uproxy:
     process: subprocess.Popen[str]
+    output: Lines  # stdout: the laptop-mode table after every change
     table: dict[str, tuple[str, int, int]]
     stderr: list[str]
 
@@ -134,9 +135,10 @@ def uproxy(services: Path, services_count: int) -> Iterator[Uproxy]:
     stream = process.stderr
     threading.Thread(target=lambda: stderr.extend(iter(stream.readline, "")), daemon=True).start()
     try:
-        table = Lines(process).table(services_count)
+        output = Lines(process)
+        table = output.table(services_count)
         assert len(table) == services_count, "".join(stderr)
-        running = Uproxy(process, table, stderr)
+        running = Uproxy(process, output, table, stderr)
         wait_until(lambda: len(running.workers()) == WORKERS, "workers to start")
         yield running
     finally:
@@ -314,3 +316,43 @@ def _zombie(pid: int) -> bool:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
     return True
+
+
+def test_changes_reach_every_worker(tmp_path: Path) -> None:
+    with backends(["a", "b"], []) as ports:
+        services = tmp_path / "services.yaml"
+        write_services(services, [{"name": "one", "ports": [{"port": 8080}],
+                                   "endpoints": [f"127.0.0.1:{ports['a']}"]}])
+        with uproxy(services, 1) as up:
+            one = up.address("one")
+            assert {tcp_ask(one, ip)[0] for ip in CLIENTS[:6]} == {"a"}
+
+            # Given new endpoints for one and a new service two, after a reload
+            # every client (so both workers) sees them.
+            write_services(services, [
+                {"name": "one", "ports": [{"port": 8080}],
+                 "endpoints": [f"127.0.0.1:{ports['b']}"]},
+                {"name": "two", "ports": [{"port": 8080}],
+                 "endpoints": [f"127.0.0.1:{ports['a']}"]},
+            ])
+            up.process.send_signal(signal.SIGHUP)
+            ip, port, _ = up.output.table(2)["default/two"]
+            two = (ip, port)
+            wait_until(lambda: {tcp_ask(one, ip)[0] for ip in CLIENTS[:6]} == {"b"},
+                       "new endpoints")
+            assert {tcp_ask(two, ip)[0] for ip in CLIENTS[:6]} == {"a"}
+
+            # After one is deleted its listener is closed in every worker.
+            write_services(services, [{"name": "two", "ports": [{"port": 8080}],
+                                       "endpoints": [f"127.0.0.1:{ports['a']}"]}])
+            up.process.send_signal(signal.SIGHUP)
+            wait_until(lambda: all(_refused(one, ip) for ip in CLIENTS[:6]), "one closed")
+            assert {tcp_ask(two, ip)[0] for ip in CLIENTS[:6]} == {"a"}
+
+
+def _refused(address: tuple[str, int], client_ip: str) -> bool:
+    try:
+        tcp_ask(address, client_ip)
+    except ConnectionRefusedError:
+        return True
+    return False
