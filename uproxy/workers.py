@@ -372,8 +372,12 @@ class _Slot:
             self.channel.send(message, fds)
 
     def send_open(self, server: SharedServer) -> None:
-        self.send({"op": "open", "id": server.id, "name": _name_json(server.name),
-                   "protocol": server.protocol}, [server.sockets[self.index].fileno()])
+        try:
+            self.send({"op": "open", "id": server.id, "name": _name_json(server.name),
+                       "protocol": server.protocol}, [server.sockets[self.index].fileno()])
+        except OSError as error:  # out of descriptors for the copy in flight
+            log.error("%s %s: worker %d does not serve it: %s", server.name, server.protocol,
+                      self.index, error.strerror or error)
 
     def _on_message(self, message: Message, fds: list[int]) -> None:
         for fd in fds:
