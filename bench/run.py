@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(workdir, netns, uproxy_argv, uproxy_help, uproxy_error)
     rec = Recorder(args.out / "results.jsonl")
     started = time.monotonic()
+    port_base = sc.choose_ports()
     rec.add({"kind": "run", "date": datetime.datetime.now().astimezone().isoformat("T", "seconds"),
              "machine": machine(), "software": software(), "rounds": args.rounds,
              "quick": args.quick, "nofile": hard,
@@ -283,10 +284,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"-c{sc.WRK_CONNECTIONS} {durations.requests}s; S4 "
                      f"{sc.UDP_PROCESSES}×{sc.UDP_CLIENTS_PER_PROCESS} closed-loop UDP clients "
                      f"{durations.requests}s; S5 sizes {durations.s5_sizes}, RLIMIT_NOFILE {hard}"
-                     f"; C1 sizes {C1_SIZES}"})
+                     f"; C1 sizes {C1_SIZES}",
+             "ports": {kind: [r.backend_port, r.front_port] for kind, r in sc.ROUTES.items()}})
     groups = list(dict.fromkeys(name.split("-")[0] for name in args.scenario_list))
     print(f"bench: {len(systems)} systems, scenarios {', '.join(args.scenario_list)}, "
-          f"{args.rounds} round(s); logs in {workdir}", flush=True)
+          f"{args.rounds} round(s); ports {port_base}+; logs in {workdir}", flush=True)
     unavailable = {s.name: s.unavailable(ctx) for s in systems}
     try:
         for rnd in range(1, args.rounds + 1):

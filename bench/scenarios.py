@@ -57,14 +57,62 @@ class Durations:
 
 # --- backends ---------------------------------------------------------------
 
+PORT_OFFSETS = {"iperf": ("tcp", 201), "http": ("tcp", 80), "udp": ("udp", 353),
+                "hold": ("tcp", 400)}
+ROUTES: dict[str, Route] = {}
+
+
+def choose_ports(bases: range = range(15_000, 20_000, 500)) -> int:
+    """The first port base whose backend and front ports are all free here; sets ROUTES.
+
+    Fixed ports collide with whatever else runs on a shared machine (a
+    leftover backend, a test); every port is checked by binding it.
+    """
+    for base in bases:
+        routes = {kind: Route(proto, base + offset)
+                  for kind, (proto, offset) in PORT_OFFSETS.items()}
+        if all(_free(r.proto, port) for r in routes.values()
+               for port in (r.backend_port, r.front_port)):
+            ROUTES.clear()
+            ROUTES.update(routes)
+            return base
+    raise RuntimeError(f"no free port base in {bases}")
+
+
+def _free(proto: str, port: int) -> bool:
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def refuse_busy(port: int) -> None:
+    """A listener already on our port means another run or service: the numbers would lie."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.3):
+            pass
+    except OSError:
+        return
+    raise RuntimeError(f"127.0.0.1:{port} already has a listener before the harness started "
+                       "one (another benchmark run?)")
+
+
 def start_backend(ctx: Context, system: System, kind: str) -> tuple[Proc, Route]:
     prefix = system.prefix(ctx, LOAD_CPUS)
+    if not ROUTES:
+        choose_ports()
+    route = ROUTES[kind]
+    if not system.in_netns and route.proto == "tcp":
+        refuse_busy(route.backend_port)
+        if system.name != "direct" and not system.name.startswith("uproxy"):
+            refuse_busy(route.front_port)
     if kind == "iperf":
-        route = Route("tcp", 15201)
         proc = Proc([*prefix, "iperf3", "-s", "-B", "127.0.0.1", "-p", str(route.backend_port)],
                     ctx.path("iperf3-server.log"), "iperf3")
     elif kind == "http":
-        route = Route("tcp", 18080)
         body = f"""http {{
     access_log off;
     default_type text/plain;
@@ -76,11 +124,9 @@ def start_backend(ctx: Context, system: System, kind: str) -> tuple[Proc, Route]
 }}"""
         proc = start_nginx(ctx, "backend", 1, body, prefix)
     elif kind == "udp":
-        route = Route("udp", 15353)
         proc = Proc([*prefix, sys.executable, str(BENCH_DIR / "udpload.py"), "echo", "127.0.0.1",
                      str(route.backend_port)], ctx.path("udp-echo.log"), "udp-echo")
     elif kind == "hold":
-        route = Route("tcp", 15400)
         proc = Proc([*prefix, sys.executable, str(BENCH_DIR / "holdconns.py"), "server",
                      "127.0.0.1", str(route.backend_port)], ctx.path("hold-server.log"), "hold")
     else:
@@ -132,6 +178,8 @@ def parse_wrk(output: str) -> dict[str, float]:
     if not rps:
         raise RuntimeError(f"wrk: no Requests/sec in output: {output[-300:]!r}")
     metrics["rps"] = float(rps[1])
+    if metrics["rps"] == 0:
+        raise RuntimeError(f"wrk completed no requests: {output.strip()[-200:]!r}")
     for pct in ("50", "99"):
         found = re.search(rf"^\s+{pct}%\s+(\S+)", output, re.MULTILINE)
         if found:
