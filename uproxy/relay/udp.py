@@ -2,15 +2,27 @@
 
 Each (client address, local address) pair gets a session: a socket connected
 to the endpoint picked for the client, whose replies go back through the
-listener. A listener bound to a wildcard (0.0.0.0 or ::) learns the local
-destination of each datagram with IP_PKTINFO / IPV6_RECVPKTINFO and replies
-with the same ancillary data, so the reply leaves from the address the client
-sent to (a REDIRECTed client would otherwise see the wrong source and drop
-it). A listener bound to one address needs none of this.
+listener. Two ways in, picked by how the listener is bound:
 
-Sessions sit in an OrderedDict ordered by last activity: expiry pops from the
-front, one timer is armed for the oldest session, and a full table evicts the
-least recently used one. Datagrams up to 64 KiB pass whole.
+- bound to one address (laptop mode, `--bind-address IP`): the loop's plain
+  datagram transport reads it (uvloop loops recvmsg in C and calls
+  `datagram_received` per datagram; no EAGAIN surfaces in Python), and
+  replies are sent with sendto on the same socket: they leave from that
+  address.
+- bound to a wildcard (0.0.0.0 or ::): recvmsg with IP_PKTINFO /
+  IPV6_RECVPKTINFO learns the local destination of each datagram, and the
+  reply carries the same ancillary data, so it leaves from the address the
+  client sent to (a REDIRECTed client would otherwise see the wrong source
+  and drop it).
+
+A session's socket is read one datagram per readiness callback (the loop
+polls level-triggered, so more queued datagrams call again), which never pays
+for a recv that fails with EAGAIN.
+
+The session table is bounded (`max_sessions`). A datagram only stamps its
+session's `last`; a sweep, at most every eighth of the timeout, ends the
+sessions idle longer than the timeout. A full table evicts the least recently
+used of the oldest few sessions. Datagrams up to 64 KiB pass whole.
 """
 
 from __future__ import annotations
@@ -20,7 +32,8 @@ import contextlib
 import logging
 import socket
 import struct
-from collections import OrderedDict
+from collections.abc import Callable
+from typing import cast
 
 from uproxy.relay.base import NoEndpointsError, Picker
 from uproxy.stats import PortStats
@@ -32,11 +45,14 @@ IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 MAX_DATAGRAM = 65536  # more than any UDP payload (65,507 over IPv4, 65,527 over IPv6)
 ANC_SIZE = socket.CMSG_SPACE(20)  # fits in_pktinfo (12) and in6_pktinfo (20)
-BATCH = 64  # datagrams per readiness callback before others get a turn
+BATCH = 64  # datagrams per readiness callback (wildcard listener) before others get a turn
 DRAIN_IDLE = 1.0  # after stop_accepting, a session idle this long is done
 SOCKET_BUFFER = 1024 * 1024  # a few whole 64 KiB datagrams fit
+EVICT_SCAN = 8  # a full table evicts the least recently used of this many oldest sessions
 
-SessionKey = tuple[str, int, str]
+# The client's address as the socket reports it; on a wildcard listener,
+# (address, local IP).
+SessionKey = tuple[object, ...]
 
 
 class _Session:
@@ -53,30 +69,40 @@ class _Session:
         self.last = now
 
     def on_readable(self) -> None:
-        """Replies from the endpoint: send each back to the client."""
+        """One reply from the endpoint: send it back to the client."""
         server = self.server
-        stats = server.stats
+        try:
+            data = self.sock.recv(MAX_DATAGRAM)
+        except OSError:  # EAGAIN, or an ICMP unreachable from the endpoint reported late
+            return
         listener = server.sock
         if listener is None:
             return
-        sock = self.sock
-        for _ in range(BATCH):
-            try:
-                data = sock.recv(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:  # ICMP unreachable from the endpoint, reported late
-                break
-            try:
-                if self.cmsg:
-                    listener.sendmsg([data], self.cmsg, 0, self.client)
-                else:
-                    listener.sendto(data, self.client)
-            except OSError:
-                stats.udp_datagrams_dropped += 1
-                continue
-            stats.udp_datagrams_out += 1
-        server.touch(self)
+        try:
+            if self.cmsg:
+                listener.sendmsg([data], self.cmsg, 0, self.client)
+            else:
+                listener.sendto(data, self.client)
+        except OSError:
+            server.stats.udp_datagrams_dropped += 1
+            return
+        server.stats.udp_datagrams_out += 1
+        self.last = server.now()
+
+
+class _Listener(asyncio.DatagramProtocol):
+    """The datagram transport's protocol for a listener bound to one address."""
+
+    __slots__ = ("server",)
+
+    def __init__(self, server: UdpServer) -> None:
+        self.server = server
+
+    def datagram_received(self, data: bytes, addr: tuple[object, ...]) -> None:
+        self.server.datagram(data, addr, addr, self.server.local_ip)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("%s: %s", self.server.name, exc)
 
 
 class UdpServer:
@@ -108,12 +134,15 @@ class UdpServer:
         self.wildcard = local[0] in ("0.0.0.0", "::")
         self.local_ip = str(local[0])
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.sessions: OrderedDict[SessionKey, _Session] = OrderedDict()
+        self.sessions: dict[SessionKey, _Session] = {}
         self.draining = False
+        self.accepting = False
         self._reading = False
+        self._transport: asyncio.DatagramTransport | None = None
+        self._opening: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
         self._idle: asyncio.Future[None] | None = None
+        self.now: Callable[[], float] = _never  # the loop's clock once started
 
     def start(self) -> None:
         sock = self.sock
@@ -122,14 +151,43 @@ class UdpServer:
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        self.loop = loop = asyncio.get_running_loop()
+        self.now = loop.time
+        self.accepting = True
         if self.wildcard:
             if self.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        self.loop = asyncio.get_running_loop()
-        self.loop.add_reader(self.fd, self._on_readable)
-        self._reading = True
+            loop.add_reader(self.fd, self._on_readable)
+            self._reading = True
+        else:
+            # Making the transport is a coroutine; datagrams wait in the
+            # socket's buffer meanwhile. One task per listener, at start.
+            self._opening = loop.create_task(self._open_transport(sock))
+
+    async def _open_transport(self, sock: socket.socket) -> None:
+        assert self.loop is not None
+        try:
+            transport, _ = await self.loop.create_datagram_endpoint(
+                lambda: _Listener(self), sock=sock)
+        except OSError as exc:
+            log.error("%s: cannot read the listener: %s", self.name, exc)
+            return
+        finally:
+            self._opening = None
+        self._transport = transport
+        if not self.accepting:
+            self._close_transport()
+
+    def _close_transport(self) -> None:
+        """Stop reading: a duplicate descriptor keeps the address for replies."""
+        transport, self._transport = self._transport, None
+        if transport is None or self.sock is None:
+            return
+        with contextlib.suppress(OSError):
+            self.sock = self.sock.dup()  # the transport closes the original
+        transport.close()
 
     def stop_accepting(self) -> None:
         """Stop reading new datagrams; open sessions may still get replies.
@@ -138,14 +196,19 @@ class UdpServer:
         if shorter); `drain` waits for that and `abort` ends them at once. The
         listening socket is closed when the last session ends.
         """
-        if self._reading and self.loop is not None:
-            self.loop.remove_reader(self.fd)
-            self._reading = False
+        self._stop_reading()
         self.draining = True
         if not self.sessions:
             self._close_listener()
         else:
-            self._arm()
+            self._arm(0.0)
+
+    def _stop_reading(self) -> None:
+        self.accepting = False
+        if self._reading and self.loop is not None and not self.loop.is_closed():
+            self.loop.remove_reader(self.fd)
+        self._reading = False
+        self._close_transport()
 
     async def drain(self, timeout: float) -> None:
         if self.sessions:
@@ -157,42 +220,44 @@ class UdpServer:
             self.abort()
 
     def abort(self) -> None:
-        while self.sessions:
-            _, session = self.sessions.popitem(last=False)
+        sessions = list(self.sessions.values())
+        self.sessions.clear()
+        for session in sessions:
             self._end(session)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self.draining = True
-        if self._reading and self.loop is not None:
-            self.loop.remove_reader(self.fd)
-            self._reading = False
+        self._stop_reading()
         self._close_listener()
 
     @property
     def open_sessions(self) -> int:
         return len(self.sessions)
 
+    def has_session(self, client: tuple[object, ...], local_ip: str | None = None) -> bool:
+        """Whether `client` (as the socket reports it) has a session."""
+        key = (client, local_ip or self.local_ip) if self.wildcard else client
+        return key in self.sessions
+
     # -- datagrams from clients -------------------------------------------------
 
     def _on_readable(self) -> None:
+        """Wildcard listener: learn each datagram's local address."""
         sock = self.sock
         if sock is None:
             return
-        local_ip = self.local_ip
+        destination = self._destination
         for _ in range(BATCH):
             try:
-                if self.wildcard:
-                    data, ancdata, _flags, addr = sock.recvmsg(MAX_DATAGRAM, ANC_SIZE)
-                    local_ip = self._destination(ancdata)
-                else:
-                    data, addr = sock.recvfrom(MAX_DATAGRAM)
+                data, ancdata, _flags, addr = sock.recvmsg(MAX_DATAGRAM, ANC_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 log.debug("%s: recv failed: %s", self.name, exc)
                 return
-            self._datagram(data, addr, local_ip)
+            local_ip = destination(ancdata)
+            self.datagram(data, (addr, local_ip), addr, local_ip)
 
     def _destination(self, ancdata: list[tuple[int, int, bytes]]) -> str:
         for level, kind, payload in ancdata:
@@ -202,11 +267,13 @@ class UdpServer:
                 return socket.inet_ntop(socket.AF_INET6, payload[:16])  # ipi6_addr
         return self.local_ip
 
-    def _datagram(self, data: bytes, addr: tuple[object, ...], local_ip: str) -> None:
+    def datagram(self, data: bytes, key: SessionKey, addr: tuple[object, ...],
+                 local_ip: str) -> None:
         stats = self.stats
-        key: SessionKey = (str(addr[0]), int(addr[1]), local_ip)  # type: ignore[call-overload]
         session = self.sessions.get(key)
         if session is None:
+            if not self.accepting:
+                return
             session = self._open(key, addr, local_ip)
             if session is None:
                 stats.udp_datagrams_dropped += 1
@@ -216,30 +283,27 @@ class UdpServer:
         except OSError:
             # EAGAIN (buffer full) or a late ICMP error: UDP may drop.
             stats.udp_datagrams_dropped += 1
-        else:
-            stats.udp_datagrams_in += 1
-        self.touch(session)
+            return
+        stats.udp_datagrams_in += 1
+        session.last = self.now()
 
     def _open(self, key: SessionKey, addr: tuple[object, ...], local_ip: str) -> _Session | None:
         assert self.loop is not None
         stats = self.stats
         try:
-            endpoint = self.picker.pick(key[0])
+            endpoint = self.picker.pick(cast(str, addr[0]))
         except NoEndpointsError:
             stats.no_endpoints += 1
             return None
         if len(self.sessions) >= self.max_sessions:
-            _, oldest = self.sessions.popitem(last=False)
-            self._end(oldest)
-            stats.udp_sessions_expired += 1
+            self._evict()
         family = socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET
         try:
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         except OSError as exc:
-            log.warning("%s: cannot open a session for %s: %s", self.name, key[0], exc)
+            log.warning("%s: cannot open a session for %s: %s", self.name, addr[0], exc)
             return None
         try:
-            sock.setblocking(False)
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
             sock.connect((endpoint.ip, endpoint.port))
@@ -247,13 +311,30 @@ class UdpServer:
             sock.close()
             log.warning("%s: cannot reach %s: %s", self.name, endpoint, exc)
             return None
-        session = _Session(self, key, addr, sock, self._reply_cmsg(local_ip), self.loop.time())
+        session = _Session(self, key, addr, sock, self._reply_cmsg(local_ip), self.now())
         self.sessions[key] = session
         self.loop.add_reader(session.fd, session.on_readable)
         stats.udp_sessions_created += 1
         stats.udp_sessions_active += 1
-        self._arm()
+        if self._timer is None:
+            self._arm(self.session_timeout)
         return session
+
+    def _evict(self) -> None:
+        """Make room: end the least recently used of the oldest few sessions."""
+        sessions = self.sessions
+        scanned: list[_Session] = []
+        for session in sessions.values():
+            scanned.append(session)
+            if len(scanned) >= EVICT_SCAN:
+                break
+        victim = min(scanned, key=_last_used)
+        for session in scanned:  # the rest were used later: to the back of the order
+            del sessions[session.key]
+            if session is not victim:
+                sessions[session.key] = session
+        self._end(victim)
+        self.stats.udp_sessions_expired += 1
 
     def _reply_cmsg(self, local_ip: str) -> list[tuple[int, int, bytes]]:
         if not self.wildcard:
@@ -267,42 +348,33 @@ class UdpServer:
 
     # -- session lifetime -----------------------------------------------------------
 
-    def touch(self, session: _Session) -> None:
-        assert self.loop is not None
-        session.last = self.loop.time()
-        if session.key in self.sessions:
-            self.sessions.move_to_end(session.key)
-
     def _timeout(self) -> float:
         return min(self.session_timeout, DRAIN_IDLE) if self.draining else self.session_timeout
 
-    def _arm(self) -> None:
-        """Keep one timer armed for when the least recently used session expires."""
-        if not self.sessions or self.loop is None:
+    def _arm(self, delay: float) -> None:
+        if self.loop is None or self.loop.is_closed():
             return
-        oldest = next(iter(self.sessions.values()))
-        when = oldest.last + self._timeout()
         if self._timer is not None:
-            if self._timer_at <= when:
-                return  # fires first; it re-arms
             self._timer.cancel()
-        self._timer_at = when
-        self._timer = self.loop.call_at(when, self._expire)
+        self._timer = self.loop.call_later(delay, self._expire)
 
     def _expire(self) -> None:
+        """End every session idle longer than the timeout; sweep again when the
+        next one would expire, but not sooner than an eighth of the timeout."""
         assert self.loop is not None
         self._timer = None
-        deadline = self.loop.time() - self._timeout()
+        timeout = self._timeout()
+        now = self.loop.time()
+        deadline = now - timeout
         sessions = self.sessions
-        while sessions:
-            key, session = next(iter(sessions.items()))
-            if session.last > deadline:
-                break
-            del sessions[key]
+        idle = [session for session in sessions.values() if session.last <= deadline]
+        for session in idle:
+            del sessions[session.key]
             self._end(session)
-            self.stats.udp_sessions_expired += 1
+        self.stats.udp_sessions_expired += len(idle)
         if sessions:
-            self._arm()
+            oldest = min(session.last for session in sessions.values())
+            self._arm(max(oldest + timeout - now, timeout / 8))
         elif self.draining:
             self._close_listener()
 
@@ -315,6 +387,17 @@ class UdpServer:
             self._idle.set_result(None)
 
     def _close_listener(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
+            self._opening = None
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+def _last_used(session: _Session) -> float:
+    return session.last
+
+
+def _never() -> float:
+    return 0.0
