@@ -25,6 +25,7 @@ from tests.integration.relay_helpers import (
 )
 from uproxy.balancer import Balancer
 from uproxy.model import Endpoint, ServicePortName
+from uproxy.relay.splice import Pipe, PipePool
 from uproxy.relay.tcp import TcpServer
 from uproxy.stats import PortStats
 
@@ -374,3 +375,58 @@ async def test_with_the_real_balancer(make_proxy: Callable[..., Proxy]) -> None:
                                                 sorted([endpoint_a, endpoint_b])]
     server_a.close()
     server_b.close()
+
+
+class CountingPipes(PipePool):
+    """A pipe pool that records how many pipes connections took."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken = 0
+
+    def get(self) -> Pipe:
+        self.taken += 1
+        return super().get()
+
+
+async def test_auto_keeps_small_keepalive_traffic_on_copy(
+        make_proxy: Callable[..., Proxy]) -> None:
+    server, endpoint = await backend(echo)
+    pipes = CountingPipes()
+    proxy = make_proxy(FixedPicker(endpoint), "auto", pipes=pipes, promote_after=1000)
+
+    reader, writer = await proxy.connect()
+    for _ in range(50):  # 5,000 bytes each way, far past promote_after, in small turns
+        writer.write(b"q" * 100)
+        assert await asyncio.wait_for(reader.readexactly(100), 5) == b"q" * 100
+    writer.write_eof()
+    assert await read_all(reader) == b""
+    writer.close()
+    await proxy.closed()
+
+    assert pipes.taken == 0
+    assert (proxy.stats.bytes_in, proxy.stats.bytes_out) == (5000, 5000)
+    pipes.clear()
+    server.close()
+
+
+async def test_auto_promotes_bulk_to_splice(make_proxy: Callable[..., Proxy]) -> None:
+    server, endpoint = await backend(echo)
+    pipes = CountingPipes()
+    proxy = make_proxy(FixedPicker(endpoint), "auto", pipes=pipes, promote_after=64 * 1024)
+
+    reader, writer = await proxy.connect()
+    for _ in range(8):
+        writer.write(PAYLOAD)
+    writer.write_eof()
+    received = await asyncio.wait_for(reader.readexactly(8 * MiB), 20)
+    assert await read_all(reader) == b""
+    writer.close()
+    await proxy.closed()
+
+    assert received == PAYLOAD * 8
+    assert pipes.taken >= 1
+    assert pipes.idle == pipes.taken  # every pipe came back empty
+    assert (proxy.stats.bytes_in, proxy.stats.bytes_out) == (8 * MiB, 8 * MiB)
+    pipes.clear()
+    server.close()

@@ -10,8 +10,10 @@ twelve, half of them failing, and an object per descriptor). Modes:
 
 - "auto" (default): each direction copies through one shared buffer
   (recv_into + send, no allocation unless the destination is full) and
-  switches to splice once it has moved `promote_after` bytes; pipes come from
-  a bounded shared pool.
+  switches to splice once it has moved `promote_after` bytes and turns bulk:
+  one read brings BULK_READ bytes or more, or the destination is full. A
+  keep-alive connection of small requests never pays for a pipe, however
+  many bytes it moves. Pipes come from a bounded shared pool.
 - "splice": each direction moves socket -> pipe -> socket with splice(2) from
   the first byte.
 - "protocol": the two sockets become asyncio transports joined by a Protocol
@@ -56,7 +58,8 @@ log = logging.getLogger("uproxy.relay")
 
 MODES = ("splice", "protocol", "auto")
 COPY_CHUNK = 256 * 1024
-PROMOTE_AFTER = 256 * 1024  # bytes one direction moves before it switches to splice
+PROMOTE_AFTER = 256 * 1024  # bytes one direction moves before it may switch to splice
+BULK_READ = 64 * 1024  # a read this large says the sender outpaces us: bulk
 ROUNDS = 16  # chunks a direction moves per turn before it lets others run
 HIGH_WATER = 256 * 1024  # protocol mode write buffer limits
 LOW_WATER = 64 * 1024
@@ -665,15 +668,15 @@ class _Pump:
                 self.writable = False
                 return
             self.pending = None
+            # The destination was full: bulk.
+            if 0 <= self.conn.server.promote_after <= self.moved and self._take_pipe():
+                self._splice()
+                return
         src = self.src
-        promote_after = self.conn.server.promote_after
         for _ in range(ROUNDS):
             if not self.readable:
                 if self.eof:
                     self._finish()
-                return
-            if 0 <= promote_after <= self.moved and self._take_pipe():
-                self._splice()
                 return
             try:
                 got = src.recv_into(_BUFFER, COPY_CHUNK, _DONTWAIT)
@@ -697,6 +700,10 @@ class _Pump:
             if sent < got:
                 self.pending = bytes(_VIEW[sent:got])
                 self.writable = False
+                return
+            if (got >= BULK_READ and 0 <= self.conn.server.promote_after <= self.moved
+                    and self._take_pipe()):
+                self._splice()
                 return
         if self.readable:
             self.conn.poller.later(self)
