@@ -11,6 +11,7 @@ import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import uvloop
@@ -429,4 +430,38 @@ async def test_auto_promotes_bulk_to_splice(make_proxy: Callable[..., Proxy]) ->
     assert pipes.idle == pipes.taken  # every pipe came back empty
     assert (proxy.stats.bytes_in, proxy.stats.bytes_out) == (8 * MiB, 8 * MiB)
     pipes.clear()
+    server.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_no_task_per_connection(make_proxy: Callable[..., Proxy], mode: str) -> None:
+    loop = asyncio.get_running_loop()
+    relay_tasks: list[str] = []
+    default_factory = loop.get_task_factory()
+
+    def counting_factory(loop: asyncio.AbstractEventLoop, coro: Any,
+                         **kwargs: Any) -> asyncio.Future[Any]:
+        code = getattr(coro, "cr_code", None)
+        if code is not None and "uproxy/relay" in code.co_filename:
+            relay_tasks.append(code.co_name)
+        if default_factory is not None:
+            return default_factory(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    server, endpoint = await backend(echo)
+    proxy = make_proxy(FixedPicker(endpoint), mode)
+    loop.set_task_factory(counting_factory)
+    try:
+        for _ in range(5):
+            reader, writer = await proxy.connect()
+            writer.write(b"ping")
+            writer.write_eof()
+            assert await read_all(reader) == b"ping"
+            writer.close()
+        await proxy.closed()
+    finally:
+        loop.set_task_factory(default_factory)
+
+    assert relay_tasks == []
+    assert proxy.stats.connections_accepted == 5
     server.close()

@@ -18,7 +18,8 @@ twelve, half of them failing, and an object per descriptor). Modes:
   the first byte.
 - "protocol": the two sockets become asyncio transports joined by a Protocol
   pair with backpressure (a peer above its high-water mark pauses reading on
-  this side). Wrapping sockets into transports needs one short Task.
+  this side). Wrapping sockets into transports is a coroutine; it is
+  stepped from future callbacks (`_drive`), not run as a Task.
 
 All modes honour half-close: EOF from one side becomes shutdown(SHUT_WR) on
 the other once buffered bytes are flushed, and the other direction keeps
@@ -45,8 +46,8 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import cast
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, cast
 
 from uproxy.model import Endpoint
 from uproxy.relay.accept import AcceptLoop
@@ -471,8 +472,7 @@ class _Conn:
         if server.mode == "protocol":
             self.poller.conns.pop(self.ufd, None)
             self.poller.epoll.unregister(self.ufd)
-            task = self.poller.loop.create_task(self._wrap())
-            task.add_done_callback(_ignore_result)
+            _drive(self.poller.loop, self._wrap())
             return
         splice_now = server.mode == "splice"
         client = self.client
@@ -601,9 +601,29 @@ class _Conn:
                 pump.release()
 
 
-def _ignore_result(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("relay task failed", exc_info=task.exception())
+def _drive(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine to its end without a Task.
+
+    Steps it from the done callbacks of the futures it waits on, as
+    Task.__step does, minus the Task: no name, no context copy, no entry in
+    the task registry, no call_soon before the first step. Only for
+    coroutines that neither need current_task() nor get cancelled.
+    """
+    def step(_: object = None) -> None:
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            log.exception("relay setup failed")
+            return
+        if waiting is None:  # a bare yield (sleep(0)): go on next turn
+            loop.call_soon(step)
+            return
+        waiting._asyncio_future_blocking = False
+        waiting.add_done_callback(step)
+
+    step()
 
 
 class _Pump:
