@@ -74,6 +74,10 @@ _EPOLLHUP = select.EPOLLHUP
 _EPOLLRDHUP = select.EPOLLRDHUP
 _READABLE = _EPOLLIN | _EPOLLRDHUP | _EPOLLHUP
 _WATCH = _EPOLLIN | _EPOLLOUT | _EPOLLRDHUP | select.EPOLLET
+# The client is watched for EPOLLOUT only once a send to it blocked: adding
+# it would report "writable" at once, and its FIN/ACK changes would report it
+# again, each a wasted turn on the fast path.
+_WATCH_READ = _EPOLLIN | _EPOLLRDHUP | select.EPOLLET
 _DONTWAIT = socket.MSG_DONTWAIT
 _LAST = socket.MSG_DONTWAIT | socket.MSG_MORE
 _STREAM = socket.SOCK_STREAM
@@ -289,9 +293,9 @@ class _Poller:
             self.loop.remove_reader(self.fd)
         self.epoll.close()
 
-    def watch(self, fd: int, conn: _Conn) -> None:
+    def watch(self, fd: int, conn: _Conn, events: int = _WATCH) -> None:
         self.conns[fd] = conn
-        self.epoll.register(fd, _WATCH)
+        self.epoll.register(fd, events)
 
     def _on_ready(self) -> None:
         conns = self.conns
@@ -369,7 +373,7 @@ class _Conn:
     """One client connection: dialling, then two pumps (or a protocol pair)."""
 
     __slots__ = (
-        "addr", "attempt", "cfd", "client", "dial_seconds", "dial_started", "down",
+        "addr", "attempt", "cfd", "client", "client_out", "dial_seconds", "dial_started", "down",
         "endpoint", "outcome", "poller", "server", "sides", "started", "state", "ufd", "up",
         "upstream",
     )
@@ -385,6 +389,7 @@ class _Conn:
         self.endpoint = endpoint
         self.upstream: Sock | None = None
         self.ufd = -1
+        self.client_out = False  # the client is watched for EPOLLOUT too
         self.attempt = 0
         self.state = _DIALLING
         self.started = self.dial_started = time.monotonic()
@@ -484,7 +489,7 @@ class _Conn:
         up.readable = True
         up.run()
         if self.state == _OPEN:
-            self.poller.watch(self.cfd, self)
+            self.poller.watch(self.cfd, self, _WATCH_READ)
 
     # -- readiness ---------------------------------------------------------------
 
@@ -681,12 +686,12 @@ class _Pump:
             try:
                 sent = dst.send(pending, _DONTWAIT)
             except BlockingIOError:
-                self.writable = False
+                self._blocked()
                 return
             self.moved += sent
             if sent < len(pending):
                 self.pending = pending[sent:]
-                self.writable = False
+                self._blocked()
                 return
             self.pending = None
             # The destination was full: bulk.
@@ -722,7 +727,7 @@ class _Pump:
             self.moved += sent
             if sent < got:
                 self.pending = bytes(_VIEW[sent:got])
-                self.writable = False
+                self._blocked()
                 return
             if (got >= BULK_READ and 0 <= self.conn.server.promote_after <= self.moved
                     and self._take_pipe()):
@@ -746,7 +751,7 @@ class _Pump:
                 try:
                     sent = splice(pipe.read_fd, dst_fd, self.in_pipe, flags=SPLICE_FLAGS)
                 except BlockingIOError:
-                    self.writable = False
+                    self._blocked()
                     return
                 self.in_pipe -= sent
                 self.moved += sent
@@ -767,6 +772,14 @@ class _Pump:
                 continue
             self.in_pipe += got
         self.conn.poller.later(self)
+
+    def _blocked(self) -> None:
+        """The destination is full: wait for EPOLLOUT (ask for it on the client)."""
+        self.writable = False
+        conn = self.conn
+        if self.dst is conn.client and not conn.client_out:
+            conn.client_out = True
+            conn.poller.epoll.modify(conn.cfd, _WATCH)
 
     def _finish(self) -> None:
         """EOF read and everything flushed: pass the FIN on."""
