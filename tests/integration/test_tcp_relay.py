@@ -26,6 +26,7 @@ from tests.integration.relay_helpers import (
 )
 from uproxy.balancer import Balancer
 from uproxy.model import Endpoint, ServicePortName
+from uproxy.relay import tcp as relay_tcp
 from uproxy.relay.splice import Pipe, PipePool
 from uproxy.relay.tcp import TcpServer
 from uproxy.stats import PortStats
@@ -464,4 +465,32 @@ async def test_no_task_per_connection(make_proxy: Callable[..., Proxy], mode: st
 
     assert relay_tasks == []
     assert proxy.stats.connections_accepted == 5
+    server.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_dial_that_completes_after_connect_returns(
+        make_proxy: Callable[..., Proxy], mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off loopback the handshake is not done when connect() returns: the
+    relay waits for EPOLLOUT. Pretend that here, for a client that speaks
+    first and an endpoint that speaks first."""
+    monkeypatch.setattr(relay_tcp, "_established", lambda sock: False)
+
+    async def banner_then_echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"hello\n")
+        await w.drain()
+        await echo(r, w)
+
+    server, endpoint = await backend(banner_then_echo)
+    proxy = make_proxy(FixedPicker(endpoint), mode)
+
+    reader, writer = await proxy.connect()
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(10), 5) == b"hello\nping"
+    writer.write_eof()
+    assert await read_all(reader) == b""
+    writer.close()
+    await proxy.closed()
+
+    assert (proxy.stats.bytes_in, proxy.stats.bytes_out) == (4, 10)
     server.close()
