@@ -442,7 +442,8 @@ class _Conn:
         if err == 0 or (err == _EINPROGRESS and _established(upstream)):
             # Over loopback the handshake is done inside connect(): go on
             # without waiting a loop turn for EPOLLOUT.
-            self.poller.watch(self.ufd, self, _WATCH_READ)
+            if server.mode != "protocol":
+                self.poller.watch(self.ufd, self, _WATCH_READ)
             self._connected()
         elif err == _EINPROGRESS:
             self.upstream_out = True
@@ -491,8 +492,8 @@ class _Conn:
         server.stats.record_dial(now - self.dial_started)
         self.state = _OPEN
         if server.mode == "protocol":
-            self.poller.conns.pop(self.ufd, None)
-            self.poller.epoll.unregister(self.ufd)
+            if self.poller.conns.pop(self.ufd, None) is not None:
+                self.poller.epoll.unregister(self.ufd)
             _drive(self.poller.loop, self._wrap())
             return
         splice_now = server.mode == "splice"
@@ -676,9 +677,11 @@ class _Pump:
             self.pipe = self.conn.server.pipes.get()
         except OSError:
             return False  # out of descriptors: keep copying
-        # splice(2) honours only the socket's own O_NONBLOCK.
-        self.src.setblocking(False)
-        self.dst.setblocking(False)
+        # splice(2) honours only the socket's own O_NONBLOCK (the accepted
+        # client is blocking until now: copies pass MSG_DONTWAIT).
+        for sock in (self.src, self.dst):
+            if sock.gettimeout() != 0.0:
+                sock.setblocking(False)
         return True
 
     def run(self) -> None:
