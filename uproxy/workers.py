@@ -49,6 +49,7 @@ from typing import Any
 
 from uproxy import reuseport
 from uproxy.balancer import Balancer
+from uproxy.listeners import IP_FREEBIND, open_socket
 from uproxy.model import Endpoint, ServicePortName
 from uproxy.relay.base import Picker
 from uproxy.relay.tcp import TcpServer
@@ -534,29 +535,13 @@ class WorkerGroup:
 
 
 def _sibling(first: socket.socket, address: tuple[Any, ...]) -> socket.socket:
-    sock = socket.socket(first.family, first.type)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if first.type == socket.SOCK_STREAM:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if first.family == socket.AF_INET6:
-            v6only = first.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
-        level = socket.IPPROTO_IPV6 if first.family == socket.AF_INET6 else socket.IPPROTO_IP
-        freebind = first.getsockopt(level, _IP_FREEBIND)
-        if freebind:
-            sock.setsockopt(level, _IP_FREEBIND, 1)
-        sock.bind(address)
-        if first.type == socket.SOCK_STREAM:
-            sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    """Another socket on `first`'s address, made the way the pool made `first`."""
+    protocol = "TCP" if first.type == socket.SOCK_STREAM else "UDP"
+    level = socket.IPPROTO_IPV6 if first.family == socket.AF_INET6 else socket.IPPROTO_IP
+    freebind = bool(first.getsockopt(level, IP_FREEBIND))
+    return open_socket(protocol, address[0], address[1], freebind=freebind, reuseport=True)
 
 
-_IP_FREEBIND = 15
 
 
 # -- the worker side -------------------------------------------------------------
