@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Netns, require_system
+from tests.system.topology import NODE_IP, make_netns, node_and_client
 from uproxy.model import Frontend, ServicePortName
 from uproxy.rules.base import Portal, RulesError
 from uproxy.rules.iptables import IptablesRules
@@ -31,8 +32,6 @@ from uproxy.rules.nft import NftRules
 pytestmark = pytest.mark.system
 
 PREFIX = "UPT"
-NODE_IP = "198.18.3.1"
-CLIENT_IP = "198.18.3.2"
 WEB = Frontend(ServicePortName("default", "web", "http", "TCP"), 80, "TCP",
                cluster_ips=("198.18.1.10",), node_port=30080,
                external_ips=("198.18.2.10",), load_balancer_ips=("198.18.2.20",))
@@ -151,43 +150,21 @@ class Backend:
                       "uproxy upt-portals-host", "-j", f"{PREFIX}-PORTALS-HOST")
 
 
-def _netns(name: str) -> Netns:
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    ns = Netns(name)
-    ns.run("ip", "link", "set", "lo", "up")
-    return ns
-
-
 @pytest.fixture
 def topology() -> Iterator[tuple[Netns, Netns]]:
     require_system("iptables", "nft")
-    tag = uuid.uuid4().hex[:6]
-    node, client = _netns(f"uproxy-n-{tag}"), _netns(f"uproxy-c-{tag}")
-    server: subprocess.Popen[bytes] | None = None
-    try:
-        subprocess.run(["ip", "link", "add", f"upn{tag}", "netns", node.name, "type", "veth",
-                        "peer", "name", f"upc{tag}", "netns", client.name], check=True)
-        node.run("ip", "addr", "add", f"{NODE_IP}/24", "dev", f"upn{tag}")
-        node.run("ip", "link", "set", f"upn{tag}", "up")
-        client.run("ip", "addr", "add", f"{CLIENT_IP}/24", "dev", f"upc{tag}")
-        client.run("ip", "link", "set", f"upc{tag}", "up")
-        # Local traffic to a VIP needs a route before nat OUTPUT sees it.
-        node.run("ip", "addr", "add", "198.18.0.1/32", "dev", "lo")
-        for net in ("198.18.1.0/24", "198.18.2.0/24"):
-            node.run("ip", "route", "add", net, "dev", "lo", "src", "198.18.0.1")
-            client.run("ip", "route", "add", net, "via", NODE_IP)
-        # TCP on WEB_PORT; UDP on WEB_PORT + 1 == DNS_PORT.
-        server = node.popen(sys.executable, "-c", SERVER, str(WEB_PORT),
-                            stdout=subprocess.PIPE)
-        assert server.stdout is not None
-        assert server.stdout.readline().strip() == b"ready"
-        yield node, client
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait(5)
-        for ns in (node, client):
-            subprocess.run(["ip", "netns", "del", ns.name], check=False)
+    with node_and_client("b") as (node, client):
+        server: subprocess.Popen[bytes] | None = None
+        try:
+            server = node.popen(sys.executable, "-c", SERVER, str(WEB_PORT),
+                                stdout=subprocess.PIPE)
+            assert server.stdout is not None
+            assert server.stdout.readline().strip() == b"ready"
+            yield node, client
+        finally:
+            if server is not None:
+                server.kill()
+                server.wait(5)
 
 
 def talk(ns: Netns, proto: str, host: str, port: int) -> str:
@@ -281,7 +258,7 @@ def test_rules_change_fast_enough_to_not_matter() -> None:
     """Smoke guard for the benchmark's claim: 100 services apply well under a second."""
     require_system("nft")
     name = f"uproxy-b-{uuid.uuid4().hex[:6]}"
-    ns = _netns(name)
+    ns = make_netns(name)
     try:
         rules = NftRules(PREFIX, command_prefix=["ip", "netns", "exec", name])
         portals = [Portal(Frontend(ServicePortName("b", f"s{i}", "p", "TCP"), 80, "TCP",

@@ -26,11 +26,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Netns, require_system
+from tests.system.topology import NODE_IP, node_and_client
 
 pytestmark = pytest.mark.system
 
-NODE_IP = "198.18.3.1"
-CLIENT_IP = "198.18.3.2"
 WEB_VIP, DNS_VIP, EXTERNAL_IP = "198.18.1.10", "198.18.1.53", "198.18.2.10"
 NODE_PORT = 30080
 SYNC_PERIOD = 2.0
@@ -109,43 +108,22 @@ def services_yaml(web_port: int = 80, with_dns: bool = True) -> str:
     return json.dumps({"services": services})
 
 
-def _netns(name: str) -> Netns:
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    ns = Netns(name)
-    ns.run("ip", "link", "set", "lo", "up")
-    return ns
-
-
 @pytest.fixture
 def topology() -> Iterator[tuple[Netns, Netns]]:
     require_system("iptables", "nft")
-    tag = uuid.uuid4().hex[:6]
-    node, client = _netns(f"uproxy-en-{tag}"), _netns(f"uproxy-ec-{tag}")
-    servers: subprocess.Popen[bytes] | None = None
-    try:
-        subprocess.run(["ip", "link", "add", f"uen{tag}", "netns", node.name, "type", "veth",
-                        "peer", "name", f"uec{tag}", "netns", client.name], check=True)
-        node.run("ip", "addr", "add", f"{NODE_IP}/24", "dev", f"uen{tag}")
-        node.run("ip", "link", "set", f"uen{tag}", "up")
-        client.run("ip", "addr", "add", f"{CLIENT_IP}/24", "dev", f"uec{tag}")
-        client.run("ip", "link", "set", f"uec{tag}", "up")
-        # Locally generated traffic to a VIP needs a route before nat OUTPUT sees it.
-        node.run("ip", "addr", "add", "198.18.0.1/32", "dev", "lo")
-        for net in ("198.18.1.0/24", "198.18.2.0/24"):
-            node.run("ip", "route", "add", net, "dev", "lo", "src", "198.18.0.1")
-            client.run("ip", "route", "add", net, "via", NODE_IP)
-        servers = node.popen(sys.executable, "-c", SERVERS, "127.0.0.1,8080,a",
-                             "127.0.0.2,8080,b", "127.0.0.1,5353,dns",
-                             stdout=subprocess.PIPE)
-        assert servers.stdout is not None
-        assert servers.stdout.readline().strip() == b"ready"
-        yield node, client
-    finally:
-        if servers is not None:
-            servers.kill()
-            servers.wait(5)
-        for ns in (node, client):
-            subprocess.run(["ip", "netns", "del", ns.name], check=False)
+    with node_and_client("e") as (node, client):
+        servers: subprocess.Popen[bytes] | None = None
+        try:
+            servers = node.popen(sys.executable, "-c", SERVERS, "127.0.0.1,8080,a",
+                                 "127.0.0.2,8080,b", "127.0.0.1,5353,dns",
+                                 stdout=subprocess.PIPE)
+            assert servers.stdout is not None
+            assert servers.stdout.readline().strip() == b"ready"
+            yield node, client
+        finally:
+            if servers is not None:
+                servers.kill()
+                servers.wait(5)
 
 
 class Uproxy:

@@ -1,0 +1,51 @@
+"""The two-namespace topology system tests share.
+
+`node` is where uproxy and its rules live; `client` is another host joined
+to it by a veth pair, routing the VIP ranges via the node. Addresses are all
+in 198.18.0.0/15.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+from tests.conftest import Netns
+
+NODE_IP = "198.18.3.1"
+CLIENT_IP = "198.18.3.2"
+VIP_NETS = ("198.18.1.0/24", "198.18.2.0/24")
+
+
+def make_netns(name: str) -> Netns:
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    ns = Netns(name)
+    ns.run("ip", "link", "set", "lo", "up")
+    return ns
+
+
+@contextlib.contextmanager
+def node_and_client(label: str) -> Iterator[tuple[Netns, Netns]]:
+    """Two namespaces joined by veth; removed on exit."""
+    tag = uuid.uuid4().hex[:6]
+    node = make_netns(f"uproxy-{label}n-{tag}")
+    client = make_netns(f"uproxy-{label}c-{tag}")
+    try:
+        node_link, client_link = f"u{label}n{tag}", f"u{label}c{tag}"
+        subprocess.run(["ip", "link", "add", node_link, "netns", node.name, "type", "veth",
+                        "peer", "name", client_link, "netns", client.name], check=True)
+        node.run("ip", "addr", "add", f"{NODE_IP}/24", "dev", node_link)
+        node.run("ip", "link", "set", node_link, "up")
+        client.run("ip", "addr", "add", f"{CLIENT_IP}/24", "dev", client_link)
+        client.run("ip", "link", "set", client_link, "up")
+        # Locally generated traffic to a VIP needs a route before nat OUTPUT sees it.
+        node.run("ip", "addr", "add", "198.18.0.1/32", "dev", "lo")
+        for net in VIP_NETS:
+            node.run("ip", "route", "add", net, "dev", "lo", "src", "198.18.0.1")
+            client.run("ip", "route", "add", net, "via", NODE_IP)
+        yield node, client
+    finally:
+        for ns in (node, client):
+            subprocess.run(["ip", "netns", "del", ns.name], check=False)
