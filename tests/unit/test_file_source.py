@@ -373,3 +373,24 @@ def test_yaml_that_cannot_be_built_is_an_error(tmp_path: Path, text: str, expect
     path = write(tmp_path, "odd.yaml", text)
 
     assert load_error(path) == expected.format(p=path)
+
+
+def test_json_in_a_yaml_named_file_loads_like_yaml(tmp_path: Path) -> None:
+    """The JSON fast path must give what the YAML path gives, errors included."""
+    document = {"services": [{"name": "web", "ports": [{"port": 80}],
+                              "endpoints": ["127.0.0.1:8080"]}]}
+    as_json = tmp_path / "a.yaml"
+    as_json.write_text(json.dumps(document, indent=1))
+    as_yaml = tmp_path / "b.yaml"
+    as_yaml.write_text(yaml.safe_dump(document))
+    assert load_services_file(as_json) == load_services_file(as_yaml)
+
+    flow = tmp_path / "flow.yaml"  # YAML flow style that is not JSON still loads
+    flow.write_text("{services: [{name: web, ports: [{port: 80}], endpoints: [127.0.0.1]}]}\n")
+    services, _ = load_services_file(flow)
+    assert [str(key) for key in services] == ["default/web"]
+
+    document["services"][0]["ports"][0]["port"] = "http"
+    as_json.write_text(json.dumps(document, indent=1))
+    with pytest.raises(SourceFileError, match=r"a\.yaml:\d+: .*port"):
+        load_services_file(as_json)
