@@ -14,6 +14,7 @@ YAML node tree can point at the exact line.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -41,6 +42,10 @@ IP_FAMILIES = ("IPv4", "IPv6")
 MAX_AFFINITY_TIMEOUT = 86400  # Kubernetes' validation limit for timeoutSeconds
 
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+# Big files repeat the same few addresses (node IPs, one backend): parse each once.
+_ip_address = functools.lru_cache(maxsize=65536)(ipaddress.ip_address)
 
 
 def format_path(path: FieldPath) -> str:
@@ -157,7 +162,7 @@ class _Reader:
         if not isinstance(value, str):
             self.fail(path, f"must be an IP address, got {describe(value)}")
         try:
-            address = ipaddress.ip_address(value)
+            address = _ip_address(value)
         except ValueError:
             self.fail(path, f"must be an IP address, got {describe(value)}")
         if family is not None and address.version != family:
@@ -394,17 +399,17 @@ def parse_endpoint(text: str) -> tuple[str, int | None]:
         host, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
             raise ValueError(text)
-        address = ipaddress.ip_address(host)
+        address = _ip_address(host)
         if address.version != 6:
             raise ValueError(text)
         port_text = rest[1:] if rest else None
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
-        address = ipaddress.ip_address(host)
+        address = _ip_address(host)
         if address.version != 4:
             raise ValueError(text)
     else:
-        address = ipaddress.ip_address(text)  # a bare IPv4 or IPv6 address
+        address = _ip_address(text)  # a bare IPv4 or IPv6 address
         port_text = None
     if port_text is None:
         return str(address), None
@@ -554,7 +559,7 @@ def _short_slices(
         if (ip, port) in seen:
             read.fail(endpoint_at, f"duplicate of endpoints[{seen[ip, port]}]")
         seen[ip, port] = index
-        family: int = ipaddress.ip_address(ip).version
+        family: int = _ip_address(ip).version
         groups.setdefault((family, port), []).append(ip)
 
     slices: list[EndpointSlice] = []
