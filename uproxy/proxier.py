@@ -23,11 +23,11 @@ from collections.abc import Callable, Mapping
 from uproxy.balancer import Balancer
 from uproxy.listeners import ListenerPool
 from uproxy.model import DesiredPort, EndpointSlice, ObjectName, Service, ServicePortName
-from uproxy.planner import Plan, desired_state, diff
+from uproxy.planner import DesiredState, Plan, desired_state, diff, update_state
 from uproxy.rules.base import Portal, Rules, RulesError
 from uproxy.rules.nodeports import NodePortReservations, node_ports
 from uproxy.stats import PortStats
-from uproxy.tracking import ChangeTracker
+from uproxy.tracking import Changes, ChangeTracker
 
 log = logging.getLogger("uproxy.proxier")
 
@@ -58,6 +58,8 @@ class Proxier:
         self.slices: dict[ObjectName, EndpointSlice] = {}
         self.applied: dict[ServicePortName, DesiredPort] = {}
         self.desired: Mapping[ServicePortName, DesiredPort] = {}
+        self._state: DesiredState | None = None
+        self._slice_index: dict[ObjectName, dict[ObjectName, EndpointSlice]] = {}
         self.skipped: Mapping[ObjectName, str] = {}
         self.rules_failures = 0
         self.last_rules_error: str | None = None
@@ -103,12 +105,26 @@ class Proxier:
         if not self.ready:
             return Plan()
         started = time.monotonic()
-        self.tracker.take().apply_to(self.services, self.slices)
-        state = desired_state(self.services, self.slices, node_name=self.node_name)
+        changes = self.tracker.take()
+        changes.apply_to(self.services, self.slices)
+        self._index_slices(changes)
+        if changes.empty or self._state is None:
+            # The periodic pass (or the first): plan everything from scratch.
+            state = desired_state(self.services, self.slices, node_name=self.node_name)
+            plan = diff(self.applied, state.ports)
+        else:
+            # Plan only what changed, and the ports that failed to open, so
+            # a one-service change costs one service however many there are.
+            touched = changes.touched_services() | {n.service for n in self.pool.errors}
+            state = update_state(
+                self._state, self.services,
+                {key: list(self._slice_index.get(key, {}).values()) for key in touched},
+                touched, node_name=self.node_name,
+            )
+            plan = diff(self.applied, state.ports, only=touched)
+        self._state = state
         self.skipped = state.skipped
         self.desired = state.ports
-        # Ports that failed to bind are not in `applied`, so every sync retries them.
-        plan = diff(self.applied, state.ports)
 
         # A port whose frontend changed is in both lists: its old listener
         # steps aside so the new one opens first, and closes after the rules moved.
@@ -134,11 +150,11 @@ class Proxier:
             if port.name in self.pool.listeners:
                 self.applied[port.name] = port
                 self.balancer.update(port.name, port.endpoints, port.affinity_timeout)
-        gone = {port.name for port in plan.removed} - set(state.ports)
+        gone = {port.name for port in plan.removed if port.name not in state.ports}
         for name in gone:
             self.balancer.remove(name)
             self.pool.forget(name)
-        for name in set(self.pool.errors) - set(state.ports):
+        for name in [name for name in self.pool.errors if name not in state.ports]:
             self.pool.errors.pop(name, None)
         self.balancer.expire_pins()
 
@@ -149,10 +165,22 @@ class Proxier:
                 len(plan.added), len(plan.updated), len(plan.removed),
                 len(self.pool.listeners), len(self.pool.errors), self.last_sync_seconds * 1000,
             )
-        self._write_table()
+        if not plan.empty or self._last_table is None:
+            self._write_table()
         if rules_error is not None:
             raise rules_error  # the runner retries with backoff; serving goes on
         return plan
+
+    def _index_slices(self, changes: Changes) -> None:
+        for key, (previous, current) in changes.slices.items():
+            if previous is not None:
+                bucket = self._slice_index.get(previous.service)
+                if bucket is not None:
+                    bucket.pop(key, None)
+                    if not bucket:
+                        del self._slice_index[previous.service]
+            if current is not None:
+                self._slice_index.setdefault(current.service, {})[key] = current
 
     def _open(self, port: DesiredPort) -> bool:
         if self.pool.open(port) is None:

@@ -21,7 +21,14 @@ from uproxy.model import (
     ServicePortSpec,
     SliceEndpoint,
 )
-from uproxy.planner import DesiredState, desired_state, diff, skip_reason
+from uproxy.planner import (
+    DesiredState,
+    desired_state,
+    diff,
+    skip_reason,
+    slices_by_service,
+    update_state,
+)
 
 NS = "default"
 NODE = "node-a"
@@ -380,3 +387,50 @@ def test_applying_the_plan_reaches_the_desired_state(
         state[updated.name] = updated
     assert state == wanted
     assert result.empty == (applied == wanted)
+
+
+# --- incremental planning ---------------------------------------------------
+
+
+
+def _world(draw_services: list[tuple[int, int, bool]], with_slices: list[tuple[int, int]]
+           ) -> tuple[dict[ObjectName, Service], dict[ObjectName, EndpointSlice]]:
+    services = {}
+    for index, port, affinity in draw_services:
+        service = Service("ns", f"s{index}", ports=(ServicePortSpec("p", port),),
+                          cluster_ips=(f"198.18.0.{index + 1}",),
+                          session_affinity="ClientIP" if affinity else "None")
+        services[service.key] = service
+    slices = {}
+    for index, backend in with_slices:
+        endpoint_slice = EndpointSlice("ns", f"s{index}-x", f"s{index}",
+                                       ports=(EndpointPort("p", 8000 + backend),),
+                                       endpoints=(SliceEndpoint((f"10.0.0.{backend}",)),))
+        slices[endpoint_slice.key] = endpoint_slice
+    return services, slices
+
+
+_SERVICES = st.lists(st.tuples(st.integers(0, 6), st.integers(1, 3), st.booleans()), max_size=6)
+_SLICES = st.lists(st.tuples(st.integers(0, 6), st.integers(1, 4)), max_size=6)
+
+
+@settings(max_examples=200)
+@given(_SERVICES, _SLICES, _SERVICES, _SLICES)
+def test_incremental_planning_equals_planning_from_scratch(
+    services_before: list[tuple[int, int, bool]], slices_before: list[tuple[int, int]],
+    services_after: list[tuple[int, int, bool]], slices_after: list[tuple[int, int]],
+) -> None:
+    old_services, old_slices = _world(services_before, slices_before)
+    new_services, new_slices = _world(services_after, slices_after)
+    before = desired_state(old_services, old_slices)
+    touched = {key for key in old_services.keys() | new_services.keys()
+               if old_services.get(key) != new_services.get(key)}
+    touched |= {s.service for key in old_slices.keys() | new_slices.keys()
+                for s in (old_slices.get(key), new_slices.get(key))
+                if s is not None and old_slices.get(key) != new_slices.get(key)}
+    after = update_state(before, new_services, slices_by_service(new_slices.values()), touched)
+    from_scratch = desired_state(new_services, new_slices)
+    assert after.ports == from_scratch.ports
+    assert after.skipped == from_scratch.skipped
+    # And the restricted diff says what the full diff says.
+    assert diff(before.ports, after.ports, only=touched) == diff(before.ports, after.ports)
