@@ -14,7 +14,9 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,17 +249,23 @@ events {{ worker_connections 20000; multi_accept on; }}
 class Uproxy(System):
     """uproxy in laptop mode (own loopback IP per service) or REDIRECT mode in a netns."""
 
-    def __init__(self, mode: str, workers: int = 1, relay: str = "") -> None:
+    def __init__(self, mode: str, workers: int = 1, relay: str = "",
+                 metrics: bool = False) -> None:
         self.mode = mode  # "laptop" | "redirect"
         self.workers = workers
         self.relay = relay  # "" (uproxy's default, the hybrid) | "splice" | "protocol"
-        self.opt_in = bool(relay)
+        # metrics: serve /metrics and scrape it every second during the run, to
+        # show what observability costs the data path (issue 6: under 3%).
+        self.metrics = metrics
+        self.opt_in = bool(relay) or metrics
         self.in_netns = mode == "redirect"
         self.name = "uproxy" if mode == "laptop" else "uproxy-redirect"
         if workers > 1:
             self.name += f"-{workers}w"
         if relay:
             self.name += f"-{relay}"
+        if metrics:
+            self.name += "-metrics"
         self.pinning = ("cpu 0" if workers == 1 else "cpus 0-1 (2 workers, shared with load)")
         if self.in_netns:
             self.pinning += ", in the harness's network namespace"
@@ -278,7 +286,7 @@ class Uproxy(System):
 
     def not_applicable(self, scenario: str) -> str | None:
         if scenario.startswith("C1") and (self.mode != "laptop" or self.workers > 1
-                                          or self.relay):
+                                          or self.relay or self.metrics):
             return "C1 runs in laptop mode, 1 worker"
         if self.relay and scenario.startswith("S4"):
             return "--relay is the TCP data path"
@@ -296,8 +304,9 @@ class Uproxy(System):
             service["clusterIP"] = VIP
         services = ctx.path(f"{self.name}-services.yaml")
         services.write_text(json.dumps({"services": [service]}))
+        metrics_bind = "127.0.0.1:0" if self.metrics else ""
         argv = [*ctx.uproxy_argv, "--services", str(services),
-                "--healthz-bind-address", "", "--metrics-bind-address", ""]
+                "--healthz-bind-address", "", "--metrics-bind-address", metrics_bind]
         if self.mode == "laptop":
             argv += ["--bind-range", BIND_RANGE]
         else:
@@ -319,7 +328,36 @@ class Uproxy(System):
         else:
             front = (VIP, route.front_port)
         self._ready(ctx, route, front, proc)
+        if self.metrics:
+            start_scraper(proc)
         return Running(front, proc.pid, [proc])
+
+
+def start_scraper(proc: Proc, interval: float = 1.0) -> None:
+    """GET /metrics and /status.json every `interval` until the proxy is gone."""
+    found: list[str] = []
+
+    def logged() -> bool:
+        found[:] = re.findall(r"metrics listening on (http://\S+)",
+                              proc.log.read_text(errors="replace"))
+        return bool(found) or not proc.alive()
+
+    wait_until(logged, 10)
+    if not found:
+        raise RuntimeError(f"uproxy logged no metrics address; log: {proc.tail()}")
+    url = found[0]
+
+    def scrape() -> None:
+        while proc.alive():
+            try:
+                for path in ("/metrics", "/status.json"):
+                    with urllib.request.urlopen(url + path, timeout=5) as response:
+                        response.read()
+            except OSError:
+                return
+            time.sleep(interval)
+
+    threading.Thread(target=scrape, name="metrics-scraper", daemon=True).start()
 
 
 class TableReader:
@@ -358,4 +396,5 @@ def wait_for_table(proc: Proc, names: set[str], timeout: float) -> dict[str, tup
 def all_systems() -> list[System]:
     return [Direct(), Uproxy("laptop"), Uproxy("laptop", 2), Uproxy("redirect"),
             HAProxy(1), HAProxy(2), NginxStream(1), NginxStream(2), Socat(),
-            Uproxy("laptop", relay="splice"), Uproxy("laptop", relay="protocol")]
+            Uproxy("laptop", relay="splice"), Uproxy("laptop", relay="protocol"),
+            Uproxy("laptop", metrics=True)]
