@@ -19,7 +19,7 @@ import yaml
 from uproxy import app
 from uproxy.cli import parse_settings
 from uproxy.rules.base import Rules
-from uproxy.sources.base import Source
+from uproxy.sources.base import Source, SourceSink
 from uproxy.sources.file import FileSource
 
 
@@ -110,6 +110,18 @@ class Running:
         parts = self.parts
         await self.wait_for(lambda: parts.runner.syncs > syncs and not parts.tracker.pending
                             and not parts.runner.pending)
+
+
+@contextlib.asynccontextmanager
+async def running(source: Source, sink: SourceSink) -> AsyncIterator[asyncio.Task[None]]:
+    """A source reporting to `sink` until the block ends."""
+    task = asyncio.create_task(source.run(sink))
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @contextlib.asynccontextmanager

@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from tests.integration.apphelpers import running
 from uproxy.model import EndpointSlice, Service
 from uproxy.sources.base import Source
 from uproxy.sources.file import FileSource, SourceFileError
@@ -93,17 +94,6 @@ def services_file(tmp_path: Path) -> Path:
     path = tmp_path / "services.yaml"
     path.write_text(TWO_SERVICES)
     return path
-
-
-@contextlib.asynccontextmanager
-async def running(source: FileSource, sink: RecordingSink) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(source.run(sink))
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def start(path: Path, *, poll_interval: float = POLL) -> tuple[FileSource, RecordingSink]:

@@ -10,7 +10,6 @@ these endpoints. Timings are scaled down (watch timeout 1-2 s instead of
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client as kube_client
 
+from tests.integration.apphelpers import running
 from tests.kubeapi import FakeKubeAPI, endpoint_slice, service
 from uproxy.model import Endpoint, EndpointSlice, ObjectName, Service, ServicePortName
 from uproxy.planner import desired_state
@@ -86,17 +86,6 @@ async def api() -> AsyncIterator[FakeKubeAPI]:
         yield server
     finally:
         await server.stop()
-
-
-@contextlib.asynccontextmanager
-async def running(source: KubeSource, sink: RecordingSink) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(source.run(sink))
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def make_source(api: FakeKubeAPI, **overrides: Any) -> KubeSource:
