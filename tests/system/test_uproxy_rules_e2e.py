@@ -22,11 +22,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
 from tests.conftest import Netns, require_system
-from tests.system.topology import NODE_IP, node_and_client
+from tests.system.topology import NODE_IP, NODE_IP6, node_and_client
 
 pytestmark = pytest.mark.system
 
@@ -50,9 +51,10 @@ def udp(sock, tag):
         sock.sendto(tag.encode() + b":" + data, peer)
 for spec in sys.argv[1:]:
     ip, port, tag = spec.split(",")
-    t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    t = socket.socket(family); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     t.bind((ip, int(port))); t.listen(64)
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((ip, int(port)))
+    u = socket.socket(family, socket.SOCK_DGRAM); u.bind((ip, int(port)))
     threading.Thread(target=tcp, args=(t, tag), daemon=True).start()
     threading.Thread(target=udp, args=(u, tag), daemon=True).start()
 print("ready", flush=True)
@@ -69,11 +71,12 @@ for _ in range(count):
             with socket.create_connection((host, port), timeout=2) as s:
                 print(json.dumps({"reply": s.recv(100).decode()}))
         else:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
                 s.settimeout(1)
                 s.sendto(b"hi", (host, port))
                 data, source = s.recvfrom(100)
-                print(json.dumps({"reply": data.decode(), "source": list(source)}))
+                print(json.dumps({"reply": data.decode(), "source": list(source[:2])}))
     except OSError as e:
         print(json.dumps({"error": type(e).__name__}))
 """
@@ -116,6 +119,7 @@ def topology() -> Iterator[tuple[Netns, Netns]]:
         try:
             servers = node.popen(sys.executable, "-c", SERVERS, "127.0.0.1,8080,a",
                                  "127.0.0.2,8080,b", "127.0.0.1,5353,dns",
+                                 "::1,5353,dns6",
                                  stdout=subprocess.PIPE)
             assert servers.stdout is not None
             assert servers.stdout.readline().strip() == b"ready"
@@ -162,16 +166,22 @@ class Uproxy:
         return self.log.read_text(errors="replace")
 
 
+class StartUproxy(Protocol):
+    def __call__(self, backend: str, text: str | None = None) -> Uproxy: ...
+
+
 @pytest.fixture
 def start_uproxy(
     topology: tuple[Netns, Netns], tmp_path: Path
-) -> Iterator[Callable[[str], Uproxy]]:
+) -> Iterator[StartUproxy]:
     node, _ = topology
     started: list[Uproxy] = []
     services = tmp_path / "services.json"
     services.write_text(services_yaml())
 
-    def start(backend: str) -> Uproxy:
+    def start(backend: str, text: str | None = None) -> Uproxy:
+        if text is not None:
+            services.write_text(text)
         proxy = Uproxy(node, backend, services)
         proxy.start()
         started.append(proxy)
@@ -248,14 +258,14 @@ FULL = ["iptables", "nft"]
 
 @pytest.mark.parametrize("backend", FULL)
 def test_serves_every_path_and_follows_the_services_file(
-    backend: str, topology: tuple[Netns, Netns], start_uproxy: Callable[[str], Uproxy],
+    backend: str, topology: tuple[Netns, Netns], start_uproxy: StartUproxy,
 ) -> None:
     node, client = topology
     proxy = start_uproxy(backend)
     eventually(lambda: serving(node), 10, f"{WEB_VIP}:80 served\n{proxy.logs()}")
 
     # nat OUTPUT: round-robin over both endpoints.
-    tags = [a.get("reply") for a in attempts(node, "tcp", WEB_VIP, 80, 10)]
+    tags = [a.get("reply", "") for a in attempts(node, "tcp", WEB_VIP, 80, 10)]
     assert sorted(tags) == ["a"] * 5 + ["b"] * 5
     assert all(tags[i] != tags[i + 1] for i in range(9))
     # UDP: the reply comes from the address the client used.
@@ -312,7 +322,7 @@ def test_serves_every_path_and_follows_the_services_file(
 
 @pytest.mark.parametrize("backend", FULL)
 def test_restart_after_kill_keeps_one_copy_and_cleanup_removes_everything(
-    backend: str, topology: tuple[Netns, Netns], start_uproxy: Callable[[str], Uproxy],
+    backend: str, topology: tuple[Netns, Netns], start_uproxy: StartUproxy,
 ) -> None:
     node, client = topology
     first = start_uproxy(backend)
@@ -381,3 +391,73 @@ def test_is_free_tells_a_held_port(netns: Netns) -> None:
         holder.kill()
         holder.wait(5)
     assert is_free(netns, "tcp", 41999)
+
+
+WEB6_VIP, WEB6_VIP4, DNS6_VIP = "fd00:198:18:1::10", "198.18.1.60", "fd00:198:18:1::53"
+NODE_PORT6 = 30081
+
+
+def ipv6_services_yaml() -> str:
+    """A dual-stack TCP service (one listener for both families) and an IPv6-only UDP one.
+
+    An IPv6-only service uses IPv6 endpoints only (as its EndpointSlices
+    would be of addressType IPv6), so the DNS endpoint is ::1.
+    """
+    return json.dumps({"services": [
+        {"name": "web6", "clusterIPs": [WEB6_VIP4, WEB6_VIP],
+         "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP",
+                    "nodePort": NODE_PORT6}],
+         "endpoints": ["127.0.0.1", "127.0.0.2"]},
+        {"name": "dns6", "namespace": "kube-system", "clusterIP": DNS6_VIP,
+         "ports": [{"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}],
+         "endpoints": ["::1"]},
+    ]})
+
+
+def proxy_ports(node: Netns, backend: str, comment: str) -> dict[int, set[int]]:
+    """IP family -> the proxy ports the portal rules with this comment point to."""
+    if backend == "nft":
+        texts = {4: node.run("nft", "list", "table", "ip", "uproxy", check=False).stdout,
+                 6: node.run("nft", "list", "table", "ip6", "uproxy", check=False).stdout}
+        pattern = rf'comment "{re.escape(comment)}" : (\d+)'
+    else:
+        texts = {4: node.run("iptables-save", "-t", "nat").stdout,
+                 6: node.run("ip6tables-save", "-t", "nat").stdout}
+        pattern = rf'--comment "?{re.escape(comment)}"? -j REDIRECT --to-ports (\d+)'
+    return {family: {int(port) for port in re.findall(pattern, text)}
+            for family, text in texts.items()}
+
+
+@pytest.mark.parametrize("backend", FULL)
+def test_ipv6_cluster_ips_get_ipv6_rules_and_a_dual_stack_listener(
+    backend: str, topology: tuple[Netns, Netns], start_uproxy: StartUproxy,
+) -> None:
+    node, client = topology
+    proxy = start_uproxy(backend, ipv6_services_yaml())
+    eventually(lambda: reply(node, "tcp", WEB6_VIP, 80) in ("a", "b"), 10,
+               f"[{WEB6_VIP}]:80 served\n{proxy.logs()}\n{dump(node, backend)}")
+
+    # nat OUTPUT (REDIRECT lands on ::1): round-robin over both endpoints.
+    tags = [a.get("reply", "") for a in attempts(node, "tcp", WEB6_VIP, 80, 4)]
+    assert sorted(tags) == ["a", "a", "b", "b"]
+    # One listener on `::` takes the IPv4 cluster IP of the same port too.
+    assert reply(node, "tcp", WEB6_VIP4, 80) in ("a", "b")
+    ports = proxy_ports(node, backend, "default/web6:http")
+    assert len(ports[4]) == 1 and ports[4] == ports[6], ports
+    # nat PREROUTING from the other namespace over IPv6: cluster IP and node port.
+    assert {reply(client, "tcp", WEB6_VIP, 80), reply(client, "tcp", WEB6_VIP, 80)} == {"a", "b"}
+    assert reply(client, "tcp", NODE_IP6, NODE_PORT6) in ("a", "b")
+    assert reply(client, "tcp", WEB6_VIP4, 80) in ("a", "b")
+    # UDP over IPv6: the reply comes from [VIP]:53, on both paths.
+    for ns in (node, client):
+        assert attempts(ns, "udp", DNS6_VIP, 53) == [
+            {"reply": "dns6:hi", "source": [DNS6_VIP, 53]}]
+    # The IPv6-only service has IPv6 rules only.
+    dns_ports = proxy_ports(node, backend, "kube-system/dns6:dns")
+    assert len(dns_ports[6]) == 1 and dns_ports[4] == set(), dns_ports
+
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait() == 0, proxy.logs()
+    assert ours(dump(node, backend)) == []
+    node.run("conntrack", "-F", check=False)
+    assert reply(node, "tcp", WEB6_VIP, 80).startswith("error")

@@ -1,8 +1,9 @@
 """The two-namespace topology system tests share.
 
 `node` is where uproxy and its rules live; `client` is another host joined
-to it by a veth pair, routing the VIP ranges via the node. Addresses are all
-in 198.18.0.0/15.
+to it by a veth pair, routing the VIP ranges via the node. IPv4 addresses are
+all in 198.18.0.0/15; IPv6 ones in fd00:198:18::/48 (a ULA prefix), used only
+inside these namespaces.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from tests.conftest import Netns
 NODE_IP = "198.18.3.1"
 CLIENT_IP = "198.18.3.2"
 VIP_NETS = ("198.18.1.0/24", "198.18.2.0/24")
+NODE_IP6 = "fd00:198:18:3::1"
+CLIENT_IP6 = "fd00:198:18:3::2"
+VIP6_NETS = ("fd00:198:18:1::/64", "fd00:198:18:2::/64")
 
 
 def make_netns(name: str) -> Netns:
@@ -45,6 +49,13 @@ def node_and_client(label: str) -> Iterator[tuple[Netns, Netns]]:
         for net in VIP_NETS:
             node.run("ip", "route", "add", net, "dev", "lo", "src", "198.18.0.1")
             client.run("ip", "route", "add", net, "via", NODE_IP)
+        # The same for IPv6; nodad: the addresses are usable at once, not after DAD.
+        node.run("ip", "-6", "addr", "add", f"{NODE_IP6}/64", "dev", node_link, "nodad")
+        client.run("ip", "-6", "addr", "add", f"{CLIENT_IP6}/64", "dev", client_link, "nodad")
+        node.run("ip", "-6", "addr", "add", "fd00:198:18::1/128", "dev", "lo")
+        for net in VIP6_NETS:
+            node.run("ip", "-6", "route", "add", net, "dev", "lo", "src", "fd00:198:18::1")
+            client.run("ip", "-6", "route", "add", net, "via", NODE_IP6)
         yield node, client
     finally:
         for ns in (node, client):
