@@ -309,3 +309,129 @@ def test_changes_send_only_the_difference_and_a_failure_makes_the_next_apply_ver
     assert sorted(backend.dump().splitlines()) == sorted(full.splitlines())
     node.run("conntrack", "-F", check=False)
     assert reachable(node, client) == ALL_OK
+
+
+# A foreign rule per built-in chain, there before uproxy: the nat ones would
+# send the web VIP to a dead port if they ran first.
+FOREIGN = {
+    4: [("nat", "PREROUTING", "-d 198.18.1.10/32 -p tcp -m tcp --dport 80 "
+                              "-j DNAT --to-destination 198.18.3.1:9"),
+        ("nat", "PREROUTING", "-p tcp -m tcp --dport 9 -j RETURN"),
+        ("nat", "OUTPUT", "-d 198.18.1.10/32 -p tcp -m tcp --dport 80 "
+                          "-j DNAT --to-destination 127.0.0.1:9"),
+        ("nat", "OUTPUT", "-p tcp -m tcp --dport 9 -j RETURN"),
+        ("filter", "INPUT", "-p tcp -m tcp --dport 9 -j ACCEPT")],
+    6: [("nat", "PREROUTING", "-p tcp -m tcp --dport 9 -j RETURN"),
+        ("nat", "OUTPUT", "-p tcp -m tcp --dport 9 -j RETURN"),
+        ("filter", "INPUT", "-p tcp -m tcp --dport 9 -j ACCEPT")],
+}
+WEB6 = Frontend(ServicePortName("default", "web6", "http", "TCP"), 80, "TCP",
+                cluster_ips=("fd00:198:18:1::10",), node_port=30081)
+DUAL_PORTALS = [*PORTALS, Portal(WEB6, "0.0.0.0", WEB_PORT)]
+
+
+def xtables(kind: str, family: int) -> str:
+    tool = "iptables" if family == 4 else "ip6tables"
+    return f"{tool}-legacy" if kind in ("iptables-legacy", "iptc") else tool
+
+
+def add_foreign_rules(node: Netns, kind: str) -> None:
+    # nft: the foreign rules go through iptables-nft, i.e. the ip/ip6 `nat`
+    # and `filter` tables with their chains at the standard priorities.
+    tool_kind = "iptables" if kind == "nft" else kind
+    for family, rules in FOREIGN.items():
+        for table, chain, spec in rules:
+            node.run(xtables(tool_kind, family), "-t", table, "-A", chain, *spec.split())
+
+
+def chain_order(node: Netns, kind: str, family: int, table: str, chain: str) -> list[str]:
+    """The rules of a built-in chain, in order, as `-S` prints them (without `-A CHAIN`)."""
+    listing = node.run(xtables(kind, family), "-t", table, "-S", chain).stdout
+    head = f"-A {chain} "
+    return [line[len(head):] for line in listing.splitlines() if line.startswith(head)]
+
+
+def jump_to(chain: str) -> str:
+    return f'-m comment --comment "uproxy {chain.lower()}" -j {chain}'
+
+
+def assert_jumps_in_place(node: Netns, kind: str) -> None:
+    """Ours first in PREROUTING/OUTPUT/INPUT, node ports last, foreign rules in between in order."""
+    for family, rules in FOREIGN.items():
+        foreign = {(table, chain): [spec for t, c, spec in rules if (t, c) == (table, chain)]
+                   for table, chain, _ in rules}
+        expected = {
+            ("nat", "PREROUTING"): [jump_to(f"{PREFIX}-PORTALS-CONTAINER"),
+                                    *foreign[("nat", "PREROUTING")],
+                                    jump_to(f"{PREFIX}-NODEPORT-CONTAINER")],
+            ("nat", "OUTPUT"): [jump_to(f"{PREFIX}-PORTALS-HOST"), *foreign[("nat", "OUTPUT")],
+                                jump_to(f"{PREFIX}-NODEPORT-HOST")],
+            ("filter", "INPUT"): [jump_to(f"{PREFIX}-NODEPORT-NON-LOCAL"),
+                                  *foreign[("filter", "INPUT")]],
+        }
+        for (table, chain), rules_in_order in expected.items():
+            assert chain_order(node, kind, family, table, chain) == rules_in_order, (
+                family, table, chain)
+
+
+def nft_base_chains(node: Netns) -> list[dict[str, Any]]:
+    listing = json.loads(node.run("nft", "-j", "list", "chains").stdout)
+    return [item["chain"] for item in listing["nftables"]
+            if "chain" in item and "hook" in item["chain"]]
+
+
+def assert_nft_chains_in_place(node: Netns) -> None:
+    """nft has no rule positions across tables: hook priorities order the chains.
+
+    On each hook of each family: our portal chains run before every other nat
+    chain (lower priority, strictly: equal ones run in no defined order), our
+    node-port chains after every other nat chain, and our input filter before
+    every other filter chain.
+    """
+    chains = nft_base_chains(node)
+    table = PREFIX.lower()
+    for family in ("ip", "ip6"):
+        ours = {c["name"]: c for c in chains if c["family"] == family and c["table"] == table}
+        others = [c for c in chains if c["family"] == family and c["table"] != table]
+        assert set(ours) == {"portals_container", "portals_host", "nodeports_container",
+                             "nodeports_host", "nodeport_non_local"}, ours
+        for where, hook in (("container", "prerouting"), ("host", "output")):
+            rivals = [c["prio"] for c in others if c["hook"] == hook and c["type"] == "nat"]
+            assert rivals, (family, hook, others)  # the foreign rules made some
+            assert ours[f"portals_{where}"]["hook"] == hook
+            assert ours[f"portals_{where}"]["prio"] < min(rivals)
+            assert ours[f"nodeports_{where}"]["hook"] == hook
+            assert ours[f"nodeports_{where}"]["prio"] > max(rivals)
+        rivals = [c["prio"] for c in others if c["hook"] == "input" and c["type"] == "filter"]
+        assert rivals and ours["nodeport_non_local"]["prio"] < min(rivals)
+
+
+def test_jumps_go_first_and_last_around_rules_that_were_there_before(
+    backend: Backend, topology: tuple[Netns, Netns]
+) -> None:
+    node, client = topology
+    add_foreign_rules(node, backend.kind)
+    assert talk(node, "tcp", "198.18.1.10", 80).startswith("error")  # the foreign DNAT
+
+    backend.apply(DUAL_PORTALS)
+
+    if backend.kind == "nft":
+        assert_nft_chains_in_place(node)
+    else:
+        assert_jumps_in_place(node, backend.kind)
+    # Ours run first: the foreign DNAT of the same VIP:port never sees the traffic.
+    assert reachable(node, client) == ALL_OK
+
+    if backend.kind != "nft":
+        # A lost jump comes back in its place, and a fresh process moves nothing.
+        host_jump = f"{PREFIX}-PORTALS-HOST"
+        node.run(xtables(backend.kind, 4), "-t", "nat", "-D", "OUTPUT", "-m", "comment",
+                 "--comment", f"uproxy {host_jump.lower()}", "-j", host_jump)
+        assert jump_to(host_jump) not in chain_order(node, backend.kind, 4, "nat", "OUTPUT")
+    backend.apply(DUAL_PORTALS, backend.fresh())
+    if backend.kind == "nft":
+        assert_nft_chains_in_place(node)
+    else:
+        assert_jumps_in_place(node, backend.kind)
+    node.run("conntrack", "-F", check=False)
+    assert reachable(node, client) == ALL_OK
