@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -355,9 +356,11 @@ def jump_to(chain: str) -> str:
     return f'-m comment --comment "uproxy {chain.lower()}" -j {chain}'
 
 
-def assert_jumps_in_place(node: Netns, kind: str) -> None:
+def assert_jumps_in_place(
+    node: Netns, kind: str, foreign_rules: dict[int, list[tuple[str, str, str]]] | None = None
+) -> None:
     """Ours first in PREROUTING/OUTPUT/INPUT, node ports last, foreign rules in between in order."""
-    for family, rules in FOREIGN.items():
+    for family, rules in (foreign_rules or FOREIGN).items():
         foreign = {(table, chain): [spec for t, c, spec in rules if (t, c) == (table, chain)]
                    for table, chain, _ in rules}
         expected = {
@@ -435,3 +438,55 @@ def test_jumps_go_first_and_last_around_rules_that_were_there_before(
         assert_jumps_in_place(node, backend.kind)
     node.run("conntrack", "-F", check=False)
     assert reachable(node, client) == ALL_OK
+
+
+# Rules another program adds after uproxy applied: in front of our first jumps
+# (`-I CHAIN 1`) and behind our last one (`-A PREROUTING`).
+LATE_FIRST = [("nat", "PREROUTING", "-p tcp -m tcp --dport 7 -j RETURN"),
+              ("nat", "OUTPUT", "-p tcp -m tcp --dport 7 -j RETURN"),
+              ("filter", "INPUT", "-p tcp -m tcp --dport 7 -j ACCEPT")]
+LATE_LAST = ("nat", "PREROUTING", "-p udp -m udp --dport 7 -j RETURN")
+
+
+def test_a_verifying_apply_moves_pushed_away_jumps_back_and_then_sends_nothing(
+    backend: Backend, topology: tuple[Netns, Netns]
+) -> None:
+    if backend.kind == "nft":
+        pytest.skip("nft orders chains by hook priority; no rule positions to push away")
+    node, client = topology
+    add_foreign_rules(node, backend.kind)
+    backend.apply(DUAL_PORTALS)
+    assert_jumps_in_place(node, backend.kind)
+
+    for family in FOREIGN:
+        tool = xtables(backend.kind, family)
+        for table, chain, spec in LATE_FIRST:
+            node.run(tool, "-t", table, "-I", chain, "1", *spec.split())
+        table, chain, spec = LATE_LAST
+        node.run(tool, "-t", table, "-A", chain, *spec.split())
+    assert chain_order(node, backend.kind, 4, "nat", "PREROUTING")[0] == LATE_FIRST[0][2]
+
+    backend.apply(DUAL_PORTALS)  # verify=True, the periodic full pass
+
+    # The late rules keep their order among the foreign ones; ours are back at the edges.
+    moved: dict[int, list[tuple[str, str, str]]] = {}
+    for family, rules in FOREIGN.items():
+        moved[family] = [rule for where in (("nat", "PREROUTING"), ("nat", "OUTPUT"),
+                                            ("filter", "INPUT"))
+                         for rule in [*LATE_FIRST, *rules, LATE_LAST] if rule[:2] == where]
+    assert_jumps_in_place(node, backend.kind, moved)
+    node.run("conntrack", "-F", check=False)
+    assert reachable(node, client) == ALL_OK
+
+    # In place now: the next verifying pass moves nothing (and the iptables
+    # backend sends nothing; iptc commits whole tables, which resets counters).
+    def without_counters() -> str:  # stray packets (IPv6 ND) move policy counters
+        return re.sub(r"\[\d+:\d+\]", "", backend.dump())
+
+    placed = without_counters()
+    before = getattr(backend.rules, "restores", 0)
+    backend.apply(DUAL_PORTALS)
+    assert_jumps_in_place(node, backend.kind, moved)
+    if backend.rules is not None:
+        assert backend.rules.restores == before
+        assert without_counters() == placed

@@ -106,6 +106,40 @@ def test_jump_fixes_insert_missing_and_delete_duplicates() -> None:
     assert "filter" not in fixes
 
 
+def test_jump_fixes_move_a_pushed_away_jump_back_and_leave_placed_ones_alone() -> None:
+    portals = '-m comment --comment "uproxy u-portals-container" -j U-PORTALS-CONTAINER'
+    nodeports = '-m comment --comment "uproxy u-nodeport-container" -j U-NODEPORT-CONTAINER'
+    host = '-m comment --comment "uproxy u-portals-host" -j U-PORTALS-HOST'
+    host_nodeports = '-m comment --comment "uproxy u-nodeport-host" -j U-NODEPORT-HOST'
+    local = '-m comment --comment "uproxy u-nodeport-non-local" -j U-NODEPORT-NON-LOCAL'
+
+    def save(prerouting: list[str], output: list[str], input_: list[str]) -> str:
+        return ("*nat\n" + "".join(f"-A PREROUTING {r}\n" for r in prerouting)
+                + "".join(f"-A OUTPUT {r}\n" for r in output) + "COMMIT\n*filter\n"
+                + "".join(f"-A INPUT {r}\n" for r in input_) + "COMMIT\n")
+
+    placed = save([portals, "-j RETURN", nodeports], [host, host_nodeports], [local, "-j ACCEPT"])
+    assert jump_fixes(parse_save(placed), "U") == {}
+
+    # Another program inserted before our first jumps and appended after our last one.
+    pushed = save(["-p tcp -j RETURN", portals, nodeports, "-p udp -j RETURN"],
+                  ["-j RETURN", host, host_nodeports], ["-j DROP", local])
+    assert jump_fixes(parse_save(pushed), "U") == {
+        "nat": [f"-D PREROUTING {portals}", f"-I PREROUTING 1 {portals}",
+                f"-D OUTPUT {host}", f"-I OUTPUT 1 {host}",
+                f"-D PREROUTING {nodeports}", f"-A PREROUTING {nodeports}"],
+        "filter": [f"-D INPUT {local}", f"-I INPUT 1 {local}"],
+    }
+
+    # Two identical copies, one in place: deleting by text would hit the placed
+    # one first, so both go and one comes back.
+    doubled = save([portals, "-j RETURN", portals, nodeports], [host, host_nodeports], [local])
+    assert jump_fixes(parse_save(doubled), "U") == {
+        "nat": [f"-D PREROUTING {portals}", f"-D PREROUTING {portals}",
+                f"-I PREROUTING 1 {portals}"],
+    }
+
+
 def test_nft_diff_of_one_service_touches_only_its_elements() -> None:
     before = nft_elements([e for e in portal_entries(sample_portals()) if e.family == 4])
     after = nft_elements([e for e in portal_entries(sample_portals()[:1]) if e.family == 4])

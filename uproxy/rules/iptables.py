@@ -2,7 +2,9 @@
 
 A verifying apply (the periodic pass, the first apply of an instance, any
 apply after a failure) reads the kernel (`iptables-save`), and when our
-chains or the jumps into them differ from what they should be, rewrites our
+chains or the jumps into them differ from what they should be (a jump
+missing, doubled, or no longer first, or last for the node ports, because
+another program inserted or appended a rule), rewrites our
 chains and fixes the jumps in one `iptables-restore --noflush -w`
 transaction. An apply that carries changes (`verify=False`) trusts what this
 instance last wrote: nothing is sent when the rules are the same, else one
@@ -74,16 +76,32 @@ def jump_lines_in(saved: SavedTables, jump: Jump) -> list[str]:
 
 
 def jump_fixes(saved: SavedTables, prefix: str) -> dict[str, list[str]]:
-    """Per table, the -I/-A/-D lines that leave exactly one jump into each of our chains."""
+    """Per table, the -I/-A/-D lines that leave exactly one jump into each of our
+    chains, in its place: first in its built-in chain, or last for the node ports.
+
+    Nothing when every jump is alone and in place. A jump that another program
+    pushed away from its place (a rule inserted before it, or appended after a
+    "last" one) is deleted and put back. Deletes go by rule text, never by
+    number, so a chain that changes between the save and the restore makes the
+    transaction fail rather than delete someone else's rule.
+    """
     fixes: dict[str, list[str]] = {}
     for jump in jumps(prefix):
+        rules = saved.rules_of(jump.table, jump.chain)
         found = jump_lines_in(saved, jump)
         lines = fixes.setdefault(jump.table, [])
-        if not found:
-            lines.append(f"-I {jump.chain} 1 {jump.spec}" if jump.first
-                         else f"-A {jump.chain} {jump.spec}")
-        for extra in found[1:]:
-            lines.append(f"-D {jump.chain} {extra}")
+        edge = (rules[0] if jump.first else rules[-1]) if rules else None
+        others = list(found)
+        if edge is not None and edge in found:
+            others.remove(edge)
+        if edge in found and edge not in others:
+            # In place: only duplicates elsewhere go (their text differs from the
+            # kept one, so deleting by text cannot hit it).
+            lines += [f"-D {jump.chain} {extra}" for extra in others]
+            continue
+        lines += [f"-D {jump.chain} {args}" for args in found]
+        lines.append(f"-I {jump.chain} 1 {jump.spec}" if jump.first
+                     else f"-A {jump.chain} {jump.spec}")
     return {table: lines for table, lines in fixes.items() if lines}
 
 

@@ -175,15 +175,19 @@ class IptcRules:
                     if jump.table != table_name:
                         continue
                     builtin = iptc.Chain(table, jump.chain)
-                    found = [r for r in builtin.rules if r.target.name == jump.target]
-                    if not found:
-                        rule = _jump(iptc, family, jump.target)
-                        if jump.first:
-                            builtin.insert_rule(rule)
-                        else:
-                            builtin.append_rule(rule)
-                    for extra in found[1:]:
-                        builtin.delete_rule(extra)
+                    rules = builtin.rules
+                    at = [i for i, r in enumerate(rules) if r.target.name == jump.target]
+                    if at == [0 if jump.first else len(rules) - 1]:
+                        continue  # alone and in place (first, or last for node ports)
+                    # Missing, doubled, or pushed away by another program's rule:
+                    # every copy goes and one comes back in its place.
+                    for index in reversed(at):
+                        builtin.delete_rule(rules[index])
+                    rule = _jump(iptc, family, jump.target)
+                    if jump.first:
+                        builtin.insert_rule(rule)
+                    else:
+                        builtin.append_rule(rule)
                 table.commit()
                 self.commits += 1
             except iptc.IPTCError as error:
