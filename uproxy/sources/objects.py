@@ -205,14 +205,19 @@ def _check_port_names(reader: _Reader, names: Sequence[str], base: FieldPath) ->
         seen.add(port_name)
 
 
+def _metadata(read: _Reader, d: Mapping[str, Any]) -> tuple[str, str, Mapping[str, str]]:
+    """namespace (default "default"), name and labels of an object's metadata."""
+    meta = read.mapping(d.get("metadata"), ("metadata",))
+    namespace = read.name(meta.get("namespace"), ("metadata", "namespace"), "default")
+    name = read.name(meta.get("name"), ("metadata", "name"))
+    return namespace, name, read.labels(meta.get("labels"), ("metadata", "labels"))
+
+
 def service_from_dict(d: Mapping[str, Any], where: str) -> Service:
     """A v1 Service (kubectl output or API JSON) as a model Service."""
     read = _Reader(where)
     d = read.mapping(d, ())
-    meta = read.mapping(d.get("metadata"), ("metadata",))
-    namespace = read.name(meta.get("namespace"), ("metadata", "namespace"), "default")
-    name = read.name(meta.get("name"), ("metadata", "name"))
-    labels = read.labels(meta.get("labels"), ("metadata", "labels"))
+    namespace, name, labels = _metadata(read, d)
     spec = read.mapping(d.get("spec"), ("spec",))
     service_type = read.choice(spec.get("type"), ("spec", "type"), SERVICE_TYPES, "ClusterIP")
 
@@ -316,10 +321,7 @@ def slice_from_dict(d: Mapping[str, Any], where: str) -> EndpointSlice:
     """A discovery.k8s.io/v1 EndpointSlice (kubectl output or API JSON) as a model slice."""
     read = _Reader(where)
     d = read.mapping(d, ())
-    meta = read.mapping(d.get("metadata"), ("metadata",))
-    namespace = read.name(meta.get("namespace"), ("metadata", "namespace"), "default")
-    name = read.name(meta.get("name"), ("metadata", "name"))
-    labels = read.labels(meta.get("labels"), ("metadata", "labels"))
+    namespace, name, labels = _metadata(read, d)
     service_name = read.name(
         labels.get(SERVICE_NAME_LABEL), ("metadata", "labels", SERVICE_NAME_LABEL)
     )
