@@ -6,8 +6,24 @@ import asyncio
 import socket
 from collections.abc import Awaitable, Callable
 
+import pytest
+import uvloop
+
 from uproxy.model import Endpoint
 from uproxy.relay.base import NoEndpointsError
+
+# Relay modules run every test on both loops: `from relay_helpers import event_loop_policy`.
+LOOP_POLICY_WARNING = pytest.mark.filterwarnings(
+    "ignore:.*event_loop_policy.*:DeprecationWarning")
+
+
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """uvloop is what runs in production; the stdlib loop must work too."""
+    if request.param == "uvloop":
+        policy: asyncio.AbstractEventLoopPolicy = uvloop.EventLoopPolicy()
+        return policy
+    return asyncio.DefaultEventLoopPolicy()
 
 
 class FixedPicker:

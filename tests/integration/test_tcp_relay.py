@@ -14,14 +14,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import uvloop
 
 from tests.integration.relay_helpers import (
+    LOOP_POLICY_WARNING,
     FixedPicker,
     backend,
     closed_port,
     echo,
     endpoint_of,
+    event_loop_policy,  # noqa: F401 (a fixture: both loops for every test)
     tcp_listener,
 )
 from uproxy.balancer import Balancer
@@ -32,18 +33,10 @@ from uproxy.relay.tcp import TcpServer
 from uproxy.stats import PortStats
 
 MODES = ["splice", "protocol", "auto"]
-pytestmark = pytest.mark.filterwarnings("ignore:.*event_loop_policy.*:DeprecationWarning")
+pytestmark = LOOP_POLICY_WARNING
 MiB = 1024 * 1024
 PAYLOAD = bytes(range(256)) * (MiB // 256)
 
-
-@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    """uvloop is what runs in production; the stdlib loop must work too."""
-    if request.param == "uvloop":
-        policy: asyncio.AbstractEventLoopPolicy = uvloop.EventLoopPolicy()
-        return policy
-    return asyncio.DefaultEventLoopPolicy()
 
 
 class Proxy:

@@ -8,23 +8,21 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-import uvloop
 
-from tests.integration.relay_helpers import FixedPicker, endpoint_of, udp_socket
+from tests.integration.relay_helpers import (
+    LOOP_POLICY_WARNING,
+    FixedPicker,
+    endpoint_of,
+    event_loop_policy,  # noqa: F401 (a fixture: both loops for every test)
+    udp_socket,
+)
 from uproxy.model import Endpoint
 from uproxy.relay.udp import UdpServer
 from uproxy.stats import PortStats
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*event_loop_policy.*:DeprecationWarning")
+pytestmark = LOOP_POLICY_WARNING
 BIG = 65507  # the largest UDP payload over IPv4
 
-
-@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    if request.param == "uvloop":
-        policy: asyncio.AbstractEventLoopPolicy = uvloop.EventLoopPolicy()
-        return policy
-    return asyncio.DefaultEventLoopPolicy()
 
 
 class UdpEcho:
