@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Netns, require_system
-from tests.system.topology import NODE_IP, make_netns, node_and_client
+from tests.system.topology import NODE_IP, make_netns, node_and_client, running_server
 from uproxy.model import Frontend, ServicePortName
 from uproxy.rules.base import Portal, RulesError
 from uproxy.rules.iptables import IptablesRules
@@ -154,18 +154,8 @@ class Backend:
 @pytest.fixture
 def topology() -> Iterator[tuple[Netns, Netns]]:
     require_system("iptables", "nft")
-    with node_and_client("b") as (node, client):
-        server: subprocess.Popen[bytes] | None = None
-        try:
-            server = node.popen(sys.executable, "-c", SERVER, str(WEB_PORT),
-                                stdout=subprocess.PIPE)
-            assert server.stdout is not None
-            assert server.stdout.readline().strip() == b"ready"
-            yield node, client
-        finally:
-            if server is not None:
-                server.kill()
-                server.wait(5)
+    with node_and_client("b") as (node, client), running_server(node, SERVER, str(WEB_PORT)):
+        yield node, client
 
 
 def talk(ns: Netns, proto: str, host: str, port: int) -> str:

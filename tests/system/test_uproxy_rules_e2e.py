@@ -27,7 +27,7 @@ from typing import Protocol
 import pytest
 
 from tests.conftest import Netns, require_system
-from tests.system.topology import NODE_IP, NODE_IP6, node_and_client
+from tests.system.topology import NODE_IP, NODE_IP6, node_and_client, running_server
 
 pytestmark = pytest.mark.system
 
@@ -114,20 +114,11 @@ def services_yaml(web_port: int = 80, with_dns: bool = True) -> str:
 @pytest.fixture
 def topology() -> Iterator[tuple[Netns, Netns]]:
     require_system("iptables", "nft")
-    with node_and_client("e") as (node, client):
-        servers: subprocess.Popen[bytes] | None = None
-        try:
-            servers = node.popen(sys.executable, "-c", SERVERS, "127.0.0.1,8080,a",
-                                 "127.0.0.2,8080,b", "127.0.0.1,5353,dns",
-                                 "::1,5353,dns6",
-                                 stdout=subprocess.PIPE)
-            assert servers.stdout is not None
-            assert servers.stdout.readline().strip() == b"ready"
-            yield node, client
-        finally:
-            if servers is not None:
-                servers.kill()
-                servers.wait(5)
+    with node_and_client("e") as (node, client), running_server(
+        node, SERVERS, "127.0.0.1,8080,a", "127.0.0.2,8080,b", "127.0.0.1,5353,dns",
+        "::1,5353,dns6",
+    ):
+        yield node, client
 
 
 class Uproxy:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -60,3 +61,16 @@ def node_and_client(label: str) -> Iterator[tuple[Netns, Netns]]:
     finally:
         for ns in (node, client):
             subprocess.run(["ip", "netns", "del", ns.name], check=False)
+
+
+@contextlib.contextmanager
+def running_server(ns: Netns, script: str, *args: str) -> Iterator[None]:
+    """A Python server script in `ns` that prints "ready" once it listens; killed on exit."""
+    server = ns.popen(sys.executable, "-c", script, *args, stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == b"ready"
+        yield
+    finally:
+        server.kill()
+        server.wait(5)
