@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,16 +76,6 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0,
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
     return loop.time() - started
-
-
-@pytest.fixture
-async def api() -> AsyncIterator[FakeKubeAPI]:
-    server = FakeKubeAPI(bookmark_interval=0.2)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 def make_source(api: FakeKubeAPI, **overrides: Any) -> KubeSource:

@@ -18,16 +18,6 @@ from tests.kubeapi import FakeKubeAPI, LabelSelector, endpoint_slice, service
 
 
 @pytest.fixture
-async def api() -> AsyncIterator[FakeKubeAPI]:
-    server = FakeKubeAPI(bookmark_interval=0.2)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
 async def api_client(api: FakeKubeAPI) -> AsyncIterator[client.ApiClient]:
     configuration = client.Configuration(host=api.url)
     async with client.ApiClient(configuration) as c:
