@@ -47,7 +47,7 @@ class SyncMetrics:
     def __init__(self, registry: CollectorRegistry, wall: Callable[[], float] = time.time) -> None:
         self._wall = wall
         self.duration = Histogram(
-            "uproxy_sync_proxy_rules_duration_seconds",
+            "uproxy_sync_duration_seconds",
             "How long one sync of listeners, rules and balancer took.",
             buckets=SYNC_BUCKETS,
             registry=registry,
@@ -276,8 +276,8 @@ def families(figures: Figures) -> Iterator[Metric]:
         "uproxy_connections_active", "TCP connections open now.", labels=PORT_LABELS)
     failures = CounterMetricFamily(
         "uproxy_connection_failures",
-        "Connections (TCP) or datagrams (UDP) not served: dial failed on every attempt, "
-        "or no endpoints.",
+        "Connections (TCP) or datagrams (UDP) not served: reason=dial, every dial attempt "
+        "failed; reason=no_endpoints, there was no endpoint to dial.",
         labels=(*PORT_LABELS, "reason"))
     byte_count = CounterMetricFamily(
         "uproxy_bytes", "Bytes relayed; in: client to endpoint, out: endpoint to client.",
@@ -285,7 +285,9 @@ def families(figures: Figures) -> Iterator[Metric]:
     dial = HistogramMetricFamily(
         "uproxy_dial_duration_seconds", "Time to connect to an endpoint.", labels=PORT_LABELS)
     dial_failed = CounterMetricFamily(
-        "uproxy_dial_attempt_failures", "Single dial attempts that failed (before retry).",
+        "uproxy_dial_failures",
+        "Dial attempts to an endpoint that failed (refused, timed out, unreachable), "
+        "also those after which failover to another endpoint succeeded.",
         labels=PORT_LABELS)
     udp_active = GaugeMetricFamily(
         "uproxy_udp_sessions_active", "UDP client sessions open now.", labels=PORT_LABELS)

@@ -18,7 +18,7 @@ class PortStats:
     no_endpoints: int = 0  # refused (TCP) or dropped (UDP) for lack of endpoints
     bytes_in: int = 0  # client -> endpoint
     bytes_out: int = 0  # endpoint -> client
-    dial_attempts_failed: int = 0
+    dial_attempts_failed: int = 0  # every failed dial, also one followed by a good failover
     dial_seconds_total: float = 0.0
     dial_latencies: list[float] = field(default_factory=list)  # drained by metrics
     accept_backoffs: int = 0  # EMFILE/ENFILE pauses

@@ -4,8 +4,11 @@ health and readiness, the status document, access logs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -13,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.apphelpers import Backends, running_uproxy, tcp_exchange, write_services
+from uproxy.relay.base import DIAL_TIMEOUTS
 
 WEB = ("--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0")
 
@@ -34,6 +38,15 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(found: dict, name: str, **labels: str) -> float:
     return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A 127.0.0.1 port that refuses connections: bound, never listening, so
+    nothing else can take it while the test runs."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 async def test_metrics_status_and_health_follow_real_traffic(
@@ -77,7 +90,10 @@ async def test_metrics_status_and_health_follow_real_traffic(
             assert value(after, "uproxy_endpoint_picks_total", **labels,
                          endpoint=f"127.0.0.1:{port}") >= 3
             assert value(after, "uproxy_listeners") == 3
-            assert value(after, "uproxy_sync_proxy_rules_duration_seconds_count") >= 1
+            assert value(after, "uproxy_sync_duration_seconds_count") >= 1
+            # "down" has one endpoint: every attempt of the backoff dialled it
+            assert value(after, "uproxy_dial_failures_total", service="default/down",
+                         port="8082", protocol="TCP") == len(DIAL_TIMEOUTS)
 
             health = await http.get(f"{healthz}/healthz")
             assert health.status == 200 and (await health.json())["nodeHealthy"] is True
@@ -89,6 +105,42 @@ async def test_metrics_status_and_health_follow_real_traffic(
             assert "default/web" in text and up.address("default/web", "http")[0] in text
             page = await http.get(f"{metrics}/status")
             assert page.status == 200 and "<html" in (await page.text()).lower()
+
+
+async def test_dial_failures_count_every_dial_to_a_dead_endpoint_even_after_failover(
+    tmp_path: Path, backends: Backends
+) -> None:
+    live = await backends.tcp("ok")
+    connections = 6
+    with refusing_port() as dead_port:
+        dead = f"127.0.0.1:{dead_port}"
+        services = tmp_path / "services.yaml"
+        write_services(services, [{"name": "half", "ports": [{"port": 8080}],
+                                   "endpoints": [dead, f"127.0.0.1:{live}"]}])
+        async with running_uproxy(services, "--bind-range", "127.77.0.0/16", *WEB) as up:
+            metrics = up.parts.web_servers[1].url
+            labels = {"service": "default/half", "port": "8080", "protocol": "TCP"}
+            async with aiohttp.ClientSession() as http:
+                status = await (await http.get(f"{metrics}/status.json")).json()
+                (port,) = [port for service in status["services"]
+                           if service["service"] == "default/half" for port in service["ports"]]
+                # Round-robin over [dead, live] in shuffled order: the first
+                # connection hits the dead endpoint only if it is next now; a
+                # failed dial fails over to the live one, which leaves the
+                # dead one next again, so every later connection hits it once.
+                first_hits_dead = port["next_endpoint"] == dead
+                for _ in range(connections):
+                    assert await tcp_exchange(up.address("default/half"), b"hi") == b"ok:hi"
+                await asyncio.sleep(0.1)
+                after = samples(await (await http.get(f"{metrics}/metrics")).text())
+
+    assert value(after, "uproxy_connections_total", **labels) == connections
+    assert value(after, "uproxy_dial_failures_total", **labels) \
+        == connections - 1 + first_hits_dead
+    assert value(after, "uproxy_endpoint_picks_total", **labels, endpoint=dead) \
+        == connections - 1 + first_hits_dead
+    assert value(after, "uproxy_connection_failures_total", **labels, reason="dial") == 0
+    assert value(after, "uproxy_connection_failures_total", **labels, reason="no_endpoints") == 0
 
 
 async def test_stuck_sync_turns_healthz_503(tmp_path: Path, backends: Backends) -> None:

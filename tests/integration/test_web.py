@@ -119,7 +119,7 @@ async def test_counters_move_as_connections_open_fail_and_close(
     assert value(during, "uproxy_connection_failures_total", **WEB_LABELS, reason="dial") == 1
     assert value(during, "uproxy_connection_failures_total", **WEB_LABELS,
                  reason="no_endpoints") == 1
-    assert value(during, "uproxy_dial_attempt_failures_total", **WEB_LABELS) == 4
+    assert value(during, "uproxy_dial_failures_total", **WEB_LABELS) == 4
     assert value(during, "uproxy_bytes_total", **WEB_LABELS, direction="in") == 1500
     assert value(during, "uproxy_bytes_total", **WEB_LABELS, direction="out") == 64000
     assert value(during, "uproxy_endpoint_picks_total", **WEB_LABELS,
@@ -171,8 +171,8 @@ async def test_sync_rules_and_source_figures(
     world.metrics.sources.source_error("file")
 
     samples = await scrape(http, metrics_server)
-    assert value(samples, "uproxy_sync_proxy_rules_duration_seconds_count") == 2
-    assert value(samples, "uproxy_sync_proxy_rules_duration_seconds_bucket", le="0.016") == 1
+    assert value(samples, "uproxy_sync_duration_seconds_count") == 2
+    assert value(samples, "uproxy_sync_duration_seconds_bucket", le="0.016") == 1
     assert value(samples, "uproxy_sync_proxy_rules_last_timestamp_seconds") == 1_700_000_000.0
     assert value(samples, "uproxy_rules_apply_failures_total") == 1
     assert value(samples, "uproxy_source_watch_restarts_total", source="kube",

@@ -195,10 +195,17 @@ def _socket_inode(local_port: int, remote_port: int) -> str:
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Uproxy, dict[str, int]]]:
-    with backends(["a", "b", "c"], ["u1", "u2"]) as ports:
+    with backends(["a", "b", "c"], ["u1", "u2"]) as ports, \
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as refusing:
+        # Bound and never listening: dials to it are refused, and no other
+        # program can take the port while the module runs.
+        refusing.bind(("127.0.0.1", 0))
+        ports["dead"] = refusing.getsockname()[1]
         services = tmp_path_factory.mktemp("workers") / "services.yaml"
         tcp_endpoints = [f"127.0.0.1:{ports[tag]}" for tag in ("a", "b", "c")]
         write_services(services, [
+            {"name": "failover", "ports": [{"port": 8080}],
+             "endpoints": [f"127.0.0.1:{ports['dead']}", f"127.0.0.1:{ports['a']}"]},
             {"name": "sticky", "sessionAffinity": "ClientIP", "ports": [{"port": 8080}],
              "endpoints": tcp_endpoints},
             {"name": "rr", "ports": [{"port": 8080}], "endpoints": tcp_endpoints},
@@ -206,7 +213,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Uproxy, 
             {"name": "dns", "ports": [{"port": 5353, "protocol": "UDP"}],
              "endpoints": [f"127.0.0.1:{ports['u1']}", f"127.0.0.1:{ports['u2']}"]},
         ])
-        with uproxy(services, 4) as up:
+        with uproxy(services, 5) as up:
             yield up, ports
 
 
@@ -280,6 +287,36 @@ def test_metrics_in_the_control_process_sum_the_workers(
     assert up.metric("uproxy_endpoint_picks_total", "counted") == len(CLIENTS)
     wait_until(lambda: up.metric("uproxy_connections_active", "counted") == 0, "no active", 5)
     assert up.metric("uproxy_bytes_total", "counted") == moved
+
+
+def test_dial_failures_after_failover_are_summed_over_the_workers(
+    running: tuple[Uproxy, dict[str, int]],
+) -> None:
+    up, _ = running
+    failover = up.address("failover")  # endpoints: a refusing port and "a"
+    clients = [next(ip for ip in CLIENTS if reuseport.worker_index(ip, WORKERS) == index)
+               for index in range(WORKERS)]  # one client per worker
+
+    def settled(connections: int) -> bool:
+        return (up.metric("uproxy_connections_total", "failover") == connections
+                and up.metric("uproxy_connections_active", "failover") == 0)
+
+    # Each worker round-robins over its own shuffle of [dead, a]: its first
+    # connection hits the dead endpoint or not; a failed dial fails over to
+    # "a", which leaves the dead one next again, so every later connection
+    # on that worker dials it exactly once before being served.
+    for client_ip in clients:
+        assert tcp_ask(failover, client_ip)[0] == "a"
+    wait_until(lambda: settled(WORKERS), "first connections reported", timeout=5)
+    first = up.metric("uproxy_dial_failures_total", "failover")
+    assert 0 <= first <= WORKERS
+    per_client = 5
+    for client_ip in clients:
+        for _ in range(per_client):
+            assert tcp_ask(failover, client_ip)[0] == "a"
+    wait_until(lambda: settled(WORKERS * (1 + per_client)), "connections reported", timeout=5)
+    assert up.metric("uproxy_dial_failures_total", "failover") == first + WORKERS * per_client
+    assert up.metric("uproxy_connection_failures_total", "failover") == 0  # nobody was reset
 
 
 def test_a_killed_worker_is_restarted_and_sigterm_leaves_no_worker(tmp_path: Path) -> None:
