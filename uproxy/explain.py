@@ -52,7 +52,9 @@ def _hop(rules: Rules, entry: Entry, where: str) -> str:
     hook = "PREROUTING" if where == "container" else "OUTPUT"
     if rules.name in ("iptables", "iptc"):
         part = "PORTALS" if entry.kind == "portal" else "NODEPORT"
-        chain = f"{prefix}-{part}-{where.upper()}"
+        chain = f"{prefix}-{part}-CONTAINER"
+        if where == "host":  # the HOST chain is one jump into the CONTAINER chain
+            chain = f"{prefix}-{part}-HOST -> {chain}"
         return f"nat {hook} -> {chain}: {iptables_rule_args(entry)}"
     if rules.name == "nft":
         chain = f"{'portals' if entry.kind == 'portal' else 'nodeports'}_{where}"

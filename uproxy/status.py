@@ -316,7 +316,8 @@ def _rule_steps(
             continue
         rule = f"-d {address}{mask} -p {proto} --dport {port}"
         steps.append(
-            f"from this host: nat OUTPUT → {prefix}-PORTALS-HOST: {rule} → {host_target}"
+            f"from this host: nat OUTPUT → {prefix}-PORTALS-HOST → {prefix}-PORTALS-CONTAINER: "
+            f"{rule} → {host_target}"
         )
         steps.append(
             f"from pods/other hosts: nat PREROUTING → {prefix}-PORTALS-CONTAINER: "
@@ -328,8 +329,8 @@ def _rule_steps(
             steps.append(f"node port {node_port}: nft prerouting/output → fib daddr type "
                          f"local {proto} dport {node_port} → redirect to :{proxy_port}")
         else:
-            steps.append(f"node port: nat PREROUTING/OUTPUT → {prefix}-NODEPORT-CONTAINER/"
-                         f"{prefix}-NODEPORT-HOST: {rule} → {host_target}")
+            steps.append(f"node port: nat PREROUTING (OUTPUT → {prefix}-NODEPORT-HOST) → "
+                         f"{prefix}-NODEPORT-CONTAINER: {rule} → {host_target}")
     if not steps:
         steps.append("no virtual IP: only the listener itself reaches this port")
     return steps

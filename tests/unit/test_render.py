@@ -6,14 +6,19 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from uproxy.model import Frontend, ServicePortName
 from uproxy.rules.base import Portal
 from uproxy.rules.iptables import jump_fixes, parse_save
 from uproxy.rules.nft import parse_table
 from uproxy.rules.render import (
+    MULTIPORT_MAX,
+    PORT_BLOCK,
     ElementIndex,
     check_chain_prefix,
+    multiport_lists,
     nft_elements,
     portal_entries,
     render_iptables,
@@ -79,7 +84,8 @@ def test_comments_cannot_inject(evil: str) -> None:
     assert len(entry.comment) <= 240
     text = render_restore([entry], "UPROXY")
     ours = [line for line in text.splitlines() if line.startswith("-A UPROXY-")]
-    assert len(ours) == 3  # container portal, host portal, accept: one rule per line
+    # the container portal, the two host chains' jumps, the accept: one rule per line
+    assert len(ours) == 4
     assert all(line.count('"') == 2 for line in ours)  # the comment stays one quoted word
 
 
@@ -193,3 +199,35 @@ def test_element_index_follows_portal_lists_like_a_full_render() -> None:
         assert changed <= touched
         previous = expected
     assert index.update([]) == set()
+
+
+def _expand(dports: str) -> list[int]:
+    ports: list[int] = []
+    for item in dports.split(","):
+        first, _, last = item.partition(":")
+        ports += range(int(first), int(last or first) + 1)
+    return ports
+
+
+def _slots(dports: str) -> int:
+    return sum(2 if ":" in item else 1 for item in dports.split(","))
+
+
+def test_multiport_lists_pack_runs_per_block() -> None:
+    assert multiport_lists([20001, 20000, 20002, 20005]) == ["20000:20002,20005"]
+    assert multiport_lists([63, 64]) == ["63", "64"]  # two blocks: two rules
+    alternate = list(range(0, 64, 2))  # 32 single ports in one block: 15 + 15 + 2
+    assert [len(d.split(",")) for d in multiport_lists(alternate)] == [15, 15, 2]
+    assert multiport_lists([]) == []
+
+
+@given(st.sets(st.integers(1, 65535), max_size=300), st.integers(1, 65535))
+def test_multiport_lists_cover_exactly_and_a_change_stays_in_its_block(
+        ports: set[int], extra: int) -> None:
+    lists = multiport_lists(ports)
+    covered = [port for dports in lists for port in _expand(dports)]
+    assert sorted(covered) == sorted(ports)  # every port once, nothing else
+    assert all(_slots(dports) <= MULTIPORT_MAX for dports in lists)
+    changed = set(multiport_lists(ports ^ {extra})) ^ set(lists)
+    assert {port // PORT_BLOCK for dports in changed for port in _expand(dports)} <= {
+        extra // PORT_BLOCK}

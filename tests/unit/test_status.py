@@ -111,7 +111,7 @@ def test_rules_mode_port_explains_the_redirect_listener_and_next_pick() -> None:
     assert port["listener"] == "0.0.0.0:30001"
     assert port["path"] == [
         "client connects to 198.18.0.10:80/TCP: a virtual IP, nothing listens there",
-        "from this host: nat OUTPUT → UPROXY-PORTALS-HOST: "
+        "from this host: nat OUTPUT → UPROXY-PORTALS-HOST → UPROXY-PORTALS-CONTAINER: "
         "-d 198.18.0.10/32 -p tcp --dport 80 → REDIRECT --to-ports 30001",
         "from pods/other hosts: nat PREROUTING → UPROXY-PORTALS-CONTAINER: "
         "-d 198.18.0.10/32 -p tcp --dport 80 → REDIRECT --to-ports 30001",
@@ -149,8 +149,8 @@ def test_listener_on_one_address_is_reached_by_dnat() -> None:
     path = port_of(build_status(proxier, now=0.0), "default/web:http")["path"]
     assert path[1].endswith("-d 198.18.0.10/32 -p tcp --dport 80 "
                             "→ DNAT --to-destination 10.1.2.3:30002")
-    assert path[3] == ("node port: nat PREROUTING/OUTPUT → UPROXY-NODEPORT-CONTAINER/"
-                       "UPROXY-NODEPORT-HOST: -m addrtype --dst-type LOCAL -p tcp "
+    assert path[3] == ("node port: nat PREROUTING (OUTPUT → UPROXY-NODEPORT-HOST) → "
+                       "UPROXY-NODEPORT-CONTAINER: -m addrtype --dst-type LOCAL -p tcp "
                        "--dport 31080 → DNAT --to-destination 10.1.2.3:30002")
     assert "balancer: round-robin over 1 endpoint, next: 127.0.0.1:8080" in path
 
@@ -163,8 +163,9 @@ def test_ipv6_portal_uses_a_128_mask() -> None:
     port = port_of(build_status(proxier, now=0.0), "default/web:http")
     assert port["address"] == "[fd00:198::10]:80"
     assert port["listener"] == "[::]:30003"
-    assert port["path"][1] == ("from this host: nat OUTPUT → KP-PORTALS-HOST: "
-                               "-d fd00:198::10/128 -p tcp --dport 80 → REDIRECT --to-ports 30003")
+    assert port["path"][1] == ("from this host: nat OUTPUT → KP-PORTALS-HOST → "
+                               "KP-PORTALS-CONTAINER: -d fd00:198::10/128 -p tcp --dport 80 "
+                               "→ REDIRECT --to-ports 30003")
     assert port["endpoints"][0]["address"] == "[fd00::1]:8080"
 
 

@@ -190,7 +190,7 @@ class IptablesRules:
         wanted = iptables_chain_rules(mine, self.prefix)
         fixes = jump_fixes(saved, self.prefix)
         if fixes or not self._in_place(saved, wanted):
-            await self._restore(family, render_restore(mine, self.prefix, fixes))
+            await self._restore(family, render_restore(mine, self.prefix, fixes, wanted))
         return wanted
 
     async def _send_difference(self, family: int, mine: list[Entry],
@@ -213,7 +213,7 @@ class IptablesRules:
             changed += len(body)
         if changed > INCREMENTAL_MAX:
             # Many changes: rewriting our chains is faster than finding each rule.
-            await self._restore(family, render_restore(mine, self.prefix, {}))
+            await self._restore(family, render_restore(mine, self.prefix, {}, wanted))
         else:
             await self._restore(family, "".join(
                 f"*{table}\n" + "".join(f"{line}\n" for line in body) + "COMMIT\n"

@@ -29,10 +29,13 @@ from typing import Any
 from uproxy.rules.base import Portal, RulesError
 from uproxy.rules.iptables import IptablesRules
 from uproxy.rules.render import (
+    PROXY_PORTS_COMMENT,
     Entry,
     chain_names,
     check_chain_prefix,
+    host_jump_comment,
     jumps,
+    multiport_lists,
     portal_entries,
     render_iptables,
 )
@@ -99,18 +102,18 @@ def _rule(iptc: Any, family: int, entry: Entry) -> Any:
     return rule
 
 
-def _accept(iptc: Any, family: int, protocol: str, port: int, comment: str) -> Any:
+def _accept(iptc: Any, family: int, protocol: str, dports: str) -> Any:
     rule = iptc.Rule() if family == 4 else iptc.Rule6()
     rule.protocol = protocol
-    rule.create_match(protocol).dport = str(port)
-    rule.create_match("comment").comment = comment
+    rule.create_match("multiport").dports = dports
+    rule.create_match("comment").comment = PROXY_PORTS_COMMENT
     rule.create_target("ACCEPT")
     return rule
 
 
-def _jump(iptc: Any, family: int, target: str) -> Any:
+def _jump(iptc: Any, family: int, target: str, comment: str | None = None) -> Any:
     rule = iptc.Rule() if family == 4 else iptc.Rule6()
-    rule.create_match("comment").comment = f"uproxy {target.lower()}"
+    rule.create_match("comment").comment = comment or f"uproxy {target.lower()}"
     rule.create_target(target)
     return rule
 
@@ -152,23 +155,27 @@ class IptcRules:
         portals_container, portals_host, nodeport_container, nodeport_host = names["nat"]
         (non_local,) = names["filter"]
         wanted: dict[str, list[Any]] = {chain: [] for chains in names.values() for chain in chains}
-        accepted: dict[tuple[str, int], str] = {}
+        proxy_ports: dict[str, set[int]] = {}
         for entry in entries:
-            pair = ((portals_container, portals_host) if entry.kind == "portal"
-                    else (nodeport_container, nodeport_host))
-            for chain in pair:
-                wanted[chain].append(_rule(iptc, family, entry))
-            accepted.setdefault((entry.protocol, entry.proxy_port), entry.comment)
-        for (protocol, port), comment in sorted(accepted.items()):
-            wanted[non_local].append(_accept(iptc, family, protocol, port, comment))
+            chain = portals_container if entry.kind == "portal" else nodeport_container
+            wanted[chain].append(_rule(iptc, family, entry))
+            proxy_ports.setdefault(entry.protocol, set()).add(entry.proxy_port)
+        host_jumps = {portals_host: portals_container, nodeport_host: nodeport_container}
+        for protocol, ports in sorted(proxy_ports.items()):
+            wanted[non_local] += [_accept(iptc, family, protocol, dports)
+                                  for dports in multiport_lists(ports)]
 
         for table_name, chains in names.items():
             table = self._table(iptc, family, table_name)
             try:
-                for chain_name in chains:
-                    chain = (iptc.Chain(table, chain_name) if table.is_chain(chain_name)
-                             else table.create_chain(chain_name))
+                made = {name: (iptc.Chain(table, name) if table.is_chain(name)
+                               else table.create_chain(name)) for name in chains}
+                for chain_name, chain in made.items():
                     chain.flush()
+                    if chain_name in host_jumps:  # a jump needs its target chain to exist
+                        container = host_jumps[chain_name]
+                        wanted[chain_name] = [
+                            _jump(iptc, family, container, host_jump_comment(container))]
                     for rule in wanted[chain_name]:
                         chain.append_rule(rule)
                 for jump in jumps(self.prefix):
@@ -208,8 +215,9 @@ class IptcRules:
                     builtin.delete_rule(rule)
                     removed.append(f"iptc IPv{family}: jump {jump.chain} -> {jump.target}")
                     touched = True
-            for chain_name in present:
+            for chain_name in present:  # all flushed first: a HOST chain jumps to a CONTAINER one
                 iptc.Chain(table, chain_name).flush()
+            for chain_name in present:
                 table.delete_chain(chain_name)
                 removed.append(f"iptc IPv{family}: chain {table_name} {chain_name}")
                 touched = True
