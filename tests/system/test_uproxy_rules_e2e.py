@@ -1,6 +1,6 @@
 """The whole `uproxy` command with real kernel rules, in network namespaces.
 
-Timeline per backend: a "node" namespace runs `uproxy --services FILE
+Timeline per variant: a "node" namespace runs `uproxy --services FILE
 --rules BACKEND` and tagged TCP/UDP servers (the endpoints); a "client"
 namespace, joined by a veth pair, routes the service range through the
 node. Clients reach the endpoints round-robin through the cluster IP (nat
@@ -9,11 +9,18 @@ node port; UDP replies come from VIP:53. Editing the services file (and
 SIGHUP) moves or removes rules and listeners; a hand-flushed chain comes
 back within --sync-period; kill -9 and a restart leave one copy of every
 rule; SIGTERM and `uproxy --cleanup` leave nothing behind.
+
+Variants: `--rules iptables` and `--rules nft` on this host as it is (its
+iptables is the nf_tables variant), and `--rules iptables` and `--rules
+iptc` as on a legacy-xtables host: uproxy runs with a folder of
+`iptables -> iptables-legacy` links (all six tools) first in PATH, and the
+test reads the kernel's rules with the legacy tools.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -21,13 +28,22 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import pytest
 
 from tests.conftest import Netns, require_system
-from tests.system.topology import NODE_IP, NODE_IP6, node_and_client, running_server
+from tests.system.topology import (
+    NODE_IP,
+    NODE_IP6,
+    XTABLES_TOOLS,
+    legacy_name,
+    legacy_xtables_bin,
+    node_and_client,
+    running_server,
+)
 
 pytestmark = pytest.mark.system
 
@@ -65,15 +81,16 @@ threading.Event().wait()
 CLIENT = """
 import json, socket, sys
 proto, host, port, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+timeout = float(sys.argv[5])
 for _ in range(count):
     try:
         if proto == "tcp":
-            with socket.create_connection((host, port), timeout=2) as s:
+            with socket.create_connection((host, port), timeout=timeout) as s:
                 print(json.dumps({"reply": s.recv(100).decode()}))
         else:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             with socket.socket(family, socket.SOCK_DGRAM) as s:
-                s.settimeout(1)
+                s.settimeout(min(timeout, 1))
                 s.sendto(b"hi", (host, port))
                 data, source = s.recvfrom(100)
                 print(json.dumps({"reply": data.decode(), "source": list(source[:2])}))
@@ -111,6 +128,51 @@ def services_yaml(web_port: int = 80, with_dns: bool = True) -> str:
     return json.dumps({"services": services})
 
 
+@dataclass(frozen=True)
+class Variant:
+    """How a test runs uproxy: its `--rules`, and on which kind of host."""
+
+    rules: str
+    legacy_bin: Path | None = None  # links iptables -> iptables-legacy etc., first in PATH
+
+    @property
+    def legacy(self) -> bool:
+        return self.legacy_bin is not None
+
+    def command(self, *argv: str) -> list[str]:
+        """argv as this variant's host runs it (its PATH)."""
+        if self.legacy_bin is None:
+            return list(argv)
+        return ["env", f"PATH={self.legacy_bin}{os.pathsep}{os.environ.get('PATH', '')}", *argv]
+
+    def uproxy(self, *args: str) -> list[str]:
+        return self.command(sys.executable, "-m", "uproxy", *args)
+
+    def tool(self, name: str) -> str:
+        """An iptables tool for the test's own reading and editing of this variant's rules."""
+        return legacy_name(name) if self.legacy else name
+
+
+# id -> (--rules, as on a legacy-xtables host)
+VARIANTS = {
+    "iptables": ("iptables", False),
+    "nft": ("nft", False),
+    "iptables-legacy-host": ("iptables", True),
+    "iptc-legacy-host": ("iptc", True),
+}
+FULL = list(VARIANTS)
+
+
+@pytest.fixture
+def variant(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Variant:
+    """Parametrised indirectly with an id of VARIANTS."""
+    rules, legacy = VARIANTS[request.param]
+    if not legacy:
+        return Variant(rules)
+    require_system(*map(legacy_name, XTABLES_TOOLS))
+    return Variant(rules, legacy_xtables_bin(tmp_path_factory.getbasetemp() / "legacy-bin"))
+
+
 @pytest.fixture
 def topology() -> Iterator[tuple[Netns, Netns]]:
     require_system("iptables", "nft")
@@ -124,9 +186,9 @@ def topology() -> Iterator[tuple[Netns, Netns]]:
 class Uproxy:
     """The uproxy command running in the node namespace."""
 
-    def __init__(self, node: Netns, backend: str, services: Path) -> None:
+    def __init__(self, node: Netns, variant: Variant, services: Path) -> None:
         self.node = node
-        self.backend = backend
+        self.variant = variant
         self.services = services
         self.log = services.parent / f"uproxy-{uuid.uuid4().hex[:4]}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -134,10 +196,10 @@ class Uproxy:
     def start(self) -> None:
         with open(self.log, "wb") as log:
             self.process = self.node.popen(
-                sys.executable, "-m", "uproxy", "--services", str(self.services),
-                "--rules", self.backend, "--healthz-bind-address", "",
+                *self.variant.uproxy("--services", str(self.services),
+                "--rules", self.variant.rules, "--healthz-bind-address", "",
                 "--metrics-bind-address", "", "--min-sync-period", "0s",
-                "--sync-period", f"{SYNC_PERIOD:g}s", "--shutdown-grace", "1s",
+                "--sync-period", f"{SYNC_PERIOD:g}s", "--shutdown-grace", "1s"),
                 stdout=subprocess.DEVNULL, stderr=log)
 
     def signal(self, number: int) -> None:
@@ -158,7 +220,7 @@ class Uproxy:
 
 
 class StartUproxy(Protocol):
-    def __call__(self, backend: str, text: str | None = None) -> Uproxy: ...
+    def __call__(self, variant: Variant, text: str | None = None) -> Uproxy: ...
 
 
 @pytest.fixture
@@ -170,10 +232,10 @@ def start_uproxy(
     services = tmp_path / "services.json"
     services.write_text(services_yaml())
 
-    def start(backend: str, text: str | None = None) -> Uproxy:
+    def start(variant: Variant, text: str | None = None) -> Uproxy:
         if text is not None:
             services.write_text(text)
-        proxy = Uproxy(node, backend, services)
+        proxy = Uproxy(node, variant, services)
         proxy.start()
         started.append(proxy)
         return proxy
@@ -181,17 +243,29 @@ def start_uproxy(
     yield start
     for proxy in started:
         proxy.stop()
+    # With no --rules, every kind: the host's iptables, the legacy tables and nft.
     node.run(sys.executable, "-m", "uproxy", "--cleanup", check=False)
 
 
-def attempts(ns: Netns, proto: str, host: str, port: int, count: int = 1) -> list[dict[str, str]]:
-    out = ns.run(sys.executable, "-c", CLIENT, proto, host, str(port), str(count)).stdout
+def attempts(ns: Netns, proto: str, host: str, port: int, count: int = 1,
+             timeout: float = 2) -> list[dict[str, str]]:
+    out = ns.run(sys.executable, "-c", CLIENT, proto, host, str(port), str(count),
+                 str(timeout)).stdout
     return [json.loads(line) for line in out.splitlines()]
 
 
-def reply(ns: Netns, proto: str, host: str, port: int) -> str:
-    (answer,) = attempts(ns, proto, host, port)
+def reply(ns: Netns, proto: str, host: str, port: int, timeout: float = 2) -> str:
+    (answer,) = attempts(ns, proto, host, port, timeout=timeout)
     return answer.get("reply") or f"error {answer.get('error')}"
+
+
+# A served address answers within milliseconds here (loopback, one veth); one
+# that no rule steers any more times out (or is refused) instead.
+UNSERVED_WAIT = 0.5
+
+
+def unserved(ns: Netns, proto: str, host: str, port: int) -> bool:
+    return reply(ns, proto, host, port, timeout=UNSERVED_WAIT).startswith("error")
 
 
 def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -202,12 +276,13 @@ def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def dump(node: Netns, backend: str) -> str:
-    """The kernel's rules, without comments lines and counters."""
-    if backend == "nft":
+def dump(node: Netns, variant: Variant) -> str:
+    """The kernel's rules the variant writes, without comments lines and counters."""
+    if variant.rules == "nft":
         text = node.run("nft", "list", "ruleset").stdout
     else:
-        text = node.run("iptables-save").stdout + node.run("ip6tables-save").stdout
+        text = (node.run(variant.tool("iptables-save")).stdout
+                + node.run(variant.tool("ip6tables-save")).stdout)
     return "\n".join(line for line in text.splitlines()
                      if line.strip() and not line.startswith("#")) + "\n"
 
@@ -216,10 +291,17 @@ def ours(text: str) -> list[str]:
     return [line for line in text.splitlines() if "uproxy" in line.lower()]
 
 
-def rule_lines(node: Netns, backend: str) -> list[str]:
+def other_xtables(node: Netns, variant: Variant) -> str:
+    """The iptables variant the variant does not write (legacy or nf_tables), both families."""
+    tools = (("iptables-save", "ip6tables-save") if variant.legacy
+             else (legacy_name("iptables-save"), legacy_name("ip6tables-save")))
+    return "".join(node.run(tool).stdout for tool in tools)
+
+
+def rule_lines(node: Netns, variant: Variant) -> list[str]:
     """One line per rule or map element uproxy installed."""
-    text = dump(node, backend)
-    if backend == "nft":
+    text = dump(node, variant)
+    if variant.rules == "nft":
         # Elements are listed one a line when there are many; split the short form too.
         return [part.strip() for line in text.splitlines() if "comment" in line
                 for part in line.split(",") if "comment" in part]
@@ -227,9 +309,9 @@ def rule_lines(node: Netns, backend: str) -> list[str]:
             and ("UPROXY" in line)]
 
 
-def proxy_port(node: Netns, backend: str, comment: str) -> int:
-    text = dump(node, backend)
-    pattern = (rf'comment "{re.escape(comment)}" : (\d+)' if backend == "nft"
+def proxy_port(node: Netns, variant: Variant, comment: str) -> int:
+    text = dump(node, variant)
+    pattern = (rf'comment "{re.escape(comment)}" : (\d+)' if variant.rules == "nft"
                else rf'--comment "?{re.escape(comment)}"? -j REDIRECT --to-ports (\d+)')
     found = re.search(pattern, text)
     assert found is not None, text
@@ -244,15 +326,12 @@ def serving(node: Netns) -> bool:
     return reply(node, "tcp", WEB_VIP, 80) in ("a", "b")
 
 
-FULL = ["iptables", "nft"]
-
-
-@pytest.mark.parametrize("backend", FULL)
+@pytest.mark.parametrize("variant", FULL, indirect=True)
 def test_serves_every_path_and_follows_the_services_file(
-    backend: str, topology: tuple[Netns, Netns], start_uproxy: StartUproxy,
+    variant: Variant, topology: tuple[Netns, Netns], start_uproxy: StartUproxy,
 ) -> None:
     node, client = topology
-    proxy = start_uproxy(backend)
+    proxy = start_uproxy(variant)
     eventually(lambda: serving(node), 10, f"{WEB_VIP}:80 served\n{proxy.logs()}")
 
     # nat OUTPUT: round-robin over both endpoints.
@@ -268,81 +347,82 @@ def test_serves_every_path_and_follows_the_services_file(
     assert set(from_client) == {"a", "b"}
     assert attempts(client, "udp", DNS_VIP, 53) == [{"reply": "dns:hi", "source": [DNS_VIP, 53]}]
     assert reply(node, "tcp", NODE_IP, NODE_PORT) in ("a", "b")
-    rules = rule_lines(node, backend)
+    rules = rule_lines(node, variant)
     assert len(rules) == len(set(rules)) > 0
+    assert ours(other_xtables(node, variant)) == []  # only the variant's own tables
 
     # Hand-flushed chains come back within --sync-period.
-    if backend == "nft":
+    if variant.rules == "nft":
         node.run("nft", "flush", "chain", "ip", "uproxy", "portals_host")
     else:
-        node.run("iptables", "-t", "nat", "-F", "UPROXY-PORTALS-HOST")
+        node.run(variant.tool("iptables"), "-t", "nat", "-F", "UPROXY-PORTALS-HOST")
     node.run("conntrack", "-F", check=False)
-    assert reply(node, "tcp", WEB_VIP, 80).startswith("error")
+    assert unserved(node, "tcp", WEB_VIP, 80)
     eventually(lambda: serving(node), SYNC_PERIOD + 3, "flushed chain repaired")
-    assert sorted(rule_lines(node, backend)) == sorted(rules)
+    assert sorted(rule_lines(node, variant)) == sorted(rules)
 
     # Changing the port moves the rule and the listener.
-    old_web = proxy_port(node, backend, "default/web:http")
+    old_web = proxy_port(node, variant, "default/web:http")
     proxy.services.write_text(services_yaml(web_port=8000))
     proxy.signal(signal.SIGHUP)
     eventually(lambda: reply(node, "tcp", WEB_VIP, 8000) in ("a", "b"), 5, "port 8000 served")
     node.run("conntrack", "-F", check=False)
-    assert reply(node, "tcp", WEB_VIP, 80).startswith("error")
+    assert unserved(node, "tcp", WEB_VIP, 80)
     assert reply(client, "tcp", WEB_VIP, 8000) in ("a", "b")
-    new_web = proxy_port(node, backend, "default/web:http")
+    new_web = proxy_port(node, variant, "default/web:http")
     assert new_web != old_web
     assert is_free(node, "tcp", old_web)
     assert not is_free(node, "tcp", new_web)
 
     # Removing a service removes its rules and closes its listener.
-    dns_port = proxy_port(node, backend, "kube-system/dns:dns")
+    dns_port = proxy_port(node, variant, "kube-system/dns:dns")
     assert not is_free(node, "udp", dns_port)
     proxy.services.write_text(services_yaml(web_port=8000, with_dns=False))
     proxy.signal(signal.SIGHUP)
-    eventually(lambda: "kube-system/dns" not in dump(node, backend), 5, "dns rules removed")
+    eventually(lambda: "kube-system/dns" not in dump(node, variant), 5, "dns rules removed")
     node.run("conntrack", "-F", check=False)
-    assert attempts(node, "udp", DNS_VIP, 53) == [{"error": "TimeoutError"}]
+    assert attempts(node, "udp", DNS_VIP, 53, timeout=UNSERVED_WAIT) == [
+        {"error": "TimeoutError"}]
     assert is_free(node, "udp", dns_port)
 
     # SIGTERM: rules removed, exit 0.
     proxy.signal(signal.SIGTERM)
     assert proxy.wait() == 0, proxy.logs()
-    assert ours(dump(node, backend)) == []
-    assert reply(node, "tcp", WEB_VIP, 8000).startswith("error")
+    assert ours(dump(node, variant)) == []
+    assert unserved(node, "tcp", WEB_VIP, 8000)
 
 
-@pytest.mark.parametrize("backend", FULL)
+@pytest.mark.parametrize("variant", FULL, indirect=True)
 def test_restart_after_kill_keeps_one_copy_and_cleanup_removes_everything(
-    backend: str, topology: tuple[Netns, Netns], start_uproxy: StartUproxy,
+    variant: Variant, topology: tuple[Netns, Netns], start_uproxy: StartUproxy,
 ) -> None:
     node, client = topology
-    first = start_uproxy(backend)
+    first = start_uproxy(variant)
     eventually(lambda: serving(node), 10, f"served\n{first.logs()}")
-    once = sorted(rule_lines(node, backend))
-    jumps_once = sorted(ours(dump(node, backend)))
+    once = sorted(rule_lines(node, variant))
+    jumps_once = sorted(ours(dump(node, variant)))
 
     first.signal(signal.SIGKILL)
     first.wait()
-    assert sorted(rule_lines(node, backend)) == once  # a killed process leaves its rules
+    assert sorted(rule_lines(node, variant)) == once  # a killed process leaves its rules
 
-    second = start_uproxy(backend)
+    second = start_uproxy(variant)
     # The restarted process has its own listeners: wait until its rules point there.
     eventually(lambda: serving(node) and reply(client, "tcp", WEB_VIP, 80) in ("a", "b"),
                10, f"served after restart\n{second.logs()}")
-    after = sorted(rule_lines(node, backend))
+    after = sorted(rule_lines(node, variant))
     assert len(after) == len(once) == len(set(after))
-    assert len(ours(dump(node, backend))) == len(jumps_once)
+    assert len(ours(dump(node, variant))) == len(jumps_once)
 
     second.signal(signal.SIGKILL)
     second.wait()
-    cleaned = node.run(sys.executable, "-m", "uproxy", "--cleanup", "--rules", backend,
-                       check=False)
+    cleaned = node.run(*variant.uproxy("--cleanup", "--rules", variant.rules), check=False)
     assert cleaned.returncode == 0, cleaned.stderr
-    assert ours(dump(node, backend)) == []
-    assert reply(node, "tcp", WEB_VIP, 80).startswith("error")
-    again = node.run(sys.executable, "-m", "uproxy", "--cleanup", check=False)
+    assert ours(dump(node, variant)) == []
+    assert unserved(node, "tcp", WEB_VIP, 80)
+    again = node.run(*variant.uproxy("--cleanup"), check=False)
     assert again.returncode == 0, again.stderr
-    assert ours(dump(node, backend)) == []
+    assert ours(dump(node, variant)) == []
 
 
 def test_cleanup_with_nothing_to_remove_exits_0(netns: Netns) -> None:
@@ -405,35 +485,35 @@ def ipv6_services_yaml() -> str:
     ]})
 
 
-def proxy_ports(node: Netns, backend: str, comment: str) -> dict[int, set[int]]:
+def proxy_ports(node: Netns, variant: Variant, comment: str) -> dict[int, set[int]]:
     """IP family -> the proxy ports the portal rules with this comment point to."""
-    if backend == "nft":
+    if variant.rules == "nft":
         texts = {4: node.run("nft", "list", "table", "ip", "uproxy", check=False).stdout,
                  6: node.run("nft", "list", "table", "ip6", "uproxy", check=False).stdout}
         pattern = rf'comment "{re.escape(comment)}" : (\d+)'
     else:
-        texts = {4: node.run("iptables-save", "-t", "nat").stdout,
-                 6: node.run("ip6tables-save", "-t", "nat").stdout}
+        texts = {4: node.run(variant.tool("iptables-save"), "-t", "nat").stdout,
+                 6: node.run(variant.tool("ip6tables-save"), "-t", "nat").stdout}
         pattern = rf'--comment "?{re.escape(comment)}"? -j REDIRECT --to-ports (\d+)'
     return {family: {int(port) for port in re.findall(pattern, text)}
             for family, text in texts.items()}
 
 
-@pytest.mark.parametrize("backend", FULL)
+@pytest.mark.parametrize("variant", FULL, indirect=True)
 def test_ipv6_cluster_ips_get_ipv6_rules_and_a_dual_stack_listener(
-    backend: str, topology: tuple[Netns, Netns], start_uproxy: StartUproxy,
+    variant: Variant, topology: tuple[Netns, Netns], start_uproxy: StartUproxy,
 ) -> None:
     node, client = topology
-    proxy = start_uproxy(backend, ipv6_services_yaml())
+    proxy = start_uproxy(variant, ipv6_services_yaml())
     eventually(lambda: reply(node, "tcp", WEB6_VIP, 80) in ("a", "b"), 10,
-               f"[{WEB6_VIP}]:80 served\n{proxy.logs()}\n{dump(node, backend)}")
+               f"[{WEB6_VIP}]:80 served\n{proxy.logs()}\n{dump(node, variant)}")
 
     # nat OUTPUT (REDIRECT lands on ::1): round-robin over both endpoints.
     tags = [a.get("reply", "") for a in attempts(node, "tcp", WEB6_VIP, 80, 4)]
     assert sorted(tags) == ["a", "a", "b", "b"]
     # One listener on `::` takes the IPv4 cluster IP of the same port too.
     assert reply(node, "tcp", WEB6_VIP4, 80) in ("a", "b")
-    ports = proxy_ports(node, backend, "default/web6:http")
+    ports = proxy_ports(node, variant, "default/web6:http")
     assert len(ports[4]) == 1 and ports[4] == ports[6], ports
     # nat PREROUTING from the other namespace over IPv6: cluster IP and node port.
     assert {reply(client, "tcp", WEB6_VIP, 80), reply(client, "tcp", WEB6_VIP, 80)} == {"a", "b"}
@@ -444,11 +524,38 @@ def test_ipv6_cluster_ips_get_ipv6_rules_and_a_dual_stack_listener(
         assert attempts(ns, "udp", DNS6_VIP, 53) == [
             {"reply": "dns6:hi", "source": [DNS6_VIP, 53]}]
     # The IPv6-only service has IPv6 rules only.
-    dns_ports = proxy_ports(node, backend, "kube-system/dns6:dns")
+    dns_ports = proxy_ports(node, variant, "kube-system/dns6:dns")
     assert len(dns_ports[6]) == 1 and dns_ports[4] == set(), dns_ports
 
     proxy.signal(signal.SIGTERM)
     assert proxy.wait() == 0, proxy.logs()
-    assert ours(dump(node, backend)) == []
+    assert ours(dump(node, variant)) == []
     node.run("conntrack", "-F", check=False)
-    assert reply(node, "tcp", WEB6_VIP, 80).startswith("error")
+    assert unserved(node, "tcp", WEB6_VIP, 80)
+
+
+@pytest.mark.parametrize("variant", ["iptc-legacy-host"], indirect=True)
+def test_cleanup_with_no_rules_on_a_legacy_host_removes_what_iptc_made(
+    variant: Variant, topology: tuple[Netns, Netns], start_uproxy: StartUproxy,
+) -> None:
+    """libiptc's IPv4 chains and the ip6tables-restore IPv6 half, after a kill -9."""
+    node, _ = topology
+    both = json.loads(services_yaml())["services"] + json.loads(ipv6_services_yaml())["services"]
+    proxy = start_uproxy(variant, json.dumps({"services": both}))
+    eventually(lambda: serving(node)
+               and bool(proxy_ports(node, variant, "kube-system/dns6:dns")[6]),
+               10, f"IPv4 and IPv6 rules in place\n{proxy.logs()}")
+    made = dump(node, variant)
+    for comment in ("default/web:http", "kube-system/dns:dns", "default/web6:http",
+                    "kube-system/dns6:dns"):
+        assert comment in made, (comment, made)
+    proxy.signal(signal.SIGKILL)
+    proxy.wait()
+    assert dump(node, variant) == made  # a killed process leaves its rules
+
+    cleaned = node.run(*variant.uproxy("--cleanup"), check=False)
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert ours(dump(node, variant)) == []
+    assert ours(other_xtables(node, variant)) == []
+    node.run("conntrack", "-F", check=False)
+    assert unserved(node, "tcp", WEB_VIP, 80)

@@ -9,10 +9,12 @@ inside these namespaces.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 from tests.conftest import Netns
 
@@ -74,3 +76,31 @@ def running_server(ns: Netns, script: str, *args: str) -> Iterator[None]:
     finally:
         server.kill()
         server.wait(5)
+
+
+# The six tools a host's iptables variant is made of; `legacy_name` gives each
+# one's legacy binary (iptables-save -> iptables-legacy-save).
+XTABLES_TOOLS = ("iptables", "iptables-save", "iptables-restore",
+                 "ip6tables", "ip6tables-save", "ip6tables-restore")
+
+
+def legacy_name(tool: str) -> str:
+    return tool.replace("tables", "tables-legacy", 1)
+
+
+def legacy_xtables_bin(directory: Path) -> Path:
+    """A folder of links `iptables -> .../iptables-legacy` (all six tools).
+
+    First in PATH, it makes this host a legacy-xtables host for a process:
+    every iptables tool it runs by name is the legacy one. `directory` is
+    made; a missing legacy binary is a RuntimeError naming it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for tool in XTABLES_TOOLS:
+        target = shutil.which(legacy_name(tool))
+        if target is None:
+            raise RuntimeError(f"no {legacy_name(tool)!r} command for a legacy-xtables PATH")
+        link = directory / tool
+        if not link.is_symlink():
+            link.symlink_to(target)
+    return directory
