@@ -8,7 +8,9 @@ loads every *.yaml, *.yml and *.json in it, in name order, as one set.
 `FileSource` reloads when the file changes (polled: inode, size, mtime;
 debounced so a half-written file is not read) and when `reload()` is called
 (the app's SIGHUP handler). A bad file is one `file:line: field: reason`
-line; the last good state keeps serving.
+line; the last good state keeps serving. A file that loads but will not do
+what it seems to (a short-form service whose endpoints are all of the other
+IP family, so it has none) is logged as one warning line at each load.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from uproxy.sources.objects import (
     FieldPath,
     ObjectError,
     describe,
+    family_mismatch,
     format_path,
     service_from_dict,
     short_form_from_dict,
@@ -60,15 +63,26 @@ class SourceFileError(Exception):
     """A services file (or folder) that cannot be loaded; `str()` is one line."""
 
 
-def load_services_file(path: Path) -> tuple[Services, Slices]:
+def load_services_file(
+    path: Path, warn: Callable[[str], None] | None = None
+) -> tuple[Services, Slices]:
     """Every Service and EndpointSlice in the file or folder at `path`.
 
     Raises SourceFileError naming the file, line and field of the first problem.
+    Something that loads but will not do what it seems to (a short-form
+    service whose endpoints are all of the other IP family) is one
+    `file:line: ns/name: ...` line passed to `warn` (default: a log warning)
+    after the whole file loaded.
     """
     collected = _Collected()
     for file in _files_of(path):
         for document in _documents(file):
             _load_document(collected, document)
+    for warning in collected.warnings:
+        if warn is None:
+            log.warning("%s", warning)
+        else:
+            warn(warning)
     return collected.services, collected.slices
 
 
@@ -247,6 +261,7 @@ class _Collected:
     origins: dict[tuple[str, ObjectName], tuple[_Document, FieldPath]] = field(
         default_factory=dict
     )
+    warnings: list[str] = field(default_factory=list)  # one line each, file:line first
 
     def add(self, obj: Service | EndpointSlice, document: _Document, path: FieldPath) -> None:
         """Keep `obj`; raise if an object of the same kind and name came earlier."""
@@ -318,9 +333,16 @@ def _load_short_form(
     index_of = {service.key: index for index, service in enumerate(services)}
     for service in services:
         collected.add(service, document, ("services", index_of[service.key], "name"))
+    by_service: dict[ObjectName, list[EndpointSlice]] = {}
     for endpoint_slice in slices:
         path: FieldPath = ("services", index_of[endpoint_slice.service], "endpoints")
         collected.add(endpoint_slice, document, path)
+        by_service.setdefault(endpoint_slice.service, []).append(endpoint_slice)
+    for service in services:
+        mismatch = family_mismatch(service, by_service.get(service.key, ()))
+        if mismatch is not None:
+            where = document.where(("services", index_of[service.key], "endpoints"))
+            collected.warnings.append(f"{where}: {service.key}: {mismatch}")
 
 
 # -- the watching source ----------------------------------------------------
@@ -374,13 +396,16 @@ class FileSource:
         self._seen: Fingerprint | None = None  # fingerprint before the last load attempt
         self._recheck = False  # the last load was racy: load once more at the next poll
         self._last_error: str | None = None
+        self._last_warnings: list[str] = []
         self._reload_requested = asyncio.Event()
 
     def load_initial(self) -> None:
         """Load the file once before running; a bad file raises SourceFileError (fatal at start)."""
         seen = fingerprint(self.path)
-        self._initial = load_services_file(self.path)
+        warnings: list[str] = []
+        self._initial = load_services_file(self.path, warnings.append)
         self._seen, self._recheck = seen, _racy(seen)
+        self._warn(warnings, recheck=False)
 
     def reload(self) -> None:
         """Reload now (the app's SIGHUP handler); call it from the loop's thread."""
@@ -423,8 +448,10 @@ class FileSource:
     async def _load(self, sink: SourceSink, synced: bool, *, recheck: bool) -> bool:
         seen = fingerprint(self.path)
         self._seen, self._recheck = seen, _racy(seen)
+        warnings: list[str] = []
         try:
-            services, slices = await asyncio.to_thread(load_services_file, self.path)
+            services, slices = await asyncio.to_thread(
+                load_services_file, self.path, warnings.append)
         except SourceFileError as error:
             message = str(error)
             if recheck and message == self._last_error:
@@ -434,6 +461,7 @@ class FileSource:
             sink.on_source_error(SOURCE_NAME, message)
             return synced
         self._last_error = None
+        self._warn(warnings, recheck=recheck)
         changes = self._report(sink, services, slices)
         if synced:
             if changes:
@@ -441,6 +469,13 @@ class FileSource:
             return True
         sink.on_synced(SOURCE_NAME)
         return True
+
+    def _warn(self, warnings: list[str], *, recheck: bool) -> None:
+        """Log a load's warnings; a recheck of the same file does not repeat them."""
+        if not (recheck and warnings == self._last_warnings):
+            for warning in warnings:
+                log.warning("%s", warning)
+        self._last_warnings = warnings
 
     def _report(self, sink: SourceSink, services: Services, slices: Slices) -> int:
         changes = replace_all(self._reported_services, services, sink.on_service)

@@ -535,6 +535,34 @@ def _short_service(
     return service, _short_slices(read, entry, at, service)
 
 
+def family_mismatch(service: Service, slices: Sequence[EndpointSlice]) -> str | None:
+    """Why endpoints of `service` will never be used for their IP family, or None.
+
+    As in Kubernetes, a service uses only the slices of its own IP families:
+    those of its cluster IPs (none given: both). Endpoints of the other family
+    are silently not used, so an IPv6-only service with IPv4 endpoints has
+    none; the file source says so as a warning.
+    """
+    families = {_ip_address(ip).version for ip in service.cluster_ips if ip not in ("", "None")}
+    counts: dict[int, int] = {}
+    for endpoint_slice in slices:
+        family = {"IPv4": 4, "IPv6": 6}.get(endpoint_slice.address_type)
+        if family is not None:
+            counts[family] = counts.get(family, 0) + len(endpoint_slice.endpoints)
+    total = sum(counts.values())
+    if not families or len(families) > 1 or not total:
+        return None
+    (own,) = families
+    other = 6 if own == 4 else 4
+    unused = counts.get(other, 0)
+    if not unused:
+        return None
+    clause = f"but the service is IPv{own} only (clusterIP {service.cluster_ips[0]})"
+    if unused == total:
+        return f"endpoints are IPv{other} {clause}; it has no endpoints"
+    return f"{unused} of {total} endpoints are IPv{other} {clause}; those are not used"
+
+
 def _short_slices(
     read: _Reader, entry: Mapping[str, Any], at: FieldPath, service: Service
 ) -> list[EndpointSlice]:
