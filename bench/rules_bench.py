@@ -4,8 +4,8 @@
 
 For N services with 2 ports each, as the proxier calls the backend:
 - full sync: a fresh backend instance (a new process), empty kernel, verify=True;
-- 1-svc change: remove one service, then add it back (verify=False: a sync
-  that carries changes; the mean of both);
+- 1-svc change: remove one service, then add it back (verify=False and the
+  delta, as the proxier passes a sync that carries changes; the mean of both);
 - verify pass: the periodic pass with nothing changed (verify=True: read the
   kernel, compare, send nothing);
 - restart: a fresh instance over the rules a killed process left (verify=True).
@@ -24,7 +24,7 @@ import uuid
 from typing import Any
 
 from uproxy.model import Frontend, ServicePortName
-from uproxy.rules.base import Portal
+from uproxy.rules.base import Portal, PortalDelta
 from uproxy.rules.iptables import IptablesRules
 from uproxy.rules.nft import NftRules
 
@@ -62,9 +62,10 @@ async def measure(kind: str, services: int) -> tuple[float, float, float, float]
     await rules.apply(every, verify=True)
     full = time.perf_counter() - started
     changes = []
-    for target in (fewer, every):
+    gone, back = PortalDelta(gone=tuple(every[:2])), PortalDelta(new=tuple(every[:2]))
+    for target, delta in ((fewer, gone), (every, back)):
         started = time.perf_counter()
-        await rules.apply(target, verify=False)
+        await rules.apply(target, verify=False, delta=delta)  # as the proxier calls it
         changes.append(time.perf_counter() - started)
     started = time.perf_counter()
     await rules.apply(every, verify=True)

@@ -24,7 +24,7 @@ from uproxy.balancer import Balancer
 from uproxy.listeners import ListenerPool
 from uproxy.model import DesiredPort, EndpointSlice, ObjectName, Service, ServicePortName
 from uproxy.planner import DesiredState, Plan, desired_state, diff, update_state
-from uproxy.rules.base import Portal, Rules, RulesError
+from uproxy.rules.base import Portal, PortalDelta, Rules, RulesError
 from uproxy.rules.nodeports import NodePortReservations, node_ports
 from uproxy.stats import PortStats
 from uproxy.tracking import Changes, ChangeTracker
@@ -72,6 +72,8 @@ class Proxier:
         self.node_ports = node_ports
         self.node_port_problems: list[str] = []
         self._last_table: str | None = None
+        # The portal of each port as the last rules apply was given it.
+        self._offered: dict[ServicePortName, Portal] = {}
 
     # -- what observers read -------------------------------------------------
 
@@ -133,7 +135,9 @@ class Proxier:
 
         # A sync without changes is the periodic pass: have the backend compare
         # with the kernel and repair; a sync with changes may send just those.
-        rules_error = await self._apply_rules(verify=plan.empty)
+        moved = {port.name for port in plan.added + plan.removed}
+        rules_error = await self._apply_rules(verify=plan.empty,
+                                              names=None if plan.empty else moved)
 
         added = {port.name for port in plan.added}
         for port, listener in zip(plan.removed, replaced, strict=True):
@@ -144,7 +148,7 @@ class Proxier:
                 self.pool.retire(listener)
         # Ports or addresses the removals just freed may fit what did not open.
         if failed and any(replaced) and any([self._open(port) for port in failed]):
-            rules_error = await self._apply_rules(verify=False)
+            rules_error = await self._apply_rules(verify=False, names=moved)
 
         for port in plan.added + plan.updated:
             if port.name in self.pool.listeners:
@@ -188,15 +192,18 @@ class Proxier:
         self.applied[port.name] = port
         return True
 
-    async def _apply_rules(self, *, verify: bool) -> RulesError | None:
-        portals = self._portals()
-        if self.node_ports is not None:
+    async def _apply_rules(self, *, verify: bool,
+                           names: set[ServicePortName] | None) -> RulesError | None:
+        portals, delta = self._portals(names)
+        touches_node_ports = names is None or any(
+            portal.frontend.node_port for portal in delta.gone + delta.new)
+        if self.node_ports is not None and touches_node_ports:
             problems = self.node_ports.update(node_ports(portals))
             for problem in set(problems) - set(self.node_port_problems):
                 log.error("%s", problem)
             self.node_port_problems = problems
         try:
-            await self.rules.apply(portals, verify=verify)
+            await self.rules.apply(portals, verify=verify, delta=delta)
         except RulesError as error:
             self.rules_failures += 1
             if str(error) != self.last_rules_error:
@@ -206,13 +213,34 @@ class Proxier:
         self.last_rules_error = None
         return None
 
-    def _portals(self) -> list[Portal]:
-        portals = []
-        for name, port in sorted(self.applied.items()):
+    def _portals(self, names: set[ServicePortName] | None) -> tuple[list[Portal], PortalDelta]:
+        """The portals of every open listener, and how they differ from the last apply's.
+
+        `names` are the ports that may have changed since (None: any). An
+        unchanged portal stays the very same object, so a backend can tell
+        by identity what it has seen; a sync that changes one service costs
+        one service here, however many there are.
+        """
+        current = self._offered
+        if names is None:
+            names = set(current) | set(self.applied)
+        gone: list[Portal] = []
+        new: list[Portal] = []
+        for name in sorted(names):
+            old = current.get(name)
+            port = self.applied.get(name)
             listener = self.pool.listeners.get(name)
-            if listener is not None:
-                portals.append(Portal(port.frontend, listener.ip, listener.port))
-        return portals
+            portal = (Portal(port.frontend, listener.ip, listener.port)
+                      if port is not None and listener is not None else None)
+            if portal == old:
+                continue
+            if old is not None:
+                gone.append(old)
+                del current[name]
+            if portal is not None:
+                new.append(portal)
+                current[name] = portal
+        return list(current.values()), PortalDelta(tuple(gone), tuple(new))
 
     # -- the table users read ------------------------------------------------
 

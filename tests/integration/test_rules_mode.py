@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.apphelpers import Backends, running_uproxy, tcp_exchange, write_services
-from uproxy.rules.base import Portal
+from uproxy.rules.base import Portal, PortalDelta
 from uproxy.rules.fake import FakeRules
 
 
@@ -30,14 +30,15 @@ class OrderCheckingRules(FakeRules):
         self.listening_at_apply: list[dict[str, bool]] = []
         self.previous: tuple[Portal, ...] = ()
 
-    async def apply(self, portals: Sequence[Portal], *, verify: bool = True) -> None:
+    async def apply(self, portals: Sequence[Portal], *, verify: bool = True,
+                    delta: PortalDelta | None = None) -> None:
         seen = {str(p.frontend.name): _accepts(p.proxy_ip, p.proxy_port) for p in portals}
         # Portals being removed by this apply: their listener must still be open.
         for old in self.previous:
             if old not in portals:
                 seen[f"removed {old.frontend.name}"] = _accepts(old.proxy_ip, old.proxy_port)
         self.listening_at_apply.append(seen)
-        await super().apply(portals, verify=verify)
+        await super().apply(portals, verify=verify, delta=delta)
         self.previous = tuple(portals)
 
 
@@ -75,6 +76,8 @@ async def test_listeners_open_before_rules_and_close_after(
         (remaining,) = rules.portals
         assert str(remaining.frontend.name) == "default/a"
         assert remaining.frontend.cluster_ips == ("198.18.1.1",)
+        # The change came with a delta (what left), exactly the lists' difference.
+        assert rules.deltas >= 1 and rules.bad_deltas == []
 
 
 async def test_proxy_port_range_exhaustion_leaves_others_serving(
@@ -98,6 +101,8 @@ async def test_proxy_port_range_exhaustion_leaves_others_serving(
         await up.reload()
         assert not up.parts.pool.errors
         assert len(rules.portals) == 2
+        # Two applies in that sync (removal, then the freed port reused): both deltas exact.
+        assert rules.deltas >= 2 and rules.bad_deltas == []
 
 
 async def test_a_failing_rules_backend_keeps_serving_and_retries(
@@ -115,8 +120,9 @@ async def test_a_failing_rules_backend_keeps_serving_and_retries(
         up.parts.source.reload()  # type: ignore[attr-defined]
         await up.wait_for(lambda: up.parts.proxier.rules_failures == 1)
         assert up.parts.proxier.last_rules_error == "line 3: iptables-restore: bad rule"
-        (portal,) = [p for p in up.parts.proxier._portals() if str(p.frontend.name) == "default/a"]
-        assert await tcp_exchange(("127.0.0.1", portal.proxy_port)) == b"b:ping"
+        (listener,) = [lst for name, lst in up.parts.pool.listeners.items()
+                       if str(name) == "default/a"]
+        assert await tcp_exchange(("127.0.0.1", listener.port)) == b"b:ping"
         # The runner retries with backoff (1 s first) and the next apply succeeds.
         await up.wait_for(lambda: rules.applies > applies and len(rules.portals) == 2, timeout=5)
         assert up.parts.proxier.last_rules_error is None

@@ -201,6 +201,54 @@ def test_element_index_follows_portal_lists_like_a_full_render() -> None:
     assert index.update([]) == set()
 
 
+def _pool() -> list[Portal]:
+    web, dns, six = sample_portals()
+    twin = Portal(Frontend(ServicePortName("other", "web", "http", "TCP"), 80, "TCP",
+                           cluster_ips=("198.18.1.10",)), "0.0.0.0", 40005)  # same VIP:port
+    return [web, dns, six, Portal(web.frontend, "0.0.0.0", 40009), twin,
+            Portal(DNS, "198.18.0.1", 40002)]  # same frontend object, DNAT listener
+
+
+POOL = _pool()
+
+
+@given(st.lists(st.lists(st.sampled_from(range(len(POOL))), unique=True), max_size=8))
+def test_element_index_from_deltas_equals_walking_every_portal(
+        timeline: list[list[int]]) -> None:
+    """Fed only what changed (or walking when a delta is refused), the index
+    holds exactly what a walk of the whole list gives."""
+    by_delta, by_walk = ElementIndex(), ElementIndex()
+    previous: list[Portal] = []
+    for picks in timeline:
+        portals = [POOL[i] for i in picks]
+        before = {family: by_delta.elements(family) for family in (4, 6)}
+        gone = [p for p in previous if p not in portals]
+        new = [p for p in portals if p not in previous]
+        touched = by_delta.apply_delta(gone, new)
+        if touched is None:  # a frontend object twice, or unknown: the walk
+            touched = by_delta.update(portals)
+        by_walk.update(portals)
+        for family in (4, 6):
+            after = by_delta.elements(family)
+            assert after == by_walk.elements(family)
+            assert by_delta.wanted(family) == by_walk.wanted(family)
+            changed = {(family, name, key) for name in after
+                       for key in set(after[name]) | set(before[family][name])
+                       if after[name].get(key) != before[family][name].get(key)}
+            assert changed <= touched  # the backend sends what changed
+        previous = portals
+
+
+def test_element_index_refuses_a_delta_it_cannot_follow() -> None:
+    web, dns, _ = sample_portals()
+    index = ElementIndex()
+    index.update([web])
+    assert index.apply_delta([dns], []) is None  # dns was never seen
+    assert index.apply_delta([], [Portal(web.frontend, "0.0.0.0", 40009)]) is None  # twice
+    assert index.apply_delta([web], [dns]) is not None
+    assert index.elements(4) == nft_elements([e for e in portal_entries([dns])])
+
+
 def _expand(dports: str) -> list[int]:
     ports: list[int] = []
     for item in dports.split(","):

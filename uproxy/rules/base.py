@@ -24,6 +24,20 @@ class Portal:
     proxy_port: int
 
 
+@dataclass(frozen=True, slots=True)
+class PortalDelta:
+    """How a portal list differs from the list of the previous apply call.
+
+    `gone` are portals (the very objects) that were in the previous list and
+    are not in this one, `new` the reverse; a port whose listener moved is
+    in both. A backend that trusts its previous apply may work from this
+    instead of walking every portal.
+    """
+
+    gone: tuple[Portal, ...] = ()
+    new: tuple[Portal, ...] = ()
+
+
 class RulesError(Exception):
     """Applying rules failed; the previously applied rules are still in place."""
 
@@ -31,14 +45,17 @@ class RulesError(Exception):
 class Rules(Protocol):
     name: str
 
-    async def apply(self, portals: Sequence[Portal], *, verify: bool = True) -> None:
+    async def apply(self, portals: Sequence[Portal], *, verify: bool = True,
+                    delta: PortalDelta | None = None) -> None:
         """Make the kernel hold exactly these portals. Raises RulesError.
 
         verify=True (the periodic full pass, when nothing else changed): read
         what the kernel really holds and repair every difference. verify=False
         (a sync that carries changes): the backend may trust what it applied
         last and send only the difference, as long as it keeps the kernel
-        exact when nobody else touched it.
+        exact when nobody else touched it. `delta`, when given, is exactly
+        how `portals` differs from the previous call's list (whether that
+        call succeeded or not); a backend may use it or ignore it.
         """
 
     async def cleanup(self) -> None:
@@ -53,7 +70,8 @@ class NoRules:
 
     name = "none"
 
-    async def apply(self, portals: Sequence[Portal], *, verify: bool = True) -> None:
+    async def apply(self, portals: Sequence[Portal], *, verify: bool = True,
+                    delta: PortalDelta | None = None) -> None:
         return None
 
     async def cleanup(self) -> None:

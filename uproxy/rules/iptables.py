@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from uproxy.rules import command
-from uproxy.rules.base import Portal, RulesError
+from uproxy.rules.base import Portal, PortalDelta, RulesError
 from uproxy.rules.render import (
     FAMILIES,
     Entry,
@@ -163,7 +163,8 @@ class IptablesRules:
                     return False
         return True
 
-    async def apply(self, portals: Sequence[Portal], *, verify: bool = True) -> None:
+    async def apply(self, portals: Sequence[Portal], *, verify: bool = True,
+                    delta: PortalDelta | None = None) -> None:
         entries = portal_entries(portals)
         try:
             for family in self.families:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from uproxy.rules.base import Portal, RulesError
+from uproxy.rules.base import Portal, PortalDelta, RulesError
 from uproxy.rules.iptables import IptablesRules
 from uproxy.rules.render import (
     PROXY_PORTS_COMMENT,
@@ -239,7 +239,8 @@ class IptcRules:
             removed += self._remove_family(iptc, 4)
         return removed
 
-    async def apply(self, portals: Sequence[Portal], *, verify: bool = True) -> None:
+    async def apply(self, portals: Sequence[Portal], *, verify: bool = True,
+                    delta: PortalDelta | None = None) -> None:
         """libiptc rewrites a whole table per commit, so there is no smaller
         change to send: verify=False only skips an apply that changes nothing."""
         entries = [e for e in portal_entries(portals) if e.family == 4]

@@ -24,8 +24,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from uproxy.rules import command
-from uproxy.rules.base import Portal, RulesError
+from uproxy.rules import command, libnft
+from uproxy.rules.base import Portal, PortalDelta, RulesError
 from uproxy.rules.render import (
     FAMILIES,
     NFT_MAPS,
@@ -147,10 +147,17 @@ class NftRules:
     name = "nft"
 
     def __init__(self, chain_prefix: str = "UPROXY", *,
-                 command_prefix: Sequence[str] = ()) -> None:
+                 command_prefix: Sequence[str] = (),
+                 in_process: bool | None = None) -> None:
+        """`in_process`: talk to the kernel through libnftables in this process
+        (None: when the library loads and no `command_prefix` is given), else
+        run the `nft` program (after `command_prefix`, e.g. `ip netns exec NS`)."""
         self.prefix = check_chain_prefix(chain_prefix)
         self.table = nft_table_name(self.prefix)
         self.command_prefix = tuple(command_prefix)
+        if in_process is None:
+            in_process = not self.command_prefix and libnft.library() is not None
+        self._lib = libnft.LibNft(libnft.library()) if in_process else None
         # Per family, the elements this instance last applied, or None when it
         # left the family without a table (nothing wanted). Emptied by a failure.
         self._applied: dict[int, Elements | None] = {}
@@ -165,18 +172,28 @@ class NftRules:
     def render(self, portals: Sequence[Portal]) -> str:
         return render_nft(portals, self.prefix)
 
-    async def _nft(self, *argv: str, stdin: str | None = None) -> command.Result:
-        return await command.run([*self.command_prefix, "nft", *argv], stdin)
+    @property
+    def in_process(self) -> bool:
+        return self._lib is not None
+
+    async def _nft(self, text: str, *, listing: bool = False) -> command.Result:
+        """Run `nft -f` input; `listing`: numeric JSON output (`nft -n -j`)."""
+        if self._lib is not None:
+            flags = libnft.OUTPUT_JSON | libnft.OUTPUT_NUMERIC_ALL if listing else 0
+            return await self._lib.run(text, flags=flags)
+        if listing:  # `nft -j -f` would read JSON: the command goes on the command line
+            return await command.run([*self.command_prefix, "nft", "-n", "-j", *text.split()])
+        return await command.run([*self.command_prefix, "nft", "-f", "-"], text)
 
     async def _send(self, text: str) -> None:
-        result = await self._nft("-f", "-", stdin=text)
+        result = await self._nft(text)
         self.transactions += 1
         if result.returncode != 0:
             raise RulesError(f"nft -f: {command.failing_line(result.stderr, text)}")
 
     async def _tables(self) -> set[int]:
         """Families that have our table now (`nft list tables` is cheap)."""
-        result = await self._nft("list", "tables")
+        result = await self._nft("list tables\n")
         if result.returncode != 0:
             raise RulesError(f"nft list tables: {result.stderr.strip()}")
         found = set()
@@ -188,7 +205,7 @@ class NftRules:
 
     async def _read(self, family: int) -> dict[str, Any] | None:
         """The table's listing, or None when it does not exist."""
-        result = await self._nft("-n", "-j", "list", "table", nft_family(family), self.table)
+        result = await self._nft(f"list table {nft_family(family)} {self.table}\n", listing=True)
         self.reads += 1
         if result.returncode != 0:
             if "No such file or directory" in result.stderr:
@@ -200,8 +217,13 @@ class NftRules:
             raise RulesError(f"nft list table: unreadable JSON: {error}") from error
         return listing
 
-    async def apply(self, portals: Sequence[Portal], *, verify: bool = True) -> None:
-        touched = self._index.update(portals)
+    async def apply(self, portals: Sequence[Portal], *, verify: bool = True,
+                    delta: PortalDelta | None = None) -> None:
+        touched = None
+        if delta is not None and not verify:
+            touched = self._index.apply_delta(delta.gone, delta.new)
+        if touched is None:
+            touched = self._index.update(portals)
         existing: set[int] | None = None
         try:
             for family in FAMILIES:

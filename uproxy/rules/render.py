@@ -436,6 +436,40 @@ class ElementIndex:
         self._portals = new
         return touched
 
+    def apply_delta(self, gone: Iterable[Portal], new: Iterable[Portal]) -> set[ItemKey] | None:
+        """`update` for a list that differs from the last one by exactly these
+        portals: it costs the changed portals, not all of them. None (nothing
+        done) when a gone portal is not known as it was, or a new one shares
+        its frontend object with a known portal: then `update` must walk.
+        """
+        known = self._portals
+        leaving: list[tuple[int, Known]] = []
+        for portal in gone:
+            slot = id(portal.frontend)
+            seen = known.get(slot)
+            if (seen is None or seen[0] is not portal.frontend
+                    or seen[1] != portal.proxy_ip or seen[2] != portal.proxy_port):
+                return None
+            leaving.append((slot, seen))
+        left = {slot for slot, _ in leaving}
+        coming: list[tuple[int, Known]] = []
+        for portal in new:
+            slot = id(portal.frontend)
+            if (slot in known and slot not in left) or any(slot == s for s, _ in coming):
+                return None
+            items = tuple((entry.family, name, key, text)
+                          for entry in set(entries_of(portal))
+                          for name, key, text in nft_items(entry))
+            coming.append((slot, (portal.frontend, portal.proxy_ip, portal.proxy_port, items)))
+        touched: set[ItemKey] = set()
+        for slot, seen in leaving:
+            del known[slot]
+            self._count(seen[3], -1, touched)
+        for slot, fresh in coming:
+            known[slot] = fresh
+            self._count(fresh[3], 1, touched)
+        return touched
+
     def _count(self, items: Iterable[Item], step: int,
                touched: set[ItemKey]) -> None:
         wanted, families = self._wanted, self._families
