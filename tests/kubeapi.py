@@ -7,6 +7,16 @@ API server breaks: streams dropped, streams that go silent without closing,
 500/429 answers, an outage (connection refused), a restart that starts a new
 resourceVersion epoch (every old version is then 410 Gone).
 
+LIST pages the way the real API server does: with `limit`, the first page
+takes a snapshot at the current resourceVersion and answers with a
+`metadata.continue` token (base64 JSON of the snapshot version and the last
+key served; opaque to clients) while items remain; every page reports the
+snapshot's resourceVersion, and objects created, changed or deleted while
+paging do not show in the pages. A token whose snapshot was compacted away,
+evicted or expired on purpose (`expire_continue_tokens`,
+`expire_next_continues`) is answered 410 with a Status `reason: Expired`.
+`list_calls` records each LIST (limit, continue, answer) for tests.
+
 Use it in-process::
 
     api = FakeKubeAPI()
@@ -24,14 +34,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
+import bisect
 import contextlib
 import copy
 import json
 import signal
 import sys
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +61,15 @@ RESOURCES: dict[str, tuple[str, str, str]] = {
 RESOURCE_OF_KIND = {kind: resource for resource, (_, _, kind) in RESOURCES.items()}
 
 DEFAULT_WATCH_TIMEOUT = 1800.0  # seconds, when the client sends no timeoutSeconds
+
+# List snapshots kept for continue tokens; older ones are evicted (their
+# tokens then get 410 Expired, as after the real server's compaction).
+SNAPSHOT_LIMIT = 64
+
+EXPIRED_CONTINUE = (
+    "The provided continue parameter is too old to display a consistent list result. "
+    "You can start a new list without the continue parameter."
+)
 
 
 # ---------------------------------------------------------------- objects
@@ -210,6 +232,32 @@ class Failure:
     retry_after: float | None
 
 
+@dataclass
+class ListCall:
+    """One LIST request and how it was answered."""
+
+    resource: str
+    namespace: str | None
+    limit: int | None  # None: no limit asked (or 0)
+    continue_: str | None  # the token sent, None on a first page
+    status: int = 200
+    items: int = 0
+    resource_version: str | None = None  # the list's metadata.resourceVersion
+    more: bool = False  # the answer carried a continue token
+
+
+@dataclass
+class Snapshot:
+    """A list frozen at its first page: what every continue page is served from."""
+
+    resource: str
+    namespace: str | None
+    selector: str
+    rv: int
+    keys: list[tuple[str, str]]  # (namespace, name), sorted
+    objects: list[Obj]
+
+
 class FakeKubeAPI:
     """In-memory API server for Services and EndpointSlices."""
 
@@ -224,6 +272,11 @@ class FakeKubeAPI:
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, query)
         self.hang_new_watches = False
         self.in_outage = False
+        self.list_log: list[ListCall] = []
+        self.after_list: Callable[[ListCall], None] | None = None  # runs before each answer
+        self._snapshots: OrderedDict[int, Snapshot] = OrderedDict()
+        self._next_snapshot = 1
+        self._expire_next: list[str | None] = []  # resource (None: any) per coming expiry
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.host = "127.0.0.1"
@@ -340,6 +393,20 @@ class FakeKubeAPI:
         self.hang_new_watches = new_too
         return len(self.watchers)
 
+    def expire_continue_tokens(self) -> int:
+        """Every continue token issued so far is answered 410 Expired from now on."""
+        expired = len(self._snapshots)
+        self._snapshots.clear()
+        return expired
+
+    def expire_next_continues(self, count: int = 1, resource: str | None = None) -> None:
+        """The next `count` continue requests (for `resource`, or any) get 410 Expired."""
+        self._expire_next.extend([resource] * count)
+
+    def list_calls(self, resource: str | None = None) -> list[ListCall]:
+        """The LIST requests so far (watches excluded), oldest first."""
+        return [c for c in self.list_log if resource is None or c.resource == resource]
+
     def fail_next(self, count: int, status: int = 500, retry_after: float | None = None) -> None:
         """Answer the next `count` resource requests with `status`."""
         for _ in range(count):
@@ -449,6 +516,11 @@ class FakeKubeAPI:
         if action == "compact":
             self.compact()
             return web.json_response({"compactedResourceVersion": str(self.compacted_rv)})
+        if action == "expire-continue":
+            if "count" in query:
+                self.expire_next_continues(int(query["count"]), query.get("resource"))
+                return web.json_response({"queued": len(self._expire_next)})
+            return web.json_response({"expired": self.expire_continue_tokens()})
         return _error(404, "NotFound", f"no control {action!r}")
 
     def _matching(self, resource: str, namespace: str | None,
@@ -463,27 +535,93 @@ class FakeKubeAPI:
 
     def _list(self, resource: str, namespace: str | None, selector: LabelSelector,
               query: Mapping[str, str]) -> web.Response:
+        token = query.get("continue") or None
+        try:
+            limit = int(query.get("limit") or 0)
+            if limit < 0:
+                raise ValueError
+        except ValueError:
+            limit = -1
+        call = ListCall(resource, namespace, limit if limit > 0 else None, token)
+        self.list_log.append(call)
+        response = self._answer_list(call, limit, selector, query)
+        call.status = response.status
+        if self.after_list is not None:
+            self.after_list(call)
+        return response
+
+    def _answer_list(self, call: ListCall, limit: int, selector: LabelSelector,
+                     query: Mapping[str, str]) -> web.Response:
+        resource, namespace = call.resource, call.namespace
+        if limit < 0:
+            return _error(400, "BadRequest", f"invalid limit {query.get('limit')!r}")
         wanted = query.get("resourceVersion", "")
-        if wanted not in ("", "0"):
+        selector_text = query.get("labelSelector", "")
+        if call.continue_ is not None:
+            if wanted:
+                return _error(400, "BadRequest",
+                              "specifying resource version is not allowed when using continue")
             try:
-                number = int(wanted)
+                snapshot_id, rv, start = _decode_continue(call.continue_)
             except ValueError:
-                return _error(400, "BadRequest", f"invalid resourceVersion {wanted!r}")
-            if number < self.compacted_rv:
-                return _error(410, "Expired",
-                              f"too old resource version: {number} ({self.compacted_rv})")
+                return _error(400, "BadRequest", "continue key is not valid")
+            for i, only in enumerate(self._expire_next):
+                if only is None or only == resource:
+                    del self._expire_next[i]
+                    return _error(410, "Expired", EXPIRED_CONTINUE)
+            snapshot = self._snapshots.get(snapshot_id)
+            if snapshot is None or rv < self.compacted_rv:
+                return _error(410, "Expired", EXPIRED_CONTINUE)
+            if (snapshot.resource, snapshot.namespace, snapshot.selector) != (
+                    resource, namespace, selector_text):
+                return _error(400, "BadRequest", "continue key was issued for another list")
+            first = bisect.bisect_right(snapshot.keys, start)
+        else:
+            if wanted not in ("", "0"):
+                try:
+                    number = int(wanted)
+                except ValueError:
+                    return _error(400, "BadRequest", f"invalid resourceVersion {wanted!r}")
+                if number < self.compacted_rv:
+                    return _error(410, "Expired",
+                                  f"too old resource version: {number} ({self.compacted_rv})")
+            matching = self._matching(resource, namespace, selector)
+            snapshot_id = self._next_snapshot
+            self._next_snapshot += 1
+            snapshot = Snapshot(
+                resource, namespace, selector_text, self.rv,
+                [(o["metadata"]["namespace"], o["metadata"]["name"]) for o in matching],
+                matching,  # stored objects are replaced on change, never edited
+            )
+            first = 0
+        end = len(snapshot.objects) if limit == 0 else min(first + limit, len(snapshot.objects))
+        metadata: Obj = {"resourceVersion": str(snapshot.rv)}
+        if end < len(snapshot.objects):
+            last = snapshot.keys[end - 1]
+            metadata["continue"] = _encode_continue(snapshot_id, snapshot.rv, last)
+            if not selector_text:  # as the real server: only for unfiltered lists
+                metadata["remainingItemCount"] = len(snapshot.objects) - end
+            self._snapshots[snapshot_id] = snapshot
+            self._snapshots.move_to_end(snapshot_id)
+            while len(self._snapshots) > SNAPSHOT_LIMIT:
+                self._snapshots.popitem(last=False)
+        else:
+            self._snapshots.pop(snapshot_id, None)  # fully served
         _, api_version, kind = RESOURCES[resource]
         items = []
-        for obj in self._matching(resource, namespace, selector):
+        for obj in snapshot.objects[first:end]:
             item = copy.deepcopy(obj)
             # Items of a list carry no kind/apiVersion on the wire.
             item.pop("kind", None)
             item.pop("apiVersion", None)
             items.append(item)
+        call.items = len(items)
+        call.resource_version = metadata["resourceVersion"]
+        call.more = "continue" in metadata
         return web.json_response({
             "kind": f"{kind}List",
             "apiVersion": api_version,
-            "metadata": {"resourceVersion": str(self.rv)},
+            "metadata": metadata,
             "items": items,
         })
 
@@ -609,6 +747,24 @@ def _translate(watcher: Watcher, event: Event) -> list[tuple[str, Obj]]:
 async def _send(response: web.StreamResponse, type_: str, obj: Obj) -> None:
     line = json.dumps({"type": type_, "object": obj}, separators=(",", ":")) + "\n"
     await response.write(line.encode())
+
+
+def _encode_continue(snapshot_id: int, rv: int, start: tuple[str, str]) -> str:
+    body = {"v": "meta.k8s.io/v1", "rv": rv, "start": list(start), "snapshot": snapshot_id}
+    return base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode()
+
+
+def _decode_continue(token: str) -> tuple[int, int, tuple[str, str]]:
+    """(snapshot id, snapshot rv, last key served); ValueError when it is not ours."""
+    try:
+        body = json.loads(base64.urlsafe_b64decode(token.encode()))
+        start = body["start"]
+        if not (isinstance(start, list) and len(start) == 2
+                and all(isinstance(part, str) for part in start)):
+            raise ValueError("start")
+        return int(body["snapshot"]), int(body["rv"]), (start[0], start[1])
+    except (binascii.Error, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(str(error)) from error
 
 
 def _truthy(value: str | None) -> bool:

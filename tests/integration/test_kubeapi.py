@@ -223,3 +223,119 @@ async def test_http_writes_generate_events(api: FakeKubeAPI) -> None:
         async with session.delete(f"{path}/x") as deleted:
             assert deleted.status == 200
     assert [e.type for e in api.history] == ["ADDED", "DELETED"]
+
+
+# ---------------------------------------------------------------- paginated LIST
+
+
+def _names(listed: Any) -> list[str]:
+    return [f"{o.metadata.namespace}/{o.metadata.name}" for o in listed.items]
+
+
+async def test_paged_list_is_a_consistent_snapshot(
+    api: FakeKubeAPI, api_client: client.ApiClient
+) -> None:
+    for i in range(5):
+        api.create(service("default", f"s{i}"))
+    core = client.CoreV1Api(api_client)
+    first = await core.list_service_for_all_namespaces(limit=2)
+    snapshot_rv = first.metadata.resource_version
+    assert _names(first) == ["default/s0", "default/s1"]
+    assert first.metadata._continue and first.metadata.remaining_item_count == 3
+    # Changes after the first page do not show in the pages that follow.
+    api.delete("Service", "default", "s3")
+    api.create(service("default", "s2a"))
+    api.update(service("default", "s4", cluster_ip="10.96.9.9"))
+    second = await core.list_service_for_all_namespaces(limit=2, _continue=first.metadata._continue)
+    third = await core.list_service_for_all_namespaces(limit=2, _continue=second.metadata._continue)
+    assert _names(second) == ["default/s2", "default/s3"]
+    assert _names(third) == ["default/s4"]
+    assert third.items[0].spec.cluster_ip == "10.96.0.1"  # as it was at the snapshot
+    assert not third.metadata._continue
+    assert {p.metadata.resource_version for p in (first, second, third)} == {snapshot_rv}
+    assert int(snapshot_rv) < api.rv
+    assert [(c.limit, c.continue_ is not None, c.items, c.more)
+            for c in api.list_calls("services")] == [
+        (2, False, 2, True), (2, True, 2, True), (2, True, 1, False)]
+    # Without a limit, one answer with everything as it is now.
+    whole = await core.list_service_for_all_namespaces()
+    assert _names(whole) == ["default/s0", "default/s1", "default/s2", "default/s2a", "default/s4"]
+    assert whole.metadata._continue is None and int(whole.metadata.resource_version) == api.rv
+
+
+async def test_paged_list_namespaced_and_selected(
+    api: FakeKubeAPI, api_client: client.ApiClient
+) -> None:
+    for i in range(3):
+        api.create(endpoint_slice("a", f"e{i}", "web"))
+        api.create(endpoint_slice("b", f"e{i}", "web"))
+    api.create(endpoint_slice("a", "e9", "web", labels={"service.kubernetes.io/headless": ""}))
+    discovery = client.DiscoveryV1Api(api_client)
+    selector = "!service.kubernetes.io/headless"
+    seen: list[str] = []
+    token = None
+    for _ in range(10):
+        page = await discovery.list_namespaced_endpoint_slice(
+            "a", limit=2, label_selector=selector, **({"_continue": token} if token else {}))
+        seen += _names(page)
+        assert page.metadata.remaining_item_count is None  # not told for selected lists
+        token = page.metadata._continue
+        if not token:
+            break
+    assert seen == ["a/e0", "a/e1", "a/e2"]
+    assert [c.namespace for c in api.list_calls("endpointslices")] == ["a", "a"]
+
+
+async def test_expired_continue_is_410_expired(
+    api: FakeKubeAPI, api_client: client.ApiClient
+) -> None:
+    for i in range(3):
+        api.create(service("default", f"s{i}"))
+    core = client.CoreV1Api(api_client)
+    first = await core.list_service_for_all_namespaces(limit=1)
+    token = first.metadata._continue
+    assert api.expire_continue_tokens() == 1
+    with pytest.raises(ApiException) as raised:
+        await core.list_service_for_all_namespaces(limit=1, _continue=token)
+    assert raised.value.status == 410
+    body = json.loads(raised.value.body)
+    assert (body["kind"], body["reason"], body["code"]) == ("Status", "Expired", 410)
+    # Expiring the next continue request only, for one resource.
+    api.expire_next_continues(1, resource="services")
+    fresh = await core.list_service_for_all_namespaces(limit=1)
+    with pytest.raises(ApiException) as again:
+        await core.list_service_for_all_namespaces(limit=1, _continue=fresh.metadata._continue)
+    assert again.value.status == 410
+    fresh = await core.list_service_for_all_namespaces(limit=1)
+    rest = await core.list_service_for_all_namespaces(limit=5, _continue=fresh.metadata._continue)
+    assert _names(rest) == ["default/s1", "default/s2"]
+    # A compaction past the snapshot's version expires its tokens too.
+    fresh = await core.list_service_for_all_namespaces(limit=1)
+    api.create(service("default", "s3"))
+    api.compact()
+    with pytest.raises(ApiException) as compacted:
+        await core.list_service_for_all_namespaces(limit=1, _continue=fresh.metadata._continue)
+    assert compacted.value.status == 410
+    assert [c.status for c in api.list_calls()] == [200, 410, 200, 410, 200, 200, 200, 410]
+
+
+async def test_bad_continue_and_limit_are_400(
+    api: FakeKubeAPI, api_client: client.ApiClient
+) -> None:
+    api.create(service("default", "a"))
+    api.create(service("default", "b"))
+    core = client.CoreV1Api(api_client)
+    with pytest.raises(ApiException) as garbage:
+        await core.list_service_for_all_namespaces(limit=1, _continue="not-a-token")
+    assert garbage.value.status == 400
+    first = await core.list_service_for_all_namespaces(limit=1)
+    with pytest.raises(ApiException) as other_list:
+        await core.list_namespaced_service("default", limit=1, _continue=first.metadata._continue)
+    assert other_list.value.status == 400
+    with pytest.raises(ApiException) as with_rv:
+        await core.list_service_for_all_namespaces(limit=1, _continue=first.metadata._continue,
+                                                   resource_version="5")
+    assert with_rv.value.status == 400
+    async with (aiohttp.ClientSession() as session,
+                session.get(f"{api.url}/api/v1/services", params={"limit": "-1"}) as bad):
+        assert bad.status == 400
