@@ -173,6 +173,10 @@ class DesiredPort:
     frontend: Frontend
     endpoints: tuple[Endpoint, ...] = ()
     affinity_timeout: float | None = None  # seconds; None: no ClientIP affinity
+    # Endpoints for traffic that arrives from outside (node port, external IP,
+    # load-balancer IP) when a traffic policy makes them differ from
+    # `endpoints` (which serve the cluster IPs); None when they are the same.
+    external_endpoints: tuple[Endpoint, ...] | None = None
 
     @property
     def name(self) -> ServicePortName:

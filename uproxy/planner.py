@@ -86,22 +86,19 @@ def _service_families(service: Service) -> set[int]:
     return families or {4, 6}
 
 
-def endpoints_for_port(
-    service: Service,
-    port_name: str,
-    protocol: str,
-    slices: Iterable[EndpointSlice],
-    node_name: str | None,
-) -> tuple[Endpoint, ...]:
-    """Endpoints of one service port, merged over all of the service's slices.
+def externally_accessible(service: Service) -> bool:
+    """Whether a service takes traffic from outside: node ports, external IPs,
+    load balancers (Kubernetes' `ExternallyAccessible`)."""
+    return service.type in ("NodePort", "LoadBalancer") or (
+        service.type == "ClusterIP" and bool(service.external_ips)
+    )
 
-    Each slice says, per port name, which number the pods listen on, so a
-    named targetPort may resolve differently in different slices. As in
-    kube-proxy's CategorizeEndpoints, the ready-else-terminating fallback is
-    decided over all slices together, after the node filter of a Local policy.
-    """
+
+def _slice_endpoints(
+    service: Service, port_name: str, protocol: str, slices: Iterable[EndpointSlice],
+) -> list[tuple[Endpoint, SliceEndpoint]]:
+    """Every (endpoint, its conditions) of one service port over all slices."""
     families = _service_families(service)
-    local_only = service.internal_traffic_policy == "Local"
     found: list[tuple[Endpoint, SliceEndpoint]] = []
     for endpoint_slice in slices:
         family = _FAMILY_OF_ADDRESS_TYPE.get(endpoint_slice.address_type)
@@ -117,12 +114,63 @@ def endpoints_for_port(
         for endpoint in endpoint_slice.endpoints:
             if not endpoint.addresses:
                 continue
-            if local_only and not (node_name and endpoint.node_name == node_name):
-                continue
             for number in numbers:
                 found.append((Endpoint(endpoint.addresses[0], number), endpoint))
+    return found
+
+
+def _usable(found: list[tuple[Endpoint, SliceEndpoint]]) -> tuple[Endpoint, ...]:
     usable = set(usable_endpoints(condition for _, condition in found))
     return tuple(sorted({e for e, condition in found if condition in usable}))
+
+
+def _local(
+    found: list[tuple[Endpoint, SliceEndpoint]], node_name: str | None,
+) -> list[tuple[Endpoint, SliceEndpoint]]:
+    if not node_name:
+        return []
+    return [pair for pair in found if pair[1].node_name == node_name]
+
+
+def port_endpoints(
+    service: Service,
+    port_name: str,
+    protocol: str,
+    slices: Iterable[EndpointSlice],
+    node_name: str | None,
+) -> tuple[tuple[Endpoint, ...], tuple[Endpoint, ...] | None]:
+    """(cluster endpoints, external endpoints or None) of one service port.
+
+    Each slice says, per port name, which number the pods listen on, so a
+    named targetPort may resolve differently in different slices. As in
+    kube-proxy's CategorizeEndpoints, the ready-else-terminating fallback is
+    decided over all slices together, after the node filter of a Local
+    policy. Cluster-IP traffic follows internalTrafficPolicy; traffic from
+    outside (node port, external IP, load-balancer IP) of an externally
+    accessible service follows externalTrafficPolicy. The second value is
+    None when both kinds of traffic use the same endpoints.
+    """
+    found = _slice_endpoints(service, port_name, protocol, slices)
+    every = _usable(found)
+    internal_local = service.internal_traffic_policy == "Local"
+    external_local = service.external_traffic_policy == "Local"
+    local = _usable(_local(found, node_name)) if internal_local or external_local else every
+    cluster = local if internal_local else every
+    if not externally_accessible(service):
+        return cluster, None
+    external = local if external_local else every
+    return cluster, (None if external == cluster else external)
+
+
+def endpoints_for_port(
+    service: Service,
+    port_name: str,
+    protocol: str,
+    slices: Iterable[EndpointSlice],
+    node_name: str | None,
+) -> tuple[Endpoint, ...]:
+    """Endpoints for cluster-IP traffic of one service port (see `port_endpoints`)."""
+    return port_endpoints(service, port_name, protocol, slices, node_name)[0]
 
 
 def slices_by_service(
@@ -164,8 +212,10 @@ def service_ports(
             external_ips=service.external_ips,
             load_balancer_ips=service.load_balancer_ips,
         )
-        endpoints = endpoints_for_port(service, spec.name, spec.protocol, service_slices, node_name)
-        ports[name] = DesiredPort(frontend, endpoints, affinity)
+        endpoints, external = port_endpoints(
+            service, spec.name, spec.protocol, service_slices, node_name
+        )
+        ports[name] = DesiredPort(frontend, endpoints, affinity, external)
 
 
 def desired_state(

@@ -248,6 +248,110 @@ def test_local_policy_falls_back_to_local_terminating_even_if_remote_is_ready() 
     assert ips(plan([svc], slices, node_name=NODE)) == ["10.1.0.1:8080"]
 
 
+# --- externalTrafficPolicy: Local ----------------------------------------------
+
+EXTERNAL = {"type": "NodePort", "ports": (ServicePortSpec("http", 80, "TCP", "http", 30080),)}
+
+
+def external_ips(state: DesiredState) -> list[str] | None:
+    external = state.ports[port()].external_endpoints
+    return None if external is None else [str(e) for e in external]
+
+
+def test_external_policy_local_limits_only_external_traffic_to_this_node() -> None:
+    """Timeline: a NodePort service, one endpoint here, one on node-b."""
+    svc = service(external_traffic_policy="Local", **EXTERNAL)
+    slices = [eps("web-1", ready("10.1.0.1", NODE), ready("10.1.0.2", "node-b"))]
+    state = plan([svc], slices, node_name=NODE)
+    assert ips(state) == ["10.1.0.1:8080", "10.1.0.2:8080"]  # cluster IP: every endpoint
+    assert external_ips(state) == ["10.1.0.1:8080"]  # node port, external IPs: this node's
+    # With no endpoint here, external traffic has none (it is refused), cluster traffic still goes.
+    remote_only = [eps("web-1", ready("10.1.0.2", "node-b"))]
+    state = plan([svc], remote_only, node_name=NODE)
+    assert ips(state) == ["10.1.0.2:8080"]
+    assert external_ips(state) == []
+    # Not knowing this node's name, nothing is local.
+    assert external_ips(plan([svc], slices, node_name=None)) == []
+
+
+def test_external_policy_applies_to_externally_accessible_services_only() -> None:
+    slices = [eps("web-1", ready("10.1.0.1", NODE), ready("10.1.0.2", "node-b"))]
+    cluster_only = service(external_traffic_policy="Local")
+    assert external_ips(plan([cluster_only], slices, node_name=NODE)) is None
+    with_external_ip = service(external_traffic_policy="Local", external_ips=("198.18.2.10",))
+    assert external_ips(plan([with_external_ip], slices, node_name=NODE)) == ["10.1.0.1:8080"]
+    load_balancer = service(external_traffic_policy="Local", type="LoadBalancer",
+                            load_balancer_ips=("198.18.2.11",))
+    assert external_ips(plan([load_balancer], slices, node_name=NODE)) == ["10.1.0.1:8080"]
+    assert external_ips(plan([service(**EXTERNAL)], slices, node_name=NODE)) is None
+
+
+def test_external_endpoints_are_none_when_both_kinds_of_traffic_agree() -> None:
+    svc = service(external_traffic_policy="Local", **EXTERNAL)
+    all_here = [eps("web-1", ready("10.1.0.1", NODE), ready("10.1.0.2", NODE))]
+    assert external_ips(plan([svc], all_here, node_name=NODE)) is None
+    both_local = replace(svc, internal_traffic_policy="Local")
+    mixed = [eps("web-1", ready("10.1.0.1", NODE), ready("10.1.0.2", "node-b"))]
+    state = plan([both_local], mixed, node_name=NODE)
+    assert ips(state) == ["10.1.0.1:8080"] and external_ips(state) is None
+
+
+def test_internal_local_external_cluster_sends_external_traffic_everywhere() -> None:
+    """kube-proxy: external traffic follows externalTrafficPolicy, not the internal one."""
+    svc = service(internal_traffic_policy="Local", **EXTERNAL)
+    slices = [eps("web-1", ready("10.1.0.1", NODE), ready("10.1.0.2", "node-b"))]
+    state = plan([svc], slices, node_name=NODE)
+    assert ips(state) == ["10.1.0.1:8080"]
+    assert external_ips(state) == ["10.1.0.1:8080", "10.1.0.2:8080"]
+
+
+def test_external_local_falls_back_to_local_terminating_endpoints() -> None:
+    svc = service(external_traffic_policy="Local", **EXTERNAL)
+    slices = [eps("web-1", ready("10.1.0.2", "node-b"), terminating("10.1.0.1", NODE),
+                  terminating("10.1.0.3", NODE, serving=False))]
+    state = plan([svc], slices, node_name=NODE)
+    assert ips(state) == ["10.1.0.2:8080"]
+    assert external_ips(state) == ["10.1.0.1:8080"]
+
+
+_NODES = st.sampled_from([None, NODE, "node-b"])
+_CONDITIONS = st.sampled_from([ready, terminating, not_ready])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 6), _NODES, _CONDITIONS), max_size=6),
+    st.sampled_from(["Cluster", "Local"]),
+    st.sampled_from(["Cluster", "Local"]),
+    st.sampled_from(["ClusterIP", "NodePort", "LoadBalancer"]),
+    st.booleans(),
+    st.sampled_from([None, NODE]),
+)
+def test_traffic_policies_pick_each_kind_of_traffic_from_the_right_nodes(
+    drawn: list[tuple[int, str | None, object]], internal: str, external: str,
+    service_type: str, with_external_ip: bool, node_name: str | None,
+) -> None:
+    svc = service(internal_traffic_policy=internal, external_traffic_policy=external,
+                  type=service_type,
+                  external_ips=("198.18.2.10",) if with_external_ip else ())
+    endpoints = [make(f"10.1.0.{n}", node) for n, node, make in drawn]  # type: ignore[operator]
+    state = plan([svc], [eps("web-1", *endpoints)], node_name=node_name)
+    result = state.ports[port()]
+
+    def expected(local: bool) -> tuple[Endpoint, ...]:
+        chosen = [e for e in endpoints if not local or (node_name and e.node_name == node_name)]
+        use = [e for e in chosen if e.ready] or [e for e in chosen if e.serving and e.terminating]
+        return tuple(sorted({Endpoint(e.addresses[0], 8080) for e in use}))
+
+    assert result.endpoints == expected(internal == "Local")
+    reachable = service_type != "ClusterIP" or with_external_ip
+    external_set = expected(external == "Local") if reachable else result.endpoints
+    if external_set == result.endpoints:
+        assert result.external_endpoints is None
+    else:
+        assert result.external_endpoints == external_set
+
+
 def test_ipv4_service_ignores_ipv6_and_fqdn_slices() -> None:
     slices = [
         eps("web-4", ready("10.1.0.1")),
