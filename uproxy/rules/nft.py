@@ -224,15 +224,19 @@ class NftRules:
             touched = self._index.apply_delta(delta.gone, delta.new)
         if touched is None:
             touched = self._index.update(portals)
-        existing: set[int] | None = None
         try:
+            # A build replaces a table whether or not one exists; only a family
+            # with nothing wanted needs a look for a stale table. The look goes
+            # first: listing after a big build makes libnftables refetch its
+            # cache on the next change (40 ms at 20k elements, not 0.3).
+            existing: set[int] = set()
+            if any(f not in self._applied and not self._index.wanted(f) for f in FAMILIES):
+                existing = await self._tables()
             for family in FAMILIES:
                 wanted = self._index.wanted(family)
                 trusted = family in self._applied
                 last = self._applied.pop(family, None)
                 if not trusted:
-                    if existing is None:
-                        existing = await self._tables()
                     if wanted or family in existing:
                         last = await self._build(family)
                 elif last is None:  # we left no table here
