@@ -20,11 +20,11 @@ import pytest
 from kubernetes_asyncio import client as kube_client
 
 from tests.integration.apphelpers import running
-from tests.kubeapi import FakeKubeAPI, endpoint_slice, service
+from tests.kubeapi import FakeKubeAPI, ListCall, endpoint_slice, service
 from uproxy.model import Endpoint, EndpointSlice, ObjectName, Service, ServicePortName
 from uproxy.planner import desired_state
 from uproxy.sources.base import Source
-from uproxy.sources.kube import KubeSource
+from uproxy.sources.kube import LIST_PAGE_SIZE, KubeSource
 
 
 @dataclass
@@ -425,3 +425,184 @@ async def test_connection_refused_at_start_then_api_appears() -> None:
         finally:
             await late.stop()
     assert ObjectName("default", "web") in sink.services
+
+
+# ---------------------------------------------------------------- paginated lists
+
+
+BIG = 1200  # services and slices: pages of 500, 500, 200
+
+
+def populate(api: FakeKubeAPI, count: int = BIG) -> None:
+    for i in range(count):
+        name = f"svc-{i:04d}"
+        api.create(service("big", name, ports=[{"name": "p", "port": 80}],
+                           cluster_ip=f"10.98.{i // 250}.{i % 250}"))
+        api.create(endpoint_slice("big", f"{name}-x", name,
+                                  addresses=[f"10.3.{i // 250}.{i % 250}"],
+                                  ports=[{"name": "p", "port": 8080}]))
+
+
+def pages(calls: list[ListCall]) -> list[tuple[int | None, bool, int, int, bool]]:
+    """(limit, continued, status, items, more) per LIST request."""
+    return [(c.limit, c.continue_ is not None, c.status, c.items, c.more) for c in calls]
+
+
+THREE_PAGES = [(500, False, 200, 500, True), (500, True, 200, 500, True),
+               (500, True, 200, 200, False)]
+
+
+def first_watch_version(api: FakeKubeAPI, path: str) -> str:
+    for _, req_path, query in api.requests:
+        if req_path == path and query.get("watch", "").lower() == "true":
+            return query["resourceVersion"]
+    raise AssertionError(f"no watch on {path}")
+
+
+def big(name: str) -> ObjectName:
+    return ObjectName("big", name)
+
+
+async def test_large_lists_come_in_pages_and_the_watch_starts_at_the_snapshot(
+    api: FakeKubeAPI,
+) -> None:
+    assert LIST_PAGE_SIZE == 500
+    populate(api)
+    sink = RecordingSink()
+    source = make_source(api)
+    async with running(source, sink):
+        await wait_until(lambda: bool(sink.synced), timeout=10, what="first sync")
+        assert (len(sink.services), len(sink.slices)) == (BIG, BIG)
+        await wait_until(lambda: api.open_watches == 2)
+        api.create(service("big", "after-list", ports=[{"port": 80}]))
+        await wait_until(lambda: big("after-list") in sink.services)
+        await asyncio.sleep(0.5)  # a few bookmarks: nothing arrives twice
+    for resource, path in (("services", "/api/v1/services"),
+                           ("endpointslices", "/apis/discovery.k8s.io/v1/endpointslices")):
+        calls = api.list_calls(resource)
+        assert pages(calls) == THREE_PAGES
+        assert len({c.resource_version for c in calls}) == 1
+        assert first_watch_version(api, path) == calls[-1].resource_version
+    assert source.list_pages == {"services": 3, "endpointslices": 3}
+    assert source.relists == {"services": 0, "endpointslices": 0}
+    keys = [(what, key) for what, _, key in sink.timeline]
+    assert len(keys) == len(set(keys)) == 2 * BIG + 1  # every object once
+    assert {change for _, change, _ in sink.timeline} == {"add"}
+    assert sink.timeline[-1] == ("service", "add", "big/after-list")
+
+
+async def test_changes_between_pages_arrive_through_the_watch(api: FakeKubeAPI) -> None:
+    """The pages are a snapshot at page 1: what changes while paging is not
+    in them, and the watch from the snapshot's version brings it."""
+    populate(api)
+
+    def between_pages(call: ListCall) -> None:
+        if call.continue_ is not None or call.status != 200:
+            return
+        if call.resource == "services":
+            api.create(service("big", "between", ports=[{"port": 80}]))
+            api.delete("Service", "big", "svc-0700")  # on page 2, not fetched yet
+            api.update(service("big", "svc-1100", ports=[{"name": "p", "port": 81}]))  # page 3
+        else:
+            api.create(endpoint_slice("big", "between-x", "between", addresses=["10.4.0.1"]))
+
+    api.after_list = between_pages
+    sink = RecordingSink()
+    source = make_source(api)
+    async with running(source, sink):
+        await wait_until(lambda: big("between-x") in sink.slices, timeout=10)
+        await wait_until(lambda: big("svc-1100") in sink.services
+                         and sink.services[big("svc-1100")].ports[0].port == 81, timeout=10)
+        await wait_until(lambda: big("svc-0700") not in sink.services)
+    assert pages(api.list_calls("services")) == THREE_PAGES
+    assert pages(api.list_calls("endpointslices")) == THREE_PAGES
+    services = [(change, key) for what, change, key in sink.timeline if what == "service"]
+    listed = services[:BIG]
+    assert {change for change, _ in listed} == {"add"}
+    assert ("add", "big/svc-0700") in listed and ("add", "big/between") not in listed
+    assert services[BIG:] == [("add", "big/between"), ("delete", "big/svc-0700"),
+                              ("update", "big/svc-1100")]
+    slices = [(change, key) for what, change, key in sink.timeline if what == "slice"]
+    assert slices[BIG:] == [("add", "big/between-x")]
+    assert big("between") in sink.services and len(sink.services) == BIG
+
+
+@dataclass
+class ViewAtSync(RecordingSink):
+    """Also keeps what the sink held when the source said it was synced."""
+
+    at_sync: list[tuple[int, int]] = field(default_factory=list)
+
+    def on_synced(self, source: str) -> None:
+        self.at_sync.append((len(self.services), len(self.slices)))
+        super().on_synced(source)
+
+
+async def test_expired_continue_lists_again_and_the_sink_never_sees_a_partial_list(
+    api: FakeKubeAPI,
+) -> None:
+    populate(api)
+    sink = ViewAtSync()
+    held_while_listing: list[tuple[str, int]] = []  # (resource, services the sink held)
+    api.after_list = lambda call: held_while_listing.append(
+        (call.resource, len(sink.services)))
+    api.expire_next_continues(1, resource="services")
+    source = make_source(api)
+    async with running(source, sink):
+        await wait_until(lambda: bool(sink.synced), timeout=10, what="first sync")
+        await wait_until(lambda: api.open_watches == 2)
+        # The first complete view has everything; nothing came before it was whole.
+        assert sink.at_sync == [(BIG, BIG)]
+        assert [n for resource, n in held_while_listing if resource == "services"] == [0, 0, 0]
+        assert pages(api.list_calls("services")) == [
+            (500, False, 200, 500, True),
+            (500, True, 410, 0, False),  # the token expired ...
+            (None, False, 200, BIG, False),  # ... one list without a limit, as client-go
+        ]
+        assert source.expired_lists == {"services": 1, "endpointslices": 0}
+        before = len(sink.timeline)
+        listed = len(api.list_log)
+        # Blind, changes happen on pages 1 and 3; the history is compacted, so
+        # the watch gets 410 and relists; its continue token expires too.
+        await api.outage_begin()
+        api.delete("Service", "big", "svc-0100")
+        api.update(service("big", "svc-1100", ports=[{"name": "p", "port": 81}]))
+        api.compact()
+        api.expire_next_continues(1, resource="services")
+        held_while_listing.clear()
+        await api.outage_end()
+        await wait_until(lambda: source.relists == {"services": 1, "endpointslices": 1},
+                         what="both relists")
+        await wait_until(lambda: big("svc-0100") not in sink.services)
+    relist = [c for c in api.list_log[listed:] if c.resource == "services"]
+    assert pages(relist)[-3:] == [(500, False, 200, 500, True), (500, True, 410, 0, False),
+                                  (None, False, 200, BIG - 1, False)]
+    # While the relist ran, the sink kept the whole last known state.
+    assert [n for resource, n in held_while_listing if resource == "services"][-3:] == [BIG] * 3
+    assert sorted(sink.timeline[before:]) == [("service", "delete", "big/svc-0100"),
+                                              ("service", "update", "big/svc-1100")]
+    assert source.expired_lists == {"services": 2, "endpointslices": 0}
+    assert sink.at_sync == [(BIG, BIG)]
+
+
+async def test_relist_after_410_on_the_watch_pages_too(api: FakeKubeAPI) -> None:
+    populate(api)
+    sink = RecordingSink()
+    source = make_source(api)
+    async with running(source, sink):
+        await wait_until(lambda: bool(sink.synced), timeout=10, what="first sync")
+        await wait_until(lambda: api.open_watches == 2)
+        before = len(sink.timeline)
+        listed = len(api.list_log)
+        api.restart()  # every old resourceVersion is now 410 Gone
+        await wait_until(lambda: source.relists == {"services": 1, "endpointslices": 1},
+                         what="both relists")
+        await wait_until(lambda: api.open_watches == 2)
+        api.create(service("big", "after-relist", ports=[{"port": 80}]))
+        await wait_until(lambda: big("after-relist") in sink.services)
+    for resource in ("services", "endpointslices"):
+        relist = [c for c in api.list_log[listed:] if c.resource == resource]
+        assert pages(relist) == THREE_PAGES
+        assert {c.resource_version for c in relist} == {str(api.rv - 1)}
+    assert source.list_pages == {"services": 6, "endpointslices": 6}
+    assert sink.timeline[before:] == [("service", "add", "big/after-relist")]

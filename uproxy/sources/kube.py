@@ -1,7 +1,10 @@
 """The Kubernetes source: list+watch Services and EndpointSlices.
 
 One loop per resource (and per namespace when namespaces are given) lists,
-then watches from the list's resourceVersion with bookmarks, a server-side
+in pages of LIST_PAGE_SIZE as client-go's pager does, so one LIST does not
+hold the API server's memory; the pages are one consistent snapshot and the
+sink hears of nothing until the last page is in. It then watches from the
+list's resourceVersion with bookmarks, a server-side
 `timeoutSeconds` and a client read timeout longer than it, so a stream that
 goes silent without closing is noticed. A watch that ends normally is
 re-opened from the last version seen (bookmarks move it forward). 410 Gone
@@ -48,6 +51,11 @@ RESOURCES = (SERVICES, ENDPOINT_SLICES)
 # are not even fetched. EndpointSlices carry the same labels (the controller
 # copies them), so the same selector applies to both.
 DEFAULT_LABEL_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+
+# Objects per LIST page (client-go's pager default). A continue token that
+# expired while paging (410 Expired: the snapshot was compacted away) is
+# followed by one list without a limit, as client-go's FullListIfExpired.
+LIST_PAGE_SIZE = 500
 
 # A watch that ends normally sooner than this is treated as a fault (backoff),
 # so a server that closes every stream at once is not hammered.
@@ -127,6 +135,10 @@ class _Gone(Exception):
     """410: the version we hold is no longer in the server's history."""
 
 
+class _Expired(Exception):
+    """410 on a continue request: the list's snapshot is gone; list again."""
+
+
 class _Fault(Exception):
     """A transient failure: retry with backoff."""
 
@@ -175,6 +187,16 @@ class _Loop:
         return self.resource if self.namespace is None else f"{self.resource} in {self.namespace}"
 
 
+@dataclass
+class _Listing:
+    """One list being read page by page; reported only when complete."""
+
+    fresh: dict[ObjectName, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # bad objects, reported at the end
+    resource_version: str = ""
+    pages: int = 0
+
+
 class KubeSource:
     """Services and EndpointSlices from a Kubernetes API server."""
 
@@ -216,6 +238,8 @@ class KubeSource:
         self.watches: dict[str, int] = dict.fromkeys(RESOURCES, 0)  # watch requests made
         self.watch_restarts: dict[str, int] = dict.fromkeys(RESOURCES, 0)  # broke, reopened
         self.relists: dict[str, int] = dict.fromkeys(RESOURCES, 0)  # lists after the first
+        self.list_pages: dict[str, int] = dict.fromkeys(RESOURCES, 0)  # LIST requests answered
+        self.expired_lists: dict[str, int] = dict.fromkeys(RESOURCES, 0)  # continue got 410
         self.errors: dict[str, int] = dict.fromkeys(RESOURCES, 0)  # faults retried
         self.events: dict[str, int] = dict.fromkeys(RESOURCES, 0)  # watch events applied
         self.bad_objects: dict[str, int] = dict.fromkeys(RESOURCES, 0)
@@ -233,6 +257,8 @@ class KubeSource:
             "watches": dict(self.watches),
             "watch_restarts": dict(self.watch_restarts),
             "relists": dict(self.relists),
+            "list_pages": dict(self.list_pages),
+            "expired_lists": dict(self.expired_lists),
             "errors": dict(self.errors),
             "events": dict(self.events),
         }
@@ -361,7 +387,84 @@ class KubeSource:
         call: Callable[..., Awaitable[aiohttp.ClientResponse]],
         sink: SourceSink,
     ) -> None:
-        response = await self._open(call)
+        """List every object, then report what differs from what was known.
+
+        Nothing reaches the sink before the last page is in: a list that
+        fails or expires halfway is dropped whole, so the sink never sees
+        objects missing that only sat on pages not fetched yet.
+        """
+        try:
+            listing = await self._list_pages(state, call, LIST_PAGE_SIZE)
+        except _Expired:
+            # The snapshot was compacted away between pages: paging took
+            # longer than the server keeps history. Paging again from page one
+            # would likely expire again for the same reason; one list without
+            # a limit cannot (client-go's pager falls back the same way).
+            self.expired_lists[state.resource] += 1
+            log.info("kube: %s: continue token expired while paging (410); "
+                     "listing again in one page", state.label)
+            listing = await self._list_pages(state, call, None)
+        for message in listing.errors:
+            self._bad_object(state, message, sink)
+        changes = replace_all(state.known, listing.fresh, self._reporter(state, sink))
+        state.resource_version = listing.resource_version
+        log.log(
+            logging.INFO if state.listed else logging.DEBUG,
+            "kube: listed %d %s at resourceVersion %s in %d page(s) (%d changes)",
+            len(listing.fresh), state.label, listing.resource_version, listing.pages, changes,
+        )
+
+    async def _list_pages(
+        self,
+        state: _Loop,
+        call: Callable[..., Awaitable[aiohttp.ClientResponse]],
+        limit: int | None,
+    ) -> _Listing:
+        """All pages of one list (one page when `limit` is None), converted, unreported.
+
+        Raises _Expired for a 410 on a continue request, _Gone for one on the
+        first page, _Fault for anything else.
+        """
+        listing = _Listing()
+        token = ""
+        while True:
+            params: dict[str, Any] = {}
+            if limit is not None:
+                params["limit"] = limit
+            if token:
+                params["_continue"] = token
+            try:
+                body = await self._read_list(call, **params)
+            except _Gone:
+                if token:
+                    raise _Expired() from None
+                raise
+            self.list_pages[state.resource] += 1
+            listing.pages += 1
+            try:
+                metadata = body["metadata"]
+                version = metadata["resourceVersion"]
+                following = metadata.get("continue") or ""
+                items = body.get("items") or []
+                if not isinstance(following, str) or not isinstance(items, list):
+                    raise TypeError("continue or items")
+            except (KeyError, TypeError, AttributeError) as error:
+                raise _Fault(f"malformed list response ({error})") from error
+            for item in items:
+                self._collect(state, item, listing)
+            # Every page reports the snapshot's version; the last one is the
+            # version the whole list is consistent at.
+            listing.resource_version = str(version)
+            if not following:
+                return listing
+            if following == token:
+                raise _Fault("malformed list response (the same continue token twice)")
+            token = following
+
+    async def _read_list(
+        self, call: Callable[..., Awaitable[aiohttp.ClientResponse]], **params: Any
+    ) -> Any:
+        response = await self._open(call, **params)
         try:
             raw = await response.read()
         except (aiohttp.ClientError, OSError, TimeoutError) as error:
@@ -369,26 +472,19 @@ class KubeSource:
         finally:
             response.close()
         try:
-            body = json.loads(raw)
-            version = body["metadata"]["resourceVersion"]
-            items = body.get("items") or []
-        except (ValueError, KeyError, TypeError) as error:
+            return json.loads(raw)
+        except ValueError as error:
             raise _Fault(f"malformed list response ({error})") from error
-        fresh: dict[ObjectName, Any] = {}
-        for item in items:
-            key = _object_key(item)
-            converted = self._convert(state, item, sink)
-            if converted is not None:
-                fresh[converted.key] = converted
-            elif key is not None and key in state.known:
-                fresh[key] = state.known[key]  # a bad update keeps the last good one
-        changes = replace_all(state.known, fresh, self._reporter(state, sink))
-        state.resource_version = str(version)
-        log.log(
-            logging.INFO if state.listed else logging.DEBUG,
-            "kube: listed %d %s at resourceVersion %s (%d changes)",
-            len(fresh), state.label, version, changes,
-        )
+
+    def _collect(self, state: _Loop, item: Any, listing: _Listing) -> None:
+        key = _object_key(item)
+        converted = self._converted(state, item)
+        if isinstance(converted, str):
+            listing.errors.append(converted)
+            if key is not None and key in state.known:
+                listing.fresh[key] = state.known[key]  # a bad update keeps the last good one
+        else:
+            listing.fresh[converted.key] = converted
 
     async def _watch(
         self,
@@ -469,6 +565,15 @@ class KubeSource:
     # ------------------------------------------------------------ helpers
 
     def _convert(self, state: _Loop, obj: Mapping[str, Any], sink: SourceSink) -> Model | None:
+        converted = self._converted(state, obj)
+        if isinstance(converted, str):
+            self._bad_object(state, converted, sink)
+            return None
+        return converted
+
+    @staticmethod
+    def _converted(state: _Loop, obj: Any) -> Model | str:
+        """The model object, or the one-line message saying why it is bad."""
         key = _object_key(obj)
         kind = "Service" if state.resource == SERVICES else "EndpointSlice"
         where = f"kube {kind} {key}" if key is not None else f"kube {kind}"
@@ -477,11 +582,12 @@ class KubeSource:
                 return service_from_dict(obj, where)
             return slice_from_dict(obj, where)
         except ObjectError as error:
-            self.bad_objects[state.resource] += 1
-            message = str(error)
-            log.warning("%s (ignored; the last good version keeps serving)", message)
-            sink.on_source_error(self.name, message)
-            return None
+            return str(error)
+
+    def _bad_object(self, state: _Loop, message: str, sink: SourceSink) -> None:
+        self.bad_objects[state.resource] += 1
+        log.warning("%s (ignored; the last good version keeps serving)", message)
+        sink.on_source_error(self.name, message)
 
     @staticmethod
     def _reporter(state: _Loop, sink: SourceSink) -> Callable[[Any, Any], None]:
