@@ -26,7 +26,7 @@ import pytest
 from tests.conftest import Netns, require_system
 from tests.system.topology import NODE_IP, make_netns, node_and_client, running_server
 from uproxy.model import Frontend, ServicePortName
-from uproxy.rules.base import Portal, RulesError
+from uproxy.rules.base import Portal, PortalDelta, RulesError
 from uproxy.rules.iptables import IptablesRules
 from uproxy.rules.nft import NftRules
 
@@ -73,7 +73,7 @@ except OSError as e:
 DRIVER = """
 import asyncio, json, sys
 from uproxy.model import Frontend, ServicePortName
-from uproxy.rules.base import Portal, RulesError
+from uproxy.rules.base import Portal, PortalDelta, RulesError
 from uproxy.rules.iptc import IptcRules
 action, prefix, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 portals = [Portal(Frontend(ServicePortName(*p["name"]), p["port"], p["protocol"],
@@ -281,13 +281,15 @@ def test_changes_send_only_the_difference_and_a_failure_makes_the_next_apply_ver
 
     # A sync with changes: one small transaction, no kernel read (nft counts reads).
     reads = getattr(rules, "reads", 0)
-    asyncio.run(rules.apply(PORTALS[:1], verify=False))
+    # (With the delta the proxier passes: what left, what came.)
+    asyncio.run(rules.apply(PORTALS[:1], verify=False, delta=PortalDelta(gone=(PORTALS[1],))))
     assert sent() == before + 1
     assert getattr(rules, "reads", 0) == reads
     assert "kube-system/dns:dns" not in backend.dump()
     asyncio.run(rules.apply(PORTALS[:1], verify=False))  # nothing changed: nothing sent
+    asyncio.run(rules.apply(PORTALS[:1], verify=False, delta=PortalDelta()))  # the same
     assert sent() == before + 1
-    asyncio.run(rules.apply(PORTALS, verify=False))
+    asyncio.run(rules.apply(PORTALS, verify=False, delta=PortalDelta(new=(PORTALS[1],))))
     assert sorted(backend.dump().splitlines()) == sorted(full.splitlines())
     assert talk(client, "udp", "198.18.1.53", 53) == "udp:hi"
 

@@ -243,12 +243,14 @@ class IptcRules:
                     delta: PortalDelta | None = None) -> None:
         """libiptc rewrites a whole table per commit, so there is no smaller
         change to send: verify=False only skips an apply that changes nothing."""
-        entries = [e for e in portal_entries(portals) if e.family == 4]
-        if verify or entries != self._last:
-            self._last = None
-            await asyncio.to_thread(self._apply_sync, entries)
-            self._last = entries
-        await self.ipv6.apply(portals, verify=verify)
+        unchanged = not verify and delta is not None and not delta.gone and not delta.new
+        if not (unchanged and self._last is not None):
+            entries = [e for e in portal_entries(portals) if e.family == 4]
+            if verify or entries != self._last:
+                self._last = None
+                await asyncio.to_thread(self._apply_sync, entries)
+                self._last = entries
+        await self.ipv6.apply(portals, verify=verify, delta=delta)
 
     async def remove_all(self) -> list[str]:
         self._last = None
