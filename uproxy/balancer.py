@@ -3,18 +3,29 @@
 This is kube-proxy's userspace `LoadBalancerRR`, kept in one place: per
 service port a shuffled endpoint list, a round-robin index and a map of
 client IP -> pinned endpoint with a last-used time. Only the proxier calls
-`update`/`remove`; the data path calls `pick` through a `Picker` bound to one
-port. Everything runs on the event loop thread, so no locks.
+`update`/`publish`/`remove`; the data path calls `pick` through a `Picker`
+bound to one port. Everything runs on the event loop thread, so no locks.
+
+A port whose external traffic (node port, external IP, load-balancer IP) has
+its own endpoints (`externalTrafficPolicy: Local`; `DesiredPort.
+external_endpoints`) keeps a second, independent state of the same kind for
+that traffic: its own order, index and affinity pins. Its listener learns
+this from the picker's `split` (a `TrafficSplit`, one object per port that
+the balancer keeps current), asks the kernel for a connection's original
+destination only then, and picks with `pick_external` when that destination
+is not one of the port's cluster IPs.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from uproxy.model import Endpoint, ServicePortName
+from uproxy.model import DesiredPort, Endpoint, ServicePortName
 from uproxy.relay.base import NoEndpointsError
 from uproxy.stats import PortStats
 
@@ -31,6 +42,29 @@ class BalancerView:
     next_index: int
     affinity_timeout: float | None
     pins: tuple[tuple[str, Endpoint, float], ...]  # (client IP, endpoint, seconds left)
+    # External traffic's own endpoints (round-robin order) when they differ.
+    external_endpoints: tuple[Endpoint, ...] | None = None
+    external_pins: tuple[tuple[str, Endpoint, float], ...] = ()
+    cluster_ips: tuple[str, ...] = ()
+
+
+class TrafficSplit:
+    """What a listener needs to tell one port's cluster traffic from its
+    external traffic. Every picker of a port shares one, which the balancer
+    updates in place for as long as a picker holds it."""
+
+    __slots__ = ("__weakref__", "active", "cluster_ips")
+
+    def __init__(self) -> None:
+        self.active = False  # external traffic has endpoints of its own
+        # The cluster IPs as the kernel reports an original destination:
+        # 4 (IPv4) or 16 (IPv6) bytes in network order.
+        self.cluster_ips: frozenset[bytes] = frozenset()
+
+    def is_external(self, destination: bytes) -> bool:
+        """Whether a connection to `destination` (packed) came from outside:
+        to a node port, an external IP or a load-balancer IP."""
+        return destination not in self.cluster_ips
 
 
 class _Pin:
@@ -42,13 +76,15 @@ class _Pin:
 
 
 class _PortState:
-    __slots__ = ("affinity_timeout", "endpoints", "index", "pins")
+    __slots__ = ("affinity_timeout", "cluster_ips", "endpoints", "external", "index", "pins")
 
     def __init__(self, endpoints: list[Endpoint], affinity_timeout: float | None) -> None:
         self.endpoints = endpoints
         self.index = 0
         self.affinity_timeout = affinity_timeout
         self.pins: dict[str, _Pin] = {}
+        self.external: _PortState | None = None  # external traffic's own state
+        self.cluster_ips: tuple[str, ...] = ()
 
 
 class Balancer:
@@ -60,24 +96,54 @@ class Balancer:
         self._clock = clock
         self._shuffle = shuffle
         self._ports: dict[ServicePortName, _PortState] = {}
+        # Weak: a port's split lives as long as a picker (a listener) holds it.
+        self._splits: weakref.WeakValueDictionary[ServicePortName, TrafficSplit] = (
+            weakref.WeakValueDictionary())
 
     def update(
         self,
         name: ServicePortName,
         endpoints: Sequence[Endpoint],
         affinity_timeout: float | None,
+        *,
+        external_endpoints: Sequence[Endpoint] | None = None,
+        cluster_ips: Sequence[str] = (),
     ) -> None:
         """Publish a port's endpoints and affinity (a new port or a change).
 
         A changed endpoint set gets a fresh shuffled order and starts at its
         first entry; clients pinned to endpoints that remain keep their pin,
         so removing one endpoint re-pins only its own clients.
+        `external_endpoints` (with the port's `cluster_ips`, which tell the
+        two kinds of traffic apart) serve traffic from outside when they
+        differ from `endpoints`; the same rules apply to them on their own.
         """
-        wanted = set(endpoints)
         state = self._ports.get(name)
         if state is None:
-            self._ports[name] = _PortState(self._shuffled(wanted), affinity_timeout)
-            return
+            state = self._ports[name] = _PortState(
+                self._shuffled(set(endpoints)), affinity_timeout)
+        else:
+            self._refresh(state, endpoints, affinity_timeout)
+        if external_endpoints is None:
+            state.external = None
+        elif state.external is None:
+            state.external = _PortState(self._shuffled(set(external_endpoints)), affinity_timeout)
+        else:
+            self._refresh(state.external, external_endpoints, affinity_timeout)
+        state.cluster_ips = tuple(cluster_ips)
+        split = self._splits.get(name)
+        if split is not None:
+            _set_split(split, state)
+
+    def publish(self, port: DesiredPort) -> None:
+        """`update` with everything a planned port says."""
+        self.update(port.name, port.endpoints, port.affinity_timeout,
+                    external_endpoints=port.external_endpoints,
+                    cluster_ips=port.frontend.cluster_ips)
+
+    def _refresh(self, state: _PortState, endpoints: Sequence[Endpoint],
+                 affinity_timeout: float | None) -> None:
+        wanted = set(endpoints)
         if wanted != set(state.endpoints):
             state.endpoints = self._shuffled(wanted)
             state.index = 0
@@ -90,6 +156,9 @@ class Balancer:
     def remove(self, name: ServicePortName) -> None:
         """Forget everything about a port; other ports keep their position."""
         self._ports.pop(name, None)
+        split = self._splits.get(name)
+        if split is not None:
+            split.active = False
 
     def pick(self, name: ServicePortName, client_ip: str, reset_affinity: bool = False) -> Endpoint:
         """The endpoint for a new connection from `client_ip`.
@@ -100,6 +169,26 @@ class Balancer:
         state = self._ports.get(name)
         if state is None or not state.endpoints:
             raise NoEndpointsError(f"{name} has no endpoints")
+        # `_choose`'s round-robin step inlined: every connection comes here.
+        if state.affinity_timeout is None:
+            endpoint = state.endpoints[state.index]
+            state.index = (state.index + 1) % len(state.endpoints)
+            return endpoint
+        return self._choose(state, client_ip, reset_affinity)
+
+    def pick_external(self, name: ServicePortName, client_ip: str,
+                      reset_affinity: bool = False) -> Endpoint:
+        """`pick` for a connection from outside (node port, external IP,
+        load-balancer IP): from the port's external endpoints when it has its
+        own, which may be none (the connection is refused)."""
+        state = self._ports.get(name)
+        if state is not None and state.external is not None:
+            state = state.external
+        if state is None or not state.endpoints:
+            raise NoEndpointsError(f"{name} has no endpoints for external traffic")
+        return self._choose(state, client_ip, reset_affinity)
+
+    def _choose(self, state: _PortState, client_ip: str, reset_affinity: bool) -> Endpoint:
         timeout = state.affinity_timeout
         if timeout is None:
             endpoint = state.endpoints[state.index]
@@ -121,7 +210,13 @@ class Balancer:
 
     def picker(self, name: ServicePortName, stats: PortStats | None = None) -> PortPicker:
         """A `uproxy.relay.base.Picker` bound to one port, for its listener."""
-        return PortPicker(self, name, stats)
+        split = self._splits.get(name)
+        if split is None:
+            split = self._splits[name] = TrafficSplit()
+            state = self._ports.get(name)
+            if state is not None:
+                _set_split(split, state)
+        return PortPicker(self, name, stats, split)
 
     def has_endpoints(self, name: ServicePortName) -> bool:
         state = self._ports.get(name)
@@ -135,6 +230,19 @@ class Balancer:
         state = self._ports.get(name)
         if state is None:
             return BalancerView(name, (), 0, None, ())
+        external = state.external
+        return BalancerView(
+            name=name,
+            endpoints=tuple(state.endpoints),
+            next_index=state.index,
+            affinity_timeout=state.affinity_timeout,
+            pins=self._live_pins(state),
+            external_endpoints=None if external is None else tuple(external.endpoints),
+            external_pins=() if external is None else self._live_pins(external),
+            cluster_ips=state.cluster_ips,
+        )
+
+    def _live_pins(self, state: _PortState) -> tuple[tuple[str, Endpoint, float], ...]:
         pins: list[tuple[str, Endpoint, float]] = []
         if state.affinity_timeout is not None:
             now = self._clock()
@@ -142,19 +250,15 @@ class Balancer:
                 left = state.affinity_timeout - (now - pin.last_used)
                 if left > 0:
                     pins.append((client_ip, pin.endpoint, left))
-        return BalancerView(
-            name=name,
-            endpoints=tuple(state.endpoints),
-            next_index=state.index,
-            affinity_timeout=state.affinity_timeout,
-            pins=tuple(pins),
-        )
+        return tuple(pins)
 
     def expire_pins(self) -> int:
         """Drop pins idle for longer than their port's timeout; returns how many."""
         now = self._clock()
         dropped = 0
-        for state in self._ports.values():
+        states = list(self._ports.values())
+        states += [state.external for state in states if state.external is not None]
+        for state in states:
             timeout = state.affinity_timeout
             if timeout is None or not state.pins:
                 continue
@@ -174,14 +278,18 @@ class Balancer:
 class PortPicker:
     """Picks for one service port; what a listener holds."""
 
-    __slots__ = ("_balancer", "_labels", "_name", "_stats")
+    __slots__ = ("_balancer", "_labels", "_name", "_stats", "split")
 
     def __init__(
-        self, balancer: Balancer, name: ServicePortName, stats: PortStats | None
+        self, balancer: Balancer, name: ServicePortName, stats: PortStats | None,
+        split: TrafficSplit | None = None,
     ) -> None:
         self._balancer = balancer
         self._name = name
         self._stats = stats
+        # Kept current by the balancer: whether (and how) this port's external
+        # traffic is picked on its own.
+        self.split = TrafficSplit() if split is None else split
         # "ip:port" per endpoint, so counting a pick does not format a string.
         self._labels: dict[Endpoint, str] = {}
 
@@ -190,6 +298,7 @@ class PortPicker:
         return self._name
 
     def pick(self, client_ip: str, reset_affinity: bool = False) -> Endpoint:
+        # `_count` inlined: this is every connection's path.
         endpoint = self._balancer.pick(self._name, client_ip, reset_affinity)
         if self._stats is not None:
             key = self._labels.get(endpoint)
@@ -200,3 +309,34 @@ class PortPicker:
             picks = self._stats.picks
             picks[key] = picks.get(key, 0) + 1
         return endpoint
+
+    def pick_external(self, client_ip: str, reset_affinity: bool = False) -> Endpoint:
+        """For a connection from outside; see `Balancer.pick_external`."""
+        return self._count(self._balancer.pick_external(self._name, client_ip, reset_affinity))
+
+    def _count(self, endpoint: Endpoint) -> Endpoint:
+        """Count a pick (as `pick` does)."""
+        if self._stats is not None:
+            key = self._labels.get(endpoint)
+            if key is None:
+                if len(self._labels) >= 4096:  # endpoints come and go; stay bounded
+                    self._labels.clear()
+                key = self._labels[endpoint] = str(endpoint)
+            picks = self._stats.picks
+            picks[key] = picks.get(key, 0) + 1
+        return endpoint
+
+
+def _set_split(split: TrafficSplit, state: _PortState) -> None:
+    split.active = state.external is not None
+    split.cluster_ips = _packed(state.cluster_ips) if split.active else frozenset()
+
+
+def _packed(addresses: Sequence[str]) -> frozenset[bytes]:
+    packed = set()
+    for address in addresses:
+        try:
+            packed.add(ipaddress.ip_address(address).packed)
+        except ValueError:
+            continue
+    return frozenset(packed)

@@ -7,6 +7,7 @@ same order comes from `snapshot(name).endpoints`. Endpoints that were
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -14,7 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uproxy.balancer import Balancer
-from uproxy.model import DEFAULT_AFFINITY_TIMEOUT, Endpoint, ServicePortName
+from uproxy.model import (
+    DEFAULT_AFFINITY_TIMEOUT,
+    DesiredPort,
+    Endpoint,
+    Frontend,
+    ServicePortName,
+)
 from uproxy.relay.base import NoEndpointsError, Picker
 from uproxy.stats import PortStats
 
@@ -469,3 +476,124 @@ def test_update_keeps_exactly_the_pins_to_surviving_endpoints(
     assert kept == {ip: e for ip, e in pinned.items() if int(e.ip.rsplit(".", 1)[1]) in after}
     for ip, endpoint in kept.items():
         assert lb.pick(service, ip) == endpoint
+
+
+# --- externalTrafficPolicy: Local: external traffic's own endpoints ------------
+
+VIP = "198.18.1.10"
+LOCAL, REMOTE = ep(1, 80), ep(2, 80)
+
+
+def no_shuffle() -> Balancer:
+    return Balancer(shuffle=lambda endpoints: None)
+
+
+def test_external_traffic_picks_only_its_own_endpoints() -> None:
+    lb, name = no_shuffle(), spn()
+    lb.update(name, [LOCAL, REMOTE], None, external_endpoints=[LOCAL], cluster_ips=[VIP])
+    assert [lb.pick(name, CLIENT1) for _ in range(4)] == [LOCAL, REMOTE, LOCAL, REMOTE]
+    assert [lb.pick_external(name, CLIENT1) for _ in range(3)] == [LOCAL] * 3
+    # Each kind keeps its own round-robin position.
+    assert lb.pick(name, CLIENT1) == LOCAL
+    view = lb.snapshot(name)
+    assert view.endpoints == (LOCAL, REMOTE) and view.external_endpoints == (LOCAL,)
+    assert view.cluster_ips == (VIP,)
+
+
+def test_no_local_endpoint_refuses_external_traffic_only() -> None:
+    lb, name = no_shuffle(), spn()
+    lb.update(name, [REMOTE], None, external_endpoints=[], cluster_ips=[VIP])
+    with pytest.raises(NoEndpointsError):
+        lb.pick_external(name, CLIENT1)
+    assert lb.pick(name, CLIENT1) == REMOTE
+    # A local endpoint appears: external traffic is served again.
+    lb.update(name, [LOCAL, REMOTE], None, external_endpoints=[LOCAL], cluster_ips=[VIP])
+    assert lb.pick_external(name, CLIENT1) == LOCAL
+
+
+def test_without_external_endpoints_external_traffic_shares_the_cluster_state() -> None:
+    lb, name = no_shuffle(), spn()
+    lb.update(name, [LOCAL, REMOTE], None)
+    assert [lb.pick_external(name, CLIENT1), lb.pick(name, CLIENT1)] == [LOCAL, REMOTE]
+    assert lb.snapshot(name).external_endpoints is None
+    with pytest.raises(NoEndpointsError):
+        lb.pick_external(spn("unknown"), CLIENT1)
+
+
+def test_affinity_pins_are_kept_per_kind_of_traffic() -> None:
+    clock = FakeClock()
+    lb, name = Balancer(clock=clock, shuffle=lambda endpoints: None), spn()
+    lb.update(name, [LOCAL, REMOTE], AFFINITY, external_endpoints=[LOCAL], cluster_ips=[VIP])
+    lb.pick(name, CLIENT1)  # CLIENT2 would otherwise get LOCAL through the cluster IP
+    assert lb.pick(name, CLIENT2) == REMOTE
+    assert lb.pick_external(name, CLIENT2) == LOCAL  # not the cluster pin to REMOTE
+    assert [lb.pick(name, CLIENT2) for _ in range(3)] == [REMOTE] * 3
+    view = lb.snapshot(name)
+    assert [(c, e) for c, e, _ in view.external_pins] == [(CLIENT2, LOCAL)]
+    # A retry after a failed dial moves the external pin within the external endpoints.
+    assert lb.pick_external(name, CLIENT2, reset_affinity=True) == LOCAL
+    # Pins of both kinds expire.
+    clock.now += AFFINITY
+    assert lb.expire_pins() == 3
+    assert lb.snapshot(name).external_pins == ()
+
+
+def test_removing_a_local_endpoint_repins_only_its_external_clients() -> None:
+    other = ep(3, 80)
+    lb, name = no_shuffle(), spn()
+    lb.update(name, [LOCAL, other, REMOTE], AFFINITY, external_endpoints=[LOCAL, other],
+              cluster_ips=[VIP])
+    assert lb.pick_external(name, CLIENT1) == LOCAL
+    assert lb.pick_external(name, CLIENT2) == other
+    lb.update(name, [other, REMOTE], AFFINITY, external_endpoints=[other], cluster_ips=[VIP])
+    assert lb.pick_external(name, CLIENT2) == other
+    assert lb.pick_external(name, CLIENT1) == other
+
+
+def test_picker_split_tells_cluster_from_external_destinations() -> None:
+    lb, name = no_shuffle(), spn()
+    picker = lb.picker(name, PortStats())  # the listener opens before endpoints are published
+    split = picker.split
+    assert not split.active
+    lb.update(name, [LOCAL, REMOTE], None, external_endpoints=[LOCAL],
+              cluster_ips=[VIP, "fd00:18::10"])
+    assert picker.split is split and split.active
+    assert not split.is_external(bytes([198, 18, 1, 10]))
+    assert not split.is_external(bytes.fromhex("fd000018" + "0" * 22 + "10"))
+    assert split.is_external(bytes([198, 18, 3, 1]))  # a node port on the node's address
+    assert split.is_external(bytes([198, 18, 2, 10]))  # an external IP
+    assert picker.pick_external(CLIENT1) == LOCAL
+    assert picker.pick(CLIENT1) == LOCAL and picker.pick(CLIENT1) == REMOTE
+    # Policy back to Cluster: one state again, and listeners stop asking.
+    lb.update(name, [LOCAL, REMOTE], None, cluster_ips=[VIP])
+    assert not split.active
+    lb.update(name, [LOCAL, REMOTE], None, external_endpoints=[LOCAL], cluster_ips=[VIP])
+    assert split.active
+    lb.remove(name)
+    assert not split.active
+    # A port added again: pickers that live on and new ones share one split.
+    lb.update(name, [REMOTE], None, external_endpoints=[], cluster_ips=[VIP])
+    assert split.active and lb.picker(name).split is split
+    with pytest.raises(NoEndpointsError):
+        picker.pick_external(CLIENT1)
+
+
+def test_a_picker_made_after_the_update_knows_the_split() -> None:
+    lb, name = no_shuffle(), spn()
+    lb.update(name, [LOCAL, REMOTE], None, external_endpoints=[LOCAL], cluster_ips=[VIP])
+    split = lb.picker(name).split
+    assert split.active and not split.is_external(bytes([198, 18, 1, 10]))
+    del split
+    gc.collect()
+    assert len(lb._splits) == 0  # no picker holds it: nothing kept per port
+
+
+def test_publish_takes_everything_from_a_planned_port() -> None:
+    lb, name = no_shuffle(), spn()
+    port = DesiredPort(Frontend(name, 80, "TCP", (VIP,), node_port=30080), (LOCAL, REMOTE),
+                       60.0, (LOCAL,))
+    lb.publish(port)
+    view = lb.snapshot(name)
+    assert view.endpoints == (LOCAL, REMOTE) and view.external_endpoints == (LOCAL,)
+    assert view.affinity_timeout == 60.0 and view.cluster_ips == (VIP,)
+    assert lb.picker(name).split.active
