@@ -14,7 +14,8 @@ allocators). Workers only move bytes:
   of being reset, and the kernel's numbering of the group does not shift)
   until the restarted worker gets it again.
 - The plan reaches workers as messages on the same socketpair: per service
-  port its endpoints and affinity timeout (`port`, `forget`), and per
+  port its endpoints and affinity timeout, and when external traffic has its
+  own endpoints those and the cluster IPs (`port`, `forget`), and per
   listener which socket serves it (`open`, `close`, `abort`); `stop` drains
   and exits. Workers keep their own Balancer.
 - Workers send their counters back every second (only ports that changed)
@@ -215,10 +216,23 @@ def _name_from(value: Sequence[str]) -> ServicePortName:
 
 
 def port_message(
-    name: ServicePortName, endpoints: Iterable[Endpoint], affinity_timeout: float | None
+    name: ServicePortName, endpoints: Iterable[Endpoint], affinity_timeout: float | None,
+    external_endpoints: Iterable[Endpoint] | None = None, cluster_ips: Sequence[str] = (),
 ) -> Message:
-    return {"op": "port", "name": _name_json(name),
-            "endpoints": [[e.ip, e.port] for e in endpoints], "affinity": affinity_timeout}
+    message: Message = {"op": "port", "name": _name_json(name),
+                        "endpoints": _endpoints_json(endpoints), "affinity": affinity_timeout}
+    if external_endpoints is not None:  # externalTrafficPolicy: Local and the like
+        message["external"] = _endpoints_json(external_endpoints)
+        message["cluster_ips"] = list(cluster_ips)
+    return message
+
+
+def _endpoints_json(endpoints: Iterable[Endpoint]) -> list[list[object]]:
+    return [[e.ip, e.port] for e in endpoints]
+
+
+def _endpoints_from(value: Sequence[Sequence[Any]]) -> list[Endpoint]:
+    return [Endpoint(ip, int(port)) for ip, port in value]
 
 
 # -- the control side ----------------------------------------------------------
@@ -235,10 +249,18 @@ class WorkerBalancer(Balancer):
         self._publish = publish
 
     def update(
-        self, name: ServicePortName, endpoints: Sequence[Endpoint], affinity_timeout: float | None
+        self,
+        name: ServicePortName,
+        endpoints: Sequence[Endpoint],
+        affinity_timeout: float | None,
+        *,
+        external_endpoints: Sequence[Endpoint] | None = None,
+        cluster_ips: Sequence[str] = (),
     ) -> None:
-        super().update(name, endpoints, affinity_timeout)
-        self._publish(port_message(name, endpoints, affinity_timeout))
+        super().update(name, endpoints, affinity_timeout,
+                       external_endpoints=external_endpoints, cluster_ips=cluster_ips)
+        self._publish(port_message(name, endpoints, affinity_timeout,
+                                   external_endpoints, cluster_ips))
 
     def remove(self, name: ServicePortName) -> None:
         super().remove(name)
@@ -363,7 +385,8 @@ class _Slot:
         # Endpoints first, so no listener serves before it knows where to send.
         for name in self.group.balancer.names():
             view = self.group.balancer.snapshot(name)
-            self.channel.send(port_message(name, view.endpoints, view.affinity_timeout))
+            self.channel.send(port_message(name, view.endpoints, view.affinity_timeout,
+                                           view.external_endpoints, view.cluster_ips))
         for server in self.group.servers.values():
             if server.accepting:
                 self.send_open(server)
@@ -579,8 +602,13 @@ class Worker:
     def on_message(self, message: Message, fds: list[int]) -> None:
         op = message.get("op")
         if op == "port":
-            endpoints = [Endpoint(ip, int(port)) for ip, port in message["endpoints"]]
-            self.balancer.update(_name_from(message["name"]), endpoints, message["affinity"])
+            external = message.get("external")
+            self.balancer.update(
+                _name_from(message["name"]), _endpoints_from(message["endpoints"]),
+                message["affinity"],
+                external_endpoints=None if external is None else _endpoints_from(external),
+                cluster_ips=message.get("cluster_ips", ()),
+            )
         elif op == "forget":
             self.balancer.remove(_name_from(message["name"]))
         elif op == "open" and fds:

@@ -8,6 +8,7 @@ same order comes from `snapshot(name).endpoints`. Endpoints that were
 from __future__ import annotations
 
 import gc
+import json
 import random
 
 import pytest
@@ -24,6 +25,7 @@ from uproxy.model import (
 )
 from uproxy.relay.base import NoEndpointsError, Picker
 from uproxy.stats import PortStats
+from uproxy.workers import Worker, WorkerBalancer, port_message
 
 AFFINITY = float(DEFAULT_AFFINITY_TIMEOUT)
 CLIENT1, CLIENT2, CLIENT3 = "127.0.0.1", "127.0.0.2", "127.0.0.3"
@@ -597,3 +599,29 @@ def test_publish_takes_everything_from_a_planned_port() -> None:
     assert view.endpoints == (LOCAL, REMOTE) and view.external_endpoints == (LOCAL,)
     assert view.affinity_timeout == 60.0 and view.cluster_ips == (VIP,)
     assert lb.picker(name).split.active
+
+
+def test_external_endpoints_travel_to_workers_and_to_a_restarted_worker() -> None:
+    """--workers: the control process's balancer sends each change as a JSON
+    frame; a worker's balancer ends up with the same split."""
+    sent: list[dict[str, object]] = []
+    control = WorkerBalancer(lambda message: sent.append(json.loads(json.dumps(message))))
+    name = spn()
+    control.update(name, [LOCAL, REMOTE], None, external_endpoints=[LOCAL], cluster_ips=[VIP])
+    worker = Worker(0, {})
+    picker = worker.balancer.picker(name)
+    worker.on_message(sent[-1], [])
+    assert picker.split.active and not picker.split.is_external(bytes([198, 18, 1, 10]))
+    assert picker.pick_external(CLIENT1) == LOCAL
+    assert worker.balancer.snapshot(name).endpoints == control.snapshot(name).endpoints
+    # What a restarted worker is sent: built from the control process's snapshot.
+    view = control.snapshot(name)
+    again = port_message(name, view.endpoints, view.affinity_timeout, view.external_endpoints,
+                         view.cluster_ips)
+    assert (again["external"], again["cluster_ips"]) == ([["10.0.0.1", 80]], [VIP])
+    assert sorted(again["endpoints"]) == sent[-1]["endpoints"]  # in shuffled order
+    # Back to Cluster: the message says nothing external, the worker stops splitting.
+    control.update(name, [LOCAL, REMOTE], None, cluster_ips=[VIP])
+    assert "external" not in sent[-1]
+    worker.on_message(sent[-1], [])
+    assert not picker.split.active

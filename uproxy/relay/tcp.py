@@ -21,6 +21,17 @@ twelve, half of them failing, and an object per descriptor). Modes:
   this side). Wrapping sockets into transports is a coroutine; it is
   stepped from future callbacks (`_drive`), not run as a Task.
 
+A service port whose external traffic has endpoints of its own
+(`externalTrafficPolicy: Local`) is told so by its picker's `split`; only
+then does an accepted connection cost one more syscall: getsockopt
+SO_ORIGINAL_DST (IPv4, also for an IPv4 client of a dual-stack listener) or
+IP6T_SO_ORIGINAL_DST (IPv6) gives the address the client dialled before
+REDIRECT/DNAT. A cluster IP is cluster traffic; anything else (a node port,
+an external IP, a load-balancer IP) is external and is picked with
+`pick_external`, also on a retry. A connection with no NAT entry, or whose
+original destination is the listener's own port, reached the listener
+directly (laptop mode) and counts as cluster traffic.
+
 All modes honour half-close: EOF from one side becomes shutdown(SHUT_WR) on
 the other once buffered bytes are flushed, and the other direction keeps
 flowing; when the second direction ends, close() sends its FIN. An error or a
@@ -47,7 +58,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from uproxy.model import Endpoint
 from uproxy.relay.accept import AcceptLoop
@@ -88,6 +99,12 @@ _SO_ERROR = socket.SO_ERROR
 _SHUT_WR = socket.SHUT_WR
 _EINPROGRESS = errno.EINPROGRESS
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE})
+_SOL_IP = socket.IPPROTO_IP
+_SOL_IPV6 = socket.IPPROTO_IPV6
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; Python has no constant
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
+_SOCKADDR_IN = 16
+_SOCKADDR_IN6 = 28
 
 # One copy buffer per process: the loop is single-threaded and a chunk leaves
 # it (sent, or copied into the connection when the destination is full)
@@ -100,6 +117,27 @@ _DIALLING, _OPEN, _CLOSED = 0, 1, 2
 
 Sock = _socket.socket
 AccessLog = Callable[[dict[str, object]], None]
+
+
+class TrafficSplit(Protocol):
+    """A picker's `split` (uproxy.balancer.TrafficSplit)."""
+
+    @property
+    def active(self) -> bool: ...
+    def is_external(self, destination: bytes) -> bool: ...
+
+
+def original_destination(sock: Sock, peer_ip: str) -> tuple[bytes, int] | None:
+    """(packed IP, port) the client dialled before the kernel's NAT sent it
+    here, or None when no NAT entry exists (a direct connection)."""
+    try:
+        if sock.family == socket.AF_INET or peer_ip.startswith("::ffff:"):
+            raw = sock.getsockopt(_SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN)
+            return raw[4:8], int.from_bytes(raw[2:4], "big")
+        raw = sock.getsockopt(_SOL_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6)
+        return raw[8:24], int.from_bytes(raw[2:4], "big")
+    except OSError:  # ENOENT: no conntrack entry
+        return None
 
 
 def reset_close(sock: Sock) -> None:
@@ -141,6 +179,11 @@ class TcpServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.poller: _Poller | None = None
         self._listener = sock
+        # Pickers of the balancer know whether external traffic is picked on
+        # its own; other pickers (tests, tools) never split.
+        self.split: TrafficSplit | None = getattr(picker, "split", None)
+        self.pick_external: Callable[..., Endpoint] = getattr(picker, "pick_external", picker.pick)
+        self._port = _port_of(sock)
         self._accept = AcceptLoop(sock, self._on_accepted, stats, self.name)
         self._conns: set[_Conn] = set()
         self._idle: asyncio.Future[None] | None = None
@@ -194,17 +237,29 @@ class TcpServer:
         # The C-level socket type: no Python __init__, and a blocking fd is
         # fine because every recv/send passes MSG_DONTWAIT.
         client = Sock(self.family, _STREAM, 0, fd)
+        split = self.split
+        external = split is not None and split.active and self._external(client, addr, split)
         try:
-            endpoint = self.picker.pick(addr[0])  # type: ignore[arg-type]
+            endpoint = (self.pick_external(addr[0]) if external
+                        else self.picker.pick(addr[0]))  # type: ignore[arg-type]
         except NoEndpointsError:
             stats.no_endpoints += 1
             reset_close(client)
             self._log_access(addr, None, "no_endpoints", 0, 0, 0.0, 0.0, 0)
             return
         conn = _Conn(self, client, addr, endpoint)
+        if external:
+            conn.external = True
         self._conns.add(conn)
         stats.connections_active += 1
         conn.dial()
+
+    def _external(self, client: Sock, addr: tuple[object, ...], split: TrafficSplit) -> bool:
+        """Whether a connection came from outside (see the module's docstring)."""
+        found = original_destination(client, cast(str, addr[0]))
+        if found is None or found[1] == self._port:
+            return False
+        return split.is_external(found[0])
 
     def _closed(self, conn: _Conn) -> None:
         self._conns.discard(conn)
@@ -248,6 +303,13 @@ def _sockname(sock: socket.socket) -> str:
     except OSError:
         return "tcp"
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _port_of(sock: socket.socket) -> int:
+    try:
+        return int(sock.getsockname()[1])
+    except (OSError, IndexError, TypeError, ValueError):
+        return 0
 
 
 def _established(sock: Sock) -> bool:
@@ -383,8 +445,8 @@ class _Conn:
 
     __slots__ = (
         "addr", "attempt", "cfd", "client", "client_out", "dial_seconds", "dial_started", "down",
-        "endpoint", "outcome", "poller", "server", "sides", "started", "state", "ufd", "up",
-        "upstream", "upstream_out",
+        "endpoint", "external", "outcome", "poller", "server", "sides", "started", "state", "ufd",
+        "up", "upstream", "upstream_out",
     )
 
     def __init__(self, server: TcpServer, client: Sock, addr: tuple[object, ...],
@@ -401,6 +463,7 @@ class _Conn:
         self.client_out = False  # the client is watched for EPOLLOUT too
         self.upstream_out = False  # the same for the endpoint
         self.attempt = 0
+        self.external = False  # came from outside: retries pick external endpoints too
         self.state = _DIALLING
         self.started = self.dial_started = time.monotonic()
         self.dial_seconds = 0.0
@@ -470,7 +533,8 @@ class _Conn:
         if self.attempt + 1 < len(server.dial_timeouts):
             self.attempt += 1
             try:
-                self.endpoint = server.picker.pick(self.addr[0], reset_affinity=True)  # type: ignore[arg-type]
+                pick = server.pick_external if self.external else server.picker.pick
+                self.endpoint = pick(cast(str, self.addr[0]), reset_affinity=True)
             except NoEndpointsError:
                 pass
             else:
