@@ -206,6 +206,10 @@ def _port_status(proxier: StatusInputs, name: ServicePortName) -> dict[str, Any]
         "rules": proxier.rules_name,
         "endpoints": endpoints,
         "next_endpoint": str(next_endpoint) if next_endpoint is not None else None,
+        # Endpoints of traffic from outside (node port, external IPs, load-balancer
+        # IPs) when a traffic policy makes them differ; None: the same as `endpoints`.
+        "external_endpoints": None if desired is None or desired.external_endpoints is None
+        else [str(endpoint) for endpoint in desired.external_endpoints],
         "affinity": None if view.affinity_timeout is None else {
             "timeout_seconds": view.affinity_timeout,
             "pinned_total": len(view.pins),
@@ -275,6 +279,8 @@ def packet_path(
     kind = "accepts the connection" if protocol == "TCP" else "receives the datagram"
     steps.append(f"listener {listener} ({protocol}) {kind}")
     steps.append(_balancer_step(view, protocol))
+    if desired.external_endpoints is not None:
+        steps.append(_external_step(desired.external_endpoints, protocol))
     if view.endpoints:
         if protocol == "TCP":
             steps.append("dial the endpoint at once (retry 250 ms → 2 s, fail over), "
@@ -334,6 +340,18 @@ def _rule_steps(
     if not steps:
         steps.append("no virtual IP: only the listener itself reaches this port")
     return steps
+
+
+def _external_step(endpoints: tuple[Endpoint, ...], protocol: str) -> str:
+    outside = "from outside (node port, external IPs, load-balancer IPs)"
+    if protocol != "TCP":
+        return (f"{outside}: UDP does not tell it apart; the endpoints above serve it "
+                "(the traffic policy applies to TCP only)")
+    told = "told apart by the connection's original destination (SO_ORIGINAL_DST)"
+    if not endpoints:
+        return f"{outside}, {told}: no endpoints by the traffic policy → connection reset"
+    listed = ", ".join(str(endpoint) for endpoint in endpoints)
+    return f"{outside}, {told}: round-robin over its own endpoints by the traffic policy: {listed}"
 
 
 def _balancer_step(view: BalancerViewLike, protocol: str) -> str:
