@@ -104,6 +104,15 @@ async def test_proxy_port_range_exhaustion_leaves_others_serving(
         # Two applies in that sync (removal, then the freed port reused): both deltas exact.
         assert rules.deltas >= 2 and rules.bad_deltas == []
 
+        # A service that never got a port, then deleted: its row goes from the table.
+        write_services(services, [_service(f"s{i}", f"198.18.1.{i + 1}", port) for i in (1, 2, 3)])
+        await up.reload()
+        assert "default/s3" in up.tables[-1] and "not served" in up.tables[-1]
+        write_services(services, [_service(f"s{i}", f"198.18.1.{i + 1}", port) for i in (1, 2)])
+        await up.reload()
+        assert "default/s3" not in up.tables[-1] and "not served" not in up.tables[-1]
+        assert up.tables[-1].count("\n") == 2
+
 
 async def test_a_failing_rules_backend_keeps_serving_and_retries(
     tmp_path: Path, backends: Backends
