@@ -14,13 +14,16 @@ service is a NodePort with an external IP and externalTrafficPolicy: Local.
   external-IP connections are reset, and the cluster IP still serves.
 
 Variants: `--rules iptables` and `--rules nft`, and `--workers 2` (the
-external endpoints travel to worker processes).
+external endpoints travel to worker processes). Also: the original
+destination the relay asks the kernel for, of an IPv4 client of a dual-stack
+listener and of an IPv6 client, through real REDIRECT rules.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -40,11 +43,7 @@ from uproxy.proxier import Proxier
 # node-port traffic.
 WIRED = "balancer.publish(" in inspect.getsource(Proxier)
 
-pytestmark = [
-    pytest.mark.system,
-    pytest.mark.xfail(not WIRED, strict=True,
-                      reason="uproxy/proxier.py does not call balancer.publish(port) yet"),
-]
+pytestmark = pytest.mark.system
 
 VIP, EXTERNAL_IP, NODE_PORT = "198.18.1.20", "198.18.2.20", 30081
 HERE, ELSEWHERE = "node-a", "node-b"
@@ -134,6 +133,8 @@ def eventually_replies(ns: Netns, host: str, port: int, wanted: set[str],
     return got
 
 
+@pytest.mark.xfail(not WIRED, strict=True,
+                   reason="uproxy/proxier.py does not call balancer.publish(port) yet")
 @pytest.mark.parametrize(("rules", "workers"), [("iptables", 1), ("nft", 1), ("iptables", 2)],
                          ids=["iptables", "nft", "iptables-2-workers"])
 def test_external_traffic_reaches_only_this_nodes_endpoints(
@@ -176,3 +177,40 @@ def test_external_traffic_reaches_only_this_nodes_endpoints(
         proxy.kill()
         proxy.wait(5)
         node.run(sys.executable, "-m", "uproxy", "--cleanup", check=False)
+
+
+# In a namespace: a dual-stack listener on [::]:P, nat OUTPUT REDIRECTs from an
+# IPv4 and an IPv6 address's port 80 to it; prints what original_destination
+# says for each accepted connection, and for one that came straight to P.
+ORIGINAL = """
+import json, socket, subprocess, sys
+from uproxy.relay.tcp import original_destination
+listener = socket.socket(socket.AF_INET6)
+listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+listener.bind(("::", 0)); listener.listen(8)
+port = listener.getsockname()[1]
+for tool, vip in (("iptables", "198.18.2.30"), ("ip6tables", "fd00:198:18:2::30")):
+    subprocess.run([tool, "-t", "nat", "-A", "OUTPUT", "-d", vip, "-p", "tcp", "--dport", "80",
+                    "-j", "REDIRECT", "--to-ports", str(port)], check=True)
+result = {"port": port}
+for label, address in (("v4", ("198.18.2.30", 80)), ("v6", ("fd00:198:18:2::30", 80)),
+                       ("direct", ("127.0.0.1", port))):
+    client = socket.create_connection(address, timeout=2)
+    conn, peer = listener.accept()
+    found = original_destination(conn, peer[0])
+    result[label] = None if found is None else [found[0].hex(), found[1]]
+    conn.close(); client.close()
+print(json.dumps(result))
+"""
+
+
+def test_original_destination_of_ipv4_mapped_and_ipv6_connections(netns: Netns) -> None:
+    require_system("iptables", "ip6tables")
+    netns.run("ip", "addr", "add", "198.18.2.30/32", "dev", "lo")
+    netns.run("ip", "-6", "addr", "add", "fd00:198:18:2::30/128", "dev", "lo", "nodad")
+    result = json.loads(netns.run(sys.executable, "-c", ORIGINAL).stdout)
+    # An IPv4 client of the dual-stack listener (::ffff:...) is asked with SO_ORIGINAL_DST.
+    assert result["v4"] == [socket.inet_pton(socket.AF_INET, "198.18.2.30").hex(), 80]
+    assert result["v6"] == [socket.inet_pton(socket.AF_INET6, "fd00:198:18:2::30").hex(), 80]
+    # Not NATed: no entry, or the listener's own port (which the server counts as cluster).
+    assert result["direct"] is None or result["direct"][1] == result["port"]
