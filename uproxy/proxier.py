@@ -163,7 +163,7 @@ class Proxier:
         for port in plan.added + plan.updated:
             if port.name in self.pool.listeners:
                 self.applied[port.name] = port
-                self.balancer.update(port.name, port.endpoints, port.affinity_timeout)
+                self.balancer.publish(port)
         gone = {port.name for port in plan.removed if port.name not in state.ports}
         for name in gone:
             self.balancer.remove(name)

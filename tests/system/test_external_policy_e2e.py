@@ -21,7 +21,6 @@ listener and of an IPv6 client, through real REDIRECT rules.
 
 from __future__ import annotations
 
-import inspect
 import json
 import socket
 import subprocess
@@ -35,13 +34,6 @@ import pytest
 
 from tests.conftest import Netns, require_system
 from tests.system.topology import NODE_IP, node_and_client, running_server
-from uproxy.proxier import Proxier
-
-# The Proxier hands each planned port to the balancer whole (`publish`), or
-# external endpoints never reach it. Until that one-line change lands in
-# proxier.py (owned elsewhere), this test is expected to fail where it checks
-# node-port traffic.
-WIRED = "balancer.publish(" in inspect.getsource(Proxier)
 
 pytestmark = pytest.mark.system
 
@@ -133,8 +125,6 @@ def eventually_replies(ns: Netns, host: str, port: int, wanted: set[str],
     return got
 
 
-@pytest.mark.xfail(not WIRED, strict=True,
-                   reason="uproxy/proxier.py does not call balancer.publish(port) yet")
 @pytest.mark.parametrize(("rules", "workers"), [("iptables", 1), ("nft", 1), ("iptables", 2)],
                          ids=["iptables", "nft", "iptables-2-workers"])
 def test_external_traffic_reaches_only_this_nodes_endpoints(
