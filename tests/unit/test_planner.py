@@ -536,5 +536,6 @@ def test_incremental_planning_equals_planning_from_scratch(
     from_scratch = desired_state(new_services, new_slices)
     assert after.ports == from_scratch.ports
     assert after.skipped == from_scratch.skipped
+    assert after.names == from_scratch.names  # the index replanning uses
     # And the restricted diff says what the full diff says.
     assert diff(before.ports, after.ports, only=touched) == diff(before.ports, after.ports)
