@@ -33,30 +33,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Netns, require_system
-from tests.system.topology import NODE_IP, node_and_client, running_server
+from tests.system.topology import NODE_IP, TAGGED_SERVERS, node_and_client, running_server
 
 pytestmark = pytest.mark.system
 
 VIP, EXTERNAL_IP, NODE_PORT = "198.18.1.20", "198.18.2.20", 30081
 HERE, ELSEWHERE = "node-a", "node-b"
-
-SERVERS = """
-import socket, sys, threading
-def serve(sock, tag):
-    while True:
-        conn, _ = sock.accept()
-        try:
-            conn.sendall(tag.encode())
-        finally:
-            conn.close()
-for spec in sys.argv[1:]:
-    ip, port, tag = spec.split(",")
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((ip, int(port))); s.listen(64)
-    threading.Thread(target=serve, args=(s, tag), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
 
 # One line per attempt: the tag the endpoint sent, or the error's type.
 CLIENT = """
@@ -103,7 +85,7 @@ ONLY_ELSEWHERE = [("127.0.0.2", ELSEWHERE)]
 def topology() -> Iterator[tuple[Netns, Netns]]:
     require_system("iptables", "nft")
     with node_and_client("x") as (node, client), running_server(
-        node, SERVERS, "127.0.0.1,8080,here", "127.0.0.2,8080,elsewhere",
+        node, TAGGED_SERVERS, "127.0.0.1,8080,here", "127.0.0.2,8080,elsewhere",
     ):
         yield node, client
 

@@ -38,6 +38,7 @@ from tests.conftest import Netns, require_system
 from tests.system.topology import (
     NODE_IP,
     NODE_IP6,
+    TAGGED_SERVERS,
     XTABLES_TOOLS,
     legacy_name,
     legacy_xtables_bin,
@@ -50,32 +51,6 @@ pytestmark = pytest.mark.system
 WEB_VIP, DNS_VIP, EXTERNAL_IP = "198.18.1.10", "198.18.1.53", "198.18.2.10"
 NODE_PORT = 30080
 SYNC_PERIOD = 2.0
-
-# Endpoints: TCP and UDP on each (ip, port, tag); every answer names its tag.
-SERVERS = """
-import socket, sys, threading
-def tcp(sock, tag):
-    while True:
-        conn, _ = sock.accept()
-        try:
-            conn.sendall(tag.encode())
-        finally:
-            conn.close()
-def udp(sock, tag):
-    while True:
-        data, peer = sock.recvfrom(2048)
-        sock.sendto(tag.encode() + b":" + data, peer)
-for spec in sys.argv[1:]:
-    ip, port, tag = spec.split(",")
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    t = socket.socket(family); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    t.bind((ip, int(port))); t.listen(64)
-    u = socket.socket(family, socket.SOCK_DGRAM); u.bind((ip, int(port)))
-    threading.Thread(target=tcp, args=(t, tag), daemon=True).start()
-    threading.Thread(target=udp, args=(u, tag), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
 
 # A client run inside a namespace: prints one JSON line per attempt.
 CLIENT = """
@@ -177,7 +152,7 @@ def variant(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 def topology() -> Iterator[tuple[Netns, Netns]]:
     require_system("iptables", "nft")
     with node_and_client("e") as (node, client), running_server(
-        node, SERVERS, "127.0.0.1,8080,a", "127.0.0.2,8080,b", "127.0.0.1,5353,dns",
+        node, TAGGED_SERVERS, "127.0.0.1,8080,a", "127.0.0.2,8080,b", "127.0.0.1,5353,dns",
         "::1,5353,dns6",
     ):
         yield node, client

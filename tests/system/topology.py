@@ -104,3 +104,30 @@ def legacy_xtables_bin(directory: Path) -> Path:
         if not link.is_symlink():
             link.symlink_to(target)
     return directory
+
+
+# Endpoints: TCP and UDP on each (ip, port, tag); every answer names its tag.
+TAGGED_SERVERS = """
+import socket, sys, threading
+def tcp(sock, tag):
+    while True:
+        conn, _ = sock.accept()
+        try:
+            conn.sendall(tag.encode())
+        finally:
+            conn.close()
+def udp(sock, tag):
+    while True:
+        data, peer = sock.recvfrom(2048)
+        sock.sendto(tag.encode() + b":" + data, peer)
+for spec in sys.argv[1:]:
+    ip, port, tag = spec.split(",")
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    t = socket.socket(family); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t.bind((ip, int(port))); t.listen(64)
+    u = socket.socket(family, socket.SOCK_DGRAM); u.bind((ip, int(port)))
+    threading.Thread(target=tcp, args=(t, tag), daemon=True).start()
+    threading.Thread(target=udp, args=(u, tag), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
