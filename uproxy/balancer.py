@@ -298,17 +298,7 @@ class PortPicker:
         return self._name
 
     def pick(self, client_ip: str, reset_affinity: bool = False) -> Endpoint:
-        # `_count` inlined: this is every connection's path.
-        endpoint = self._balancer.pick(self._name, client_ip, reset_affinity)
-        if self._stats is not None:
-            key = self._labels.get(endpoint)
-            if key is None:
-                if len(self._labels) >= 4096:  # endpoints come and go; stay bounded
-                    self._labels.clear()
-                key = self._labels[endpoint] = str(endpoint)
-            picks = self._stats.picks
-            picks[key] = picks.get(key, 0) + 1
-        return endpoint
+        return self._count(self._balancer.pick(self._name, client_ip, reset_affinity))
 
     def pick_external(self, client_ip: str, reset_affinity: bool = False) -> Endpoint:
         """For a connection from outside; see `Balancer.pick_external`."""
