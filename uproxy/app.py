@@ -170,7 +170,7 @@ def copy_source_counters(parts: Parts) -> None:
     counters = parts.metrics.sources
     for source, error in parts.tracker.errors.items():
         counters.errors[source] = error.count
-    for name in ("watch_restarts", "relists"):
+    for name in ("watch_restarts", "relists", "list_pages", "expired_lists"):
         per_resource = getattr(parts.source, name, None)
         if isinstance(per_resource, dict):
             for resource, count in per_resource.items():

@@ -78,6 +78,8 @@ class SourceMetrics:
 
     watch_restarts: dict[tuple[str, str], int] = field(default_factory=dict)
     relists: dict[tuple[str, str], int] = field(default_factory=dict)
+    list_pages: dict[tuple[str, str], int] = field(default_factory=dict)
+    expired_lists: dict[tuple[str, str], int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
 
     def watch_restarted(self, source: str, resource: str) -> None:
@@ -143,6 +145,8 @@ class Figures:
     accept_backoffs: int
     watch_restarts: list[tuple[tuple[str, str], int]]
     relists: list[tuple[tuple[str, str], int]]
+    list_pages: list[tuple[tuple[str, str], int]]
+    expired_lists: list[tuple[tuple[str, str], int]]
     source_errors: list[tuple[str, int]]
 
 
@@ -233,6 +237,8 @@ class ProxyCollector(Collector):
             accept_backoffs=self._backoffs_retired + sum(backoffs_now.values()),
             watch_restarts=sorted(self._sources.watch_restarts.items()),
             relists=sorted(self._sources.relists.items()),
+            list_pages=sorted(self._sources.list_pages.items()),
+            expired_lists=sorted(self._sources.expired_lists.items()),
             source_errors=sorted(self._sources.errors.items()),
         )
 
@@ -328,17 +334,25 @@ def families(figures: Figures) -> Iterator[Metric]:
         labels=("source", "resource"))
     for (source, resource), count in figures.watch_restarts:
         restarts.add_metric([source, resource], count)
-    relists = CounterMetricFamily(
-        "uproxy_source_relists", "Full relists (e.g. after 410 Gone).",
-        labels=("source", "resource"))
-    for (source, resource), count in figures.relists:
-        relists.add_metric([source, resource], count)
+    per_resource = []
+    for metric, text, rows in (
+        ("uproxy_source_relists", "Full relists (e.g. after 410 Gone).", figures.relists),
+        ("uproxy_source_list_pages", "LIST requests answered (a list comes in pages of 500).",
+         figures.list_pages),
+        ("uproxy_source_expired_lists",
+         "Paged lists whose continue token expired (410); listed again without a limit.",
+         figures.expired_lists),
+    ):
+        family = CounterMetricFamily(metric, text, labels=("source", "resource"))
+        for (source, resource), count in rows:
+            family.add_metric([source, resource], count)
+        per_resource.append(family)
     errors = CounterMetricFamily(
         "uproxy_source_errors", "Source faults survived (bad services file, failed reload).",
         labels=("source",))
     for source, count in figures.source_errors:
         errors.add_metric([source], count)
-    yield from (backoffs, restarts, relists, errors)
+    yield from (backoffs, restarts, *per_resource, errors)
 
 
 class _Joined(Collector):

@@ -12,6 +12,7 @@ import pytest
 
 from tests.integration.apphelpers import Backends, running_uproxy, tcp_exchange
 from tests.kubeapi import FakeKubeAPI, endpoint_slice, service
+from uproxy import app
 from uproxy.sources.kube import KubeSource
 
 LAPTOP = ("--bind-range", "127.77.0.0/16")
@@ -83,6 +84,12 @@ async def test_nothing_is_served_before_the_first_full_list(
         await up.wait_for(lambda: len(up.parts.pool.listeners) == 1, timeout=10)
         assert up.parts.proxier.ready
         assert await tcp_exchange(up.address("default/web", "http")) == b"pod:ping"
+        # The source's list counters reach the metrics (one page per resource here).
+        app.copy_source_counters(up.parts)
+        pages = up.parts.metrics.sources.list_pages
+        assert pages[(up.parts.source.name, "services")] == 1
+        assert pages[(up.parts.source.name, "endpointslices")] == 1
+        assert up.parts.metrics.sources.expired_lists[(up.parts.source.name, "services")] == 0
 
 
 async def test_pod_moves_and_service_deletion_follow_the_cluster(

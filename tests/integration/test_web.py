@@ -169,6 +169,8 @@ async def test_sync_rules_and_source_figures(
     world.metrics.sources.relisted("kube", "endpointslices")
     world.metrics.sources.relisted("kube", "endpointslices")
     world.metrics.sources.source_error("file")
+    world.metrics.sources.list_pages[("kube", "services")] = 3
+    world.metrics.sources.expired_lists[("kube", "services")] = 1
 
     samples = await scrape(http, metrics_server)
     assert value(samples, "uproxy_sync_duration_seconds_count") == 2
@@ -180,6 +182,9 @@ async def test_sync_rules_and_source_figures(
     assert value(samples, "uproxy_source_relists_total", source="kube",
                  resource="endpointslices") == 2
     assert value(samples, "uproxy_source_errors_total", source="file") == 1
+    assert value(samples, "uproxy_source_list_pages_total", source="kube", resource="services") == 3
+    assert value(samples, "uproxy_source_expired_lists_total", source="kube",
+                 resource="services") == 1
 
 
 async def test_accept_backoffs_never_go_down_when_a_port_goes_away(
