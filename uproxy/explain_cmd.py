@@ -71,6 +71,11 @@ def explain_main(argv: Sequence[str]) -> int:
     except UsageError as error:
         print(f"uproxy explain: error: {error}", file=sys.stderr)
         return 2
-    rules = make_rules(args.rules, args.chain_prefix, laptop_mode=args.rules == "none")
+    try:
+        rules = make_rules(args.rules, args.chain_prefix, laptop_mode=args.rules == "none",
+                           render_only=True)
+    except ValueError as error:  # a bad --chain-prefix
+        print(f"uproxy explain: error: {error}", file=sys.stderr)
+        return 2
     sys.stdout.write(explain(ports, portals, rules, compare=args.compare))
     return 0

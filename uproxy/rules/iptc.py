@@ -121,9 +121,11 @@ def _jump(iptc: Any, family: int, target: str, comment: str | None = None) -> An
 class IptcRules:
     name = "iptc"
 
-    def __init__(self, chain_prefix: str = "UPROXY", *, iptables_cmd: str = "iptables") -> None:
+    def __init__(self, chain_prefix: str = "UPROXY", *, iptables_cmd: str = "iptables",
+                 check_host: bool = True) -> None:
+        """`check_host=False`: only to render (`uproxy explain`), on any host."""
         self.prefix = check_chain_prefix(chain_prefix)
-        reason = iptc_unavailable(iptables_cmd)
+        reason = iptc_unavailable(iptables_cmd) if check_host else None
         if reason is not None:
             raise IptcUnavailable(reason)
         self.commits = 0

@@ -12,11 +12,14 @@ from uproxy.rules.nft import NftRules
 KINDS = ("auto", "iptables", "nft", "iptc", "none")
 
 
-def make_rules(kind: str, chain_prefix: str, *, laptop_mode: bool) -> Rules:
+def make_rules(kind: str, chain_prefix: str, *, laptop_mode: bool,
+               render_only: bool = False) -> Rules:
     """The backend for `--rules KIND`; ValueError/RulesError in one line when unusable.
 
     `auto` is `none` in laptop mode (`--bind-range`: clients reach listeners
     directly) and `iptables` otherwise, which works on both iptables variants.
+    `render_only` (`uproxy explain`): a backend that is only asked to render,
+    made without looking at the host or opening anything.
     """
     if kind == "auto":
         kind = "none" if laptop_mode else "iptables"
@@ -25,11 +28,11 @@ def make_rules(kind: str, chain_prefix: str, *, laptop_mode: bool) -> Rules:
     if kind == "iptables":
         return IptablesRules(chain_prefix)
     if kind == "nft":
-        return NftRules(chain_prefix)
+        return NftRules(chain_prefix, in_process=False if render_only else None)
     if kind == "iptc":
         from uproxy.rules.iptc import IptcRules
 
-        return IptcRules(chain_prefix)
+        return IptcRules(chain_prefix, check_host=not render_only)
     raise ValueError(f"--rules {kind!r}: choose one of {', '.join(KINDS)}")
 
 

@@ -1,0 +1,61 @@
+"""`uproxy explain` as a user runs it: no root, nothing touched, one line per error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from uproxy.explain_cmd import explain_main
+
+SERVICES = """\
+services:
+  - name: web
+    clusterIP: 198.18.0.10
+    ports: [{name: http, port: 80, targetPort: 8080}]
+    endpoints: [127.0.0.1, 127.0.0.2]
+"""
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Path:
+    path = tmp_path / "services.yaml"
+    path.write_text(SERVICES)
+    return path
+
+
+@pytest.mark.parametrize(("backend", "marker"), [
+    ("iptables", "-A UPROXY-PORTALS-CONTAINER -d 198.18.0.10/32 -p tcp -m tcp --dport 80"),
+    ("iptc", "-A UPROXY-PORTALS-CONTAINER -d 198.18.0.10/32 -p tcp -m tcp --dport 80"),
+    ("nft", '198.18.0.10 . tcp . 80 comment "default/web:http" : 30000'),
+    ("none", "clients connect to 0.0.0.0:30000 directly"),
+])
+def test_explain_prints_rules_and_paths_for_every_backend(
+        services: Path, backend: str, marker: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # iptc on an nf_tables host (as here) would refuse to run, but explain only renders.
+    code = explain_main(["--services", str(services), "--rules", backend,
+                         "--proxy-port-range", "30000-30009"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"# Packet paths ({backend} backend)" in out
+    assert marker in out
+    assert "then the listener dials: round-robin over 127.0.0.1:8080, 127.0.0.2:8080" in out
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--chain-prefix", "A-VERY-LONG-PREFIX"], "--chain-prefix 'A-VERY-LONG-PREFIX'"),
+    (["--proxy-port-range", "0-0"], "--proxy-port-range: '0-0' is an empty port range"),
+])
+def test_bad_flags_are_one_line_errors(services: Path, argv: list[str], says: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert explain_main(["--services", str(services), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("uproxy explain: error: ") and says in err
+    assert err.count("\n") == 1
+
+
+def test_a_missing_services_file_is_one_line_exit_1(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert explain_main(["--services", str(tmp_path / "none.yaml")]) == 1
+    assert capsys.readouterr().err == (f"uproxy explain: error: {tmp_path / 'none.yaml'}: "
+                                       "cannot read: No such file or directory\n")
