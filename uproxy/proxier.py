@@ -16,6 +16,7 @@ rules someone else flushed.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import logging
 import time
@@ -121,9 +122,12 @@ class Proxier:
         changes.apply_to(self.services, self.slices)
         self._index_slices(changes)
         if changes.empty or self._state is None:
-            # The periodic pass (or the first): plan everything from scratch.
-            state = desired_state(self.services, self.slices, node_name=self.node_name)
-            plan = diff(self.applied, state.ports)
+            # The periodic pass (or the first): plan everything from scratch, in
+            # a worker thread. At 10k services that is ~0.5 s of Python which
+            # on the loop would stall every connection; the thread hands the
+            # GIL back every few ms. Nothing else writes these objects meanwhile
+            # (this sync is their only writer, and syncs never overlap).
+            state, plan = await asyncio.to_thread(self._plan_everything)
         else:
             # Plan only what changed, and the ports that failed to open, so
             # a one-service change costs one service however many there are.
@@ -189,6 +193,22 @@ class Proxier:
             raise rules_error  # the runner retries with backoff; serving goes on
         return plan
 
+    def _plan_everything(self) -> tuple[DesiredState, Plan]:
+        state = desired_state(self.services, self.slices, node_name=self.node_name)
+        previous = self._state
+        if previous is not None and state == previous:
+            # The incremental state was right (as it should be): keep its
+            # objects, and let the 10k just made die young instead of
+            # filling the collector's oldest generation every periodic pass.
+            state = previous
+        elif previous is not None:
+            changed = {n for n in set(state.ports) | set(previous.ports)
+                       if state.ports.get(n) != previous.ports.get(n)}
+            log.warning("periodic pass: %d ports differed from the incremental plan "
+                        "(now planned from scratch): %s", len(changed),
+                        ", ".join(sorted(str(n) for n in changed)[:5]))
+        return state, diff(self.applied, state.ports)
+
     def _index_slices(self, changes: Changes) -> None:
         for key, (previous, current) in changes.slices.items():
             if previous is not None:
@@ -208,7 +228,10 @@ class Proxier:
 
     async def _apply_rules(self, *, verify: bool,
                            names: set[ServicePortName] | None) -> RulesError | None:
-        portals, delta = self._portals(names)
+        if names is None:  # every port (the periodic pass): off the loop, as the planning
+            portals, delta = await asyncio.to_thread(self._portals, None)
+        else:
+            portals, delta = self._portals(names)
         touches_node_ports = names is None or any(
             portal.frontend.node_port for portal in delta.gone + delta.new)
         if self.node_ports is not None and touches_node_ports:
@@ -240,7 +263,7 @@ class Proxier:
             names = set(current) | set(self.applied)
         gone: list[Portal] = []
         new: list[Portal] = []
-        for name in sorted(names):
+        for name in names:
             old = current.get(name)
             port = self.applied.get(name)
             listener = self.pool.listeners.get(name)

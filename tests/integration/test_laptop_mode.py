@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,31 @@ async def test_hosts_file_names_each_service(tmp_path: Path, backends: Backends)
         write_services(services, [])
         await up.reload()
         assert ip not in hosts.read_text()
+
+
+async def test_the_periodic_pass_keeps_an_equal_plan_and_heals_a_wrong_one(
+    tmp_path: Path, backends: Backends, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The periodic pass plans from scratch (off the loop) as a check on the
+    incremental plan: equal, the incremental objects stay; different, the
+    difference is logged and the scratch plan serves."""
+    port = await backends.tcp("a")
+    services = tmp_path / "services.yaml"
+    write_services(services, [{"name": n, "ports": [{"port": 8080}],
+                               "endpoints": [f"127.0.0.1:{port}"]} for n in ("one", "two")])
+    async with running_uproxy(services, *LAPTOP) as up:
+        proxier = up.parts.proxier
+        kept = proxier.desired
+        assert (await proxier.sync()).empty  # no changes: the periodic pass
+        assert proxier.desired is kept
+
+        # A wrong incremental state (a port lost from the plan)...
+        assert proxier._state is not None
+        wrong = {name: p for name, p in kept.items() if str(name) != "default/two"}
+        proxier._state = dataclasses.replace(proxier._state, ports=wrong)
+        assert (await proxier.sync()).empty  # the listener was right all along
+        # ...is found, said, and replaced by the plan from scratch.
+        assert "periodic pass: 1 ports differed from the incremental plan" in caplog.text
+        assert "default/two" in caplog.text
+        assert proxier.desired == kept and proxier.desired is not kept
+        assert await tcp_exchange(up.address("default/two")) == b"a:ping"
