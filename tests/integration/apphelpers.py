@@ -127,7 +127,7 @@ async def running(source: Source, sink: SourceSink) -> AsyncIterator[asyncio.Tas
 @contextlib.asynccontextmanager
 async def running_uproxy(
     services_file: Path | None, *flags: str, rules: Rules | None = None,
-    source: Source | None = None,
+    source: Source | None = None, start_timeout: float = 5.0,
 ) -> AsyncIterator[Running]:
     """A whole uproxy on the loop; from the services file, or from `source`."""
     where = ["--services", str(services_file)] if services_file is not None else []
@@ -143,7 +143,8 @@ async def running_uproxy(
     task = asyncio.create_task(app.run(parts))
     running = Running(parts, task, tables)
     try:
-        await running.wait_for(lambda: parts.runner.syncs >= 1 or task.done())
+        await running.wait_for(lambda: parts.runner.syncs >= 1 or task.done(),
+                               timeout=start_timeout)
         if task.done():
             task.result()
         yield running

@@ -19,6 +19,7 @@ elements.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Sequence
@@ -212,7 +213,8 @@ class NftRules:
                 return None
             raise RulesError(f"nft list table: {result.stderr.strip()}")
         try:
-            listing: dict[str, Any] = json.loads(result.stdout)
+            # Megabytes at 10k services: parsed off the loop, like the comparison.
+            listing: dict[str, Any] = await asyncio.to_thread(json.loads, result.stdout)
         except ValueError as error:
             raise RulesError(f"nft list table: unreadable JSON: {error}") from error
         return listing
@@ -296,8 +298,8 @@ class NftRules:
         if listing is None:
             return await self._build(family) if wanted else None
         try:
-            skeleton, current = parse_table(listing)
-            shape = listed_shape(listing)
+            skeleton, shape, desired, diff = await asyncio.to_thread(
+                self._compare, listing, family)
         except (KeyError, TypeError, ValueError) as error:
             raise RulesError(f"nft list table: unexpected listing: {error!r}") from error
         learned = self._skeleton.get(family)
@@ -305,11 +307,21 @@ class NftRules:
             self._skeleton[family] = learned = skeleton
         if learned != skeleton:
             return await self._build(family)
-        desired = self._index.elements(family)
-        diff = render_nft_diff(current, desired, self.prefix, family)
         if diff:
             await self._send(diff)
         return desired
+
+    def _compare(self, listing: dict[str, Any],
+                 family: int) -> tuple[str, Shape, Elements, str]:
+        """(skeleton, shape, wanted elements, the nft -f text from listed to wanted).
+
+        Pure work over every element (~0.1 s at 10k services): it runs in a
+        worker thread while apply, the index's only writer, waits for it.
+        """
+        skeleton, current = parse_table(listing)
+        desired = self._index.elements(family)
+        return (skeleton, listed_shape(listing), desired,
+                render_nft_diff(current, desired, self.prefix, family))
 
     async def remove_all(self) -> list[str]:
         removed = []
