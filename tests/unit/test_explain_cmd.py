@@ -40,6 +40,8 @@ def test_explain_prints_rules_and_paths_for_every_backend(
     assert f"# Packet paths ({backend} backend)" in out
     assert marker in out
     assert "then the listener dials: round-robin over 127.0.0.1:8080, 127.0.0.2:8080" in out
+    if backend == "iptc":
+        assert "# IPv4: libiptc (python-iptables)" in out
 
 
 @pytest.mark.parametrize(("argv", "says"), [

@@ -134,7 +134,10 @@ class IptcRules:
         self.ipv6 = IptablesRules(chain_prefix, legacy=legacy, families=(6,))
 
     def render(self, portals: Sequence[Portal]) -> str:
-        return render_iptables(portals, self.prefix)
+        """The same rules as the iptables backend; IPv4 is written by libiptc."""
+        return render_iptables(portals, self.prefix).replace(
+            "# iptables-restore --noflush -w\n",
+            "# IPv4: libiptc (python-iptables), one commit per table, these rules\n", 1)
 
     @staticmethod
     def _table(iptc: Any, family: int, name: str) -> Any:
