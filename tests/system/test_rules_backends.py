@@ -344,8 +344,9 @@ def chain_order(node: Netns, kind: str, family: int, table: str, chain: str) -> 
     return [line[len(head):] for line in listing.splitlines() if line.startswith(head)]
 
 
-def jump_to(chain: str) -> str:
-    return f'-m comment --comment "uproxy {chain.lower()}" -j {chain}'
+def jump_to(chain: str, *, new_only: bool = False) -> str:
+    match = "-m conntrack --ctstate NEW " if new_only else ""
+    return f'{match}-m comment --comment "uproxy {chain.lower()}" -j {chain}'
 
 
 def assert_jumps_in_place(
@@ -361,7 +362,7 @@ def assert_jumps_in_place(
                                     jump_to(f"{PREFIX}-NODEPORT-CONTAINER")],
             ("nat", "OUTPUT"): [jump_to(f"{PREFIX}-PORTALS-HOST"), *foreign[("nat", "OUTPUT")],
                                 jump_to(f"{PREFIX}-NODEPORT-HOST")],
-            ("filter", "INPUT"): [jump_to(f"{PREFIX}-NODEPORT-NON-LOCAL"),
+            ("filter", "INPUT"): [jump_to(f"{PREFIX}-NODEPORT-NON-LOCAL", new_only=True),
                                   *foreign[("filter", "INPUT")]],
         }
         for (table, chain), rules_in_order in expected.items():
@@ -482,3 +483,23 @@ def test_a_verifying_apply_moves_pushed_away_jumps_back_and_then_sends_nothing(
     if backend.rules is not None:
         assert backend.rules.restores == before
         assert without_counters() == placed
+
+
+def test_a_jump_of_another_shape_is_replaced_by_ours(
+    backend: Backend, topology: tuple[Netns, Netns]
+) -> None:
+    """An INPUT jump without the conntrack NEW match (an older uproxy's, a hand
+    edit) in place is still replaced on the next verifying pass, in place."""
+    if backend.kind == "nft":
+        pytest.skip("nft has no jump rules: our chains hook in by priority")
+    node, _ = topology
+    backend.apply(PORTALS)
+    target = f"{PREFIX}-NODEPORT-NON-LOCAL"
+    tool = xtables(backend.kind, 4)
+    node.run(tool, "-t", "filter", "-R", "INPUT", "1", "-m", "comment", "--comment",
+             f"uproxy {target.lower()}", "-j", target)
+    assert chain_order(node, backend.kind, 4, "filter", "INPUT") == [jump_to(target)]
+
+    backend.apply(PORTALS)  # verify=True, the periodic full pass
+    assert chain_order(node, backend.kind, 4, "filter", "INPUT") == [
+        jump_to(target, new_only=True)]

@@ -101,15 +101,24 @@ def test_jump_fixes_insert_missing_and_delete_duplicates() -> None:
         "-A OUTPUT -j U-PORTALS-HOST\n-A OUTPUT -m comment --comment x -j U-PORTALS-HOST\n"
         "COMMIT\n*filter\n-A INPUT -m comment --comment y -j U-NODEPORT-NON-LOCAL\nCOMMIT\n")
     fixes = jump_fixes(saved, "U")
+    # Jumps of another shape (an older uproxy's, a hand-made one) are replaced
+    # by ours: one copy, in place, as rendered.
     assert fixes["nat"] == [
         '-I PREROUTING 1 -m comment --comment "uproxy u-portals-container" '
         "-j U-PORTALS-CONTAINER",
+        "-D OUTPUT -j U-PORTALS-HOST",
         "-D OUTPUT -m comment --comment x -j U-PORTALS-HOST",
+        '-I OUTPUT 1 -m comment --comment "uproxy u-portals-host" -j U-PORTALS-HOST',
         '-A PREROUTING -m comment --comment "uproxy u-nodeport-container" '
         "-j U-NODEPORT-CONTAINER",
         '-A OUTPUT -m comment --comment "uproxy u-nodeport-host" -j U-NODEPORT-HOST',
     ]
-    assert "filter" not in fixes
+    # The filter jump takes only a connection's first packet (conntrack NEW).
+    assert fixes["filter"] == [
+        "-D INPUT -m comment --comment y -j U-NODEPORT-NON-LOCAL",
+        '-I INPUT 1 -m conntrack --ctstate NEW -m comment --comment "uproxy u-nodeport-non-local" '
+        "-j U-NODEPORT-NON-LOCAL",
+    ]
 
 
 def test_jump_fixes_move_a_pushed_away_jump_back_and_leave_placed_ones_alone() -> None:
@@ -117,7 +126,8 @@ def test_jump_fixes_move_a_pushed_away_jump_back_and_leave_placed_ones_alone() -
     nodeports = '-m comment --comment "uproxy u-nodeport-container" -j U-NODEPORT-CONTAINER'
     host = '-m comment --comment "uproxy u-portals-host" -j U-PORTALS-HOST'
     host_nodeports = '-m comment --comment "uproxy u-nodeport-host" -j U-NODEPORT-HOST'
-    local = '-m comment --comment "uproxy u-nodeport-non-local" -j U-NODEPORT-NON-LOCAL'
+    local = ('-m conntrack --ctstate NEW -m comment --comment "uproxy u-nodeport-non-local" '
+             "-j U-NODEPORT-NON-LOCAL")
 
     def save(prerouting: list[str], output: list[str], input_: list[str]) -> str:
         return ("*nat\n" + "".join(f"-A PREROUTING {r}\n" for r in prerouting)

@@ -95,7 +95,7 @@ def jump_fixes(saved: SavedTables, prefix: str) -> dict[str, list[str]]:
         others = list(found)
         if edge is not None and edge in found:
             others.remove(edge)
-        if edge in found and edge not in others:
+        if edge in found and edge not in others and edge == jump.spec:
             # In place: only duplicates elsewhere go (their text differs from the
             # kept one, so deleting by text cannot hit it).
             lines += [f"-D {jump.chain} {extra}" for extra in others]

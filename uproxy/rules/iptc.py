@@ -111,8 +111,11 @@ def _accept(iptc: Any, family: int, protocol: str, dports: str) -> Any:
     return rule
 
 
-def _jump(iptc: Any, family: int, target: str, comment: str | None = None) -> Any:
+def _jump(iptc: Any, family: int, target: str, comment: str | None = None,
+          new_only: bool = False) -> Any:
     rule = iptc.Rule() if family == 4 else iptc.Rule6()
+    if new_only:
+        rule.create_match("conntrack").ctstate = "NEW"
     rule.create_match("comment").comment = comment or f"uproxy {target.lower()}"
     rule.create_target(target)
     return rule
@@ -189,13 +192,15 @@ class IptcRules:
                     builtin = iptc.Chain(table, jump.chain)
                     rules = builtin.rules
                     at = [i for i, r in enumerate(rules) if r.target.name == jump.target]
-                    if at == [0 if jump.first else len(rules) - 1]:
-                        continue  # alone and in place (first, or last for node ports)
+                    shaped = all(any(m.name == "conntrack" for m in rules[i].matches)
+                                 == jump.new_only for i in at)
+                    if at == [0 if jump.first else len(rules) - 1] and shaped:
+                        continue  # alone, in place (first, or last for node ports), as made
                     # Missing, doubled, or pushed away by another program's rule:
                     # every copy goes and one comes back in its place.
                     for index in reversed(at):
                         builtin.delete_rule(rules[index])
-                    rule = _jump(iptc, family, jump.target)
+                    rule = _jump(iptc, family, jump.target, new_only=jump.new_only)
                     if jump.first:
                         builtin.insert_rule(rule)
                     else:

@@ -175,10 +175,12 @@ class Jump:
     chain: str  # built-in chain
     target: str  # our chain
     first: bool  # inserted at position 1, else appended
+    new_only: bool = False  # only packets that open a connection (conntrack NEW)
 
     @property
     def spec(self) -> str:
-        return f'-m comment --comment "uproxy {self.target.lower()}" -j {self.target}'
+        match = "-m conntrack --ctstate NEW " if self.new_only else ""
+        return f'{match}-m comment --comment "uproxy {self.target.lower()}" -j {self.target}'
 
 
 def chain_names(prefix: str) -> dict[str, list[str]]:
@@ -196,7 +198,10 @@ def jumps(prefix: str) -> list[Jump]:
         Jump("nat", "OUTPUT", f"{prefix}-{PORTALS_HOST}", True),
         Jump("nat", "PREROUTING", f"{prefix}-{NODEPORT_CONTAINER}", False),
         Jump("nat", "OUTPUT", f"{prefix}-{NODEPORT_HOST}", False),
-        Jump("filter", "INPUT", f"{prefix}-{NODEPORT_NON_LOCAL}", True),
+        # The filter table is walked by every packet, not only a connection's
+        # first as nat is: later packets skip our chain (as kube-proxy's
+        # KUBE-EXTERNAL-SERVICES jump does); the host accepts established ones.
+        Jump("filter", "INPUT", f"{prefix}-{NODEPORT_NON_LOCAL}", True, new_only=True),
     ]
 
 
