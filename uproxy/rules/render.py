@@ -396,6 +396,13 @@ Item = tuple[int, str, str, str]  # (family, map or set name, element key, eleme
 Known = tuple[object, str, int, tuple[Item, ...]]  # frontend, proxy ip and port, items
 
 
+def _items_of(portal: Portal) -> tuple[Item, ...]:
+    """Every map and set element one portal wants, per family."""
+    return tuple((entry.family, name, key, text)
+                 for entry in set(entries_of(portal))
+                 for name, key, text in nft_items(entry))
+
+
 class ElementIndex:
     """The nft elements of a portal list, kept up to date portal by portal.
 
@@ -425,9 +432,7 @@ class ElementIndex:
                     and known[2] == portal.proxy_port and slot not in new):
                 new[slot] = known
                 continue
-            items = tuple((entry.family, name, key, text)
-                          for entry in set(entries_of(portal))
-                          for name, key, text in nft_items(entry))
+            items = _items_of(portal)
             if slot in new:  # the same frontend object twice: a slot of its own
                 slot = id(items)
             new[slot] = (frontend, portal.proxy_ip, portal.proxy_port, items)
@@ -462,9 +467,7 @@ class ElementIndex:
             slot = id(portal.frontend)
             if (slot in known and slot not in left) or any(slot == s for s, _ in coming):
                 return None
-            items = tuple((entry.family, name, key, text)
-                          for entry in set(entries_of(portal))
-                          for name, key, text in nft_items(entry))
+            items = _items_of(portal)
             coming.append((slot, (portal.frontend, portal.proxy_ip, portal.proxy_port, items)))
         touched: set[ItemKey] = set()
         for slot, seen in leaving:
