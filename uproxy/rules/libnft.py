@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import os
 import threading
 from typing import Any
@@ -28,7 +29,9 @@ OUTPUT_JSON = 1 << 4
 OUTPUT_NUMERIC_ALL = (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10)  # proto, prio, symbol, time
 
 
-def _load() -> Any:
+@functools.cache
+def library() -> Any:
+    """The loaded libnftables, or None when this host has none (looked up once)."""
     name = ctypes.util.find_library("nftables") or "libnftables.so.1"
     try:
         lib = ctypes.CDLL(name)
@@ -47,18 +50,6 @@ def _load() -> Any:
     lib.nft_run_cmd_from_filename.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     lib.nft_run_cmd_from_filename.restype = ctypes.c_int
     return lib
-
-
-_LIB: Any = None
-_LOADED = False
-
-
-def library() -> Any:
-    """The loaded libnftables, or None when this host has none."""
-    global _LIB, _LOADED
-    if not _LOADED:
-        _LIB, _LOADED = _load(), True
-    return _LIB
 
 
 class LibNft:
