@@ -37,6 +37,11 @@ class PortalDelta:
     gone: tuple[Portal, ...] = ()
     new: tuple[Portal, ...] = ()
 
+    @property
+    def empty(self) -> bool:
+        """The very portals of the previous call (only endpoints changed, say)."""
+        return not self.gone and not self.new
+
 
 class RulesError(Exception):
     """Applying rules failed; the previously applied rules are still in place."""

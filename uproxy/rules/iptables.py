@@ -166,7 +166,7 @@ class IptablesRules:
 
     async def apply(self, portals: Sequence[Portal], *, verify: bool = True,
                     delta: PortalDelta | None = None) -> None:
-        if (not verify and delta is not None and not delta.gone and not delta.new
+        if (not verify and delta is not None and delta.empty
                 and all(family in self._applied for family in self.families)):
             # The very portals of the last apply, which succeeded: a sync that
             # changed only endpoints renders nothing (200 ms of Python at 10k).

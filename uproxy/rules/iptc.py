@@ -253,7 +253,7 @@ class IptcRules:
                     delta: PortalDelta | None = None) -> None:
         """libiptc rewrites a whole table per commit, so there is no smaller
         change to send: verify=False only skips an apply that changes nothing."""
-        unchanged = not verify and delta is not None and not delta.gone and not delta.new
+        unchanged = not verify and delta is not None and delta.empty
         if not (unchanged and self._last is not None):
             entries = [e for e in portal_entries(portals) if e.family == 4]
             if verify or entries != self._last:
