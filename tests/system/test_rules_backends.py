@@ -503,3 +503,47 @@ def test_a_jump_of_another_shape_is_replaced_by_ours(
     backend.apply(PORTALS)  # verify=True, the periodic full pass
     assert chain_order(node, backend.kind, 4, "filter", "INPUT") == [
         jump_to(target, new_only=True)]
+
+
+def test_a_drop_firewall_stays_shut_for_proxy_ports_and_open_for_redirected_traffic(
+    backend: Backend, topology: tuple[Netns, Netns]
+) -> None:
+    """The node's INPUT policy is DROP. The filter chain accepts redirected
+    traffic (VIPs, external and LB IPs, node ports) and nothing else: a
+    neighbour dialling NODE_IP:proxyPort of a ClusterIP service stays out.
+
+    nft: an accept in uproxy's table cannot override a drop in another table
+    (every base chain on the hook runs), so there the firewall's own rules
+    decide; see test_nft_warns_about_a_dropping_input_hook.
+    """
+    if backend.kind == "nft":
+        pytest.skip("nft cannot override another table's drop; the warning test covers it")
+    node, client = topology
+    tool = xtables(backend.kind, 4)
+    node.run(tool, "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED",
+             "-j", "ACCEPT")
+    node.run(tool, "-P", "INPUT", "DROP")
+    assert talk(client, "tcp", NODE_IP, WEB_PORT) == "error TimeoutError"  # the firewall works
+
+    backend.apply(PORTALS)
+
+    # Except the node's own UDP to the VIP: this test server answers from its
+    # wildcard socket with the wrong source (uproxy uses IP_PKTINFO), so
+    # conntrack sees the answer as a new flow and the policy drops it.
+    assert {k: v for k, v in reachable(node, client).items() if k != "node->dns"} == {
+        k: v for k, v in ALL_OK.items() if k != "node->dns"}
+    assert talk(client, "tcp", NODE_IP, WEB_PORT) == "error TimeoutError"
+    assert talk(client, "udp", NODE_IP, WEB_PORT + 1) == "error TimeoutError"
+
+
+def test_nft_warns_about_a_dropping_input_hook(topology: tuple[Netns, Netns]) -> None:
+    node, _ = topology
+    rules = NftRules(PREFIX, command_prefix=["ip", "netns", "exec", node.name])
+    assert asyncio.run(rules.preflight()) == []
+    node.run("iptables", "-P", "INPUT", "DROP")  # iptables-nft: table ip filter, chain INPUT
+
+    warnings = asyncio.run(rules.preflight())
+
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("--rules nft: table ip filter chain INPUT drops input")
+    assert "ct status dnat accept" in warnings[0]

@@ -10,7 +10,7 @@ of one service is a change of a few elements.
   nat    PREFIX-PORTALS-HOST        from OUTPUT (first)      -j PREFIX-PORTALS-CONTAINER
   nat    PREFIX-NODEPORT-CONTAINER  from PREROUTING (last)   dst-type LOCAL --dport NODEPORT -> …
   nat    PREFIX-NODEPORT-HOST       from OUTPUT (last)       -j PREFIX-NODEPORT-CONTAINER
-  filter PREFIX-NODEPORT-NON-LOCAL  from INPUT (first)       multiport --dports PROXYPORTS -j ACCEPT
+  filter PREFIX-NODEPORT-NON-LOCAL  from INPUT (first, NEW)  ctstate DNAT, PROXYPORTS -j ACCEPT
 
 "-> listener" is `REDIRECT --to-ports PROXYPORT` when the listener is bound
 to the wildcard address, else `DNAT --to-destination BINDIP:PROXYPORT`.
@@ -279,7 +279,14 @@ def multiport_lists(ports: Iterable[int]) -> list[str]:
 
 
 def iptables_accept_args(protocol: str, dports: str) -> str:
-    return (f"-p {protocol} -m multiport --dports {dports} "
+    """An ACCEPT of proxy ports for traffic that a nat rule sent there.
+
+    `--ctstate DNAT`: REDIRECT and DNAT both mark the connection so. A client
+    that dials NODE_IP:proxyPort itself is not accepted here, so a host whose
+    INPUT policy drops keeps ClusterIP services off its own address; node
+    ports reach their proxy port through a REDIRECT too, so they pass.
+    """
+    return (f"-p {protocol} -m conntrack --ctstate DNAT -m multiport --dports {dports} "
             f'-m comment --comment "{PROXY_PORTS_COMMENT}" -j ACCEPT')
 
 
@@ -543,7 +550,7 @@ def render_nft_skeleton(prefix: str, family: int) -> list[str]:
     lines += [
         "  chain nodeport_non_local {",
         "    type filter hook input priority -10; policy accept;",
-        f"    {key} @{NFT_SET} accept",
+        f"    ct status dnat {key} @{NFT_SET} accept",
         "  }",
         "}",
     ]
