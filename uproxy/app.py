@@ -1,13 +1,17 @@
 """Wiring: builds the parts from Settings, owns every task, orders shutdown.
 
 Start: load the source's first view (a bad services file is a one-line
-fatal error), open the web servers, then run the source, the sync runner
-and the housekeeping loop in one TaskGroup.
+fatal error), check that the rule backend can work here (privilege, host
+firewall), open the web servers, then run the source, the sync runner and
+the housekeeping loop in one TaskGroup.
 
-Shutdown on SIGTERM/SIGINT, in this order: remove kernel rules (traffic
-stops arriving), stop accepting (listeners close), let open connections
-drain for --shutdown-grace, close what is left, stop the tasks, close the
-web servers. Exit 0.
+Shutdown, in this order: remove kernel rules (traffic stops arriving), stop
+accepting (listeners close), let open connections drain for
+--shutdown-grace, close what is left, stop the tasks, close the web
+servers. It runs in a `finally`, whatever ended the serving: SIGTERM/SIGINT
+(exit 0), or a task that raised, which is a bug: its traceback is logged
+once and the exit code is 1. Only SIGKILL leaves rules behind, and the next
+start replaces them.
 """
 
 from __future__ import annotations
@@ -157,7 +161,8 @@ def build(
             addresses = {name.service: ip for name, (ip, _) in proxier.bound.items()}
             await asyncio.to_thread(write_hosts, hosts_file, render_hosts(addresses))
 
-    runner = SyncRunner(sync, settings.sync.min_sync_period, settings.sync.sync_period)
+    runner = SyncRunner(sync, settings.sync.min_sync_period, settings.sync.sync_period,
+                        transient=(RulesError,))
     tracker.notify = runner.request
     return Parts(
         settings=settings,
@@ -223,15 +228,30 @@ async def start_web_servers(parts: Parts) -> list[WebServer]:
     return servers
 
 
+async def preflight(parts: Parts) -> None:
+    """The rule backend's check: a missing privilege is a one-line startup
+    error; what it finds wrong with the host is said once, as a warning."""
+    try:
+        warnings = await parts.rules.preflight()
+    except RulesError as error:
+        raise StartupError(str(error)) from None
+    for warning in warnings:
+        log.warning("%s", warning)
+
+
 async def run(parts: Parts) -> None:
-    """Serve until `parts.stop` is set, then shut down in order."""
+    """Serve until `parts.stop` is set or a task fails, then shut down in order."""
     await load_initial(parts)
+    await preflight(parts)
     loop = asyncio.get_running_loop()
     parts.web_servers = await start_web_servers(parts)
     try:
         if parts.workers is not None:
             await parts.workers.start()
-        await _serve(parts, loop)
+        try:
+            await _serve(parts, loop)
+        finally:
+            await shutdown(parts)
     finally:
         if parts.workers is not None and not parts.workers.stopping:
             await parts.workers.stop(0.0)
@@ -240,8 +260,25 @@ async def run(parts: Parts) -> None:
     log.info("stopped")
 
 
+async def shutdown(parts: Parts) -> None:
+    """Rules first (no packet is steered to a closed listener), then stop
+    accepting, drain for --shutdown-grace, and close what is left."""
+    grace = parts.settings.shutdown_grace
+    log.info("shutting down: removing rules, closing listeners, draining connections")
+    await parts.proxier.remove_rules()
+    parts.pool.stop_accepting()
+    if parts.workers is not None and not parts.workers.stopping:  # they drain their own
+        await parts.workers.stop(grace)
+    if parts.pool.open_connections:
+        log.info("draining %d open connections for up to %.1fs",
+                 parts.pool.open_connections, grace)
+        await parts.pool.drain(grace)
+    parts.pool.abort()
+    if parts.access_log is not None:
+        parts.access_log.flush()
+
+
 async def _serve(parts: Parts, loop: asyncio.AbstractEventLoop) -> None:
-    settings = parts.settings
     with contextlib.ExitStack() as signals:
         for number in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(number, parts.stop.set)
@@ -260,25 +297,13 @@ async def _serve(parts: Parts, loop: asyncio.AbstractEventLoop) -> None:
             if parts.workers is not None:
                 helpers.append(tasks.create_task(parts.workers.supervise(), name="workers"))
             await parts.stop.wait()
-            log.info("shutting down: removing rules, closing listeners, draining connections")
             source_task.cancel()
             # Let a sync that is running finish before the parts are torn down.
             while parts.runner.in_sync:
                 await asyncio.sleep(0.01)
             runner_task.cancel()
-            await parts.proxier.remove_rules()
-            parts.pool.stop_accepting()
-            if parts.workers is not None:  # they drain their own connections
-                await parts.workers.stop(settings.shutdown_grace)
-            if parts.pool.open_connections:
-                log.info("draining %d open connections for up to %.1fs",
-                         parts.pool.open_connections, settings.shutdown_grace)
-                await parts.pool.drain(settings.shutdown_grace)
-            parts.pool.abort()
             for helper in helpers:
                 helper.cancel()
-            if parts.access_log is not None:
-                parts.access_log.flush()
 
 
 def print_table(text: str) -> None:
@@ -297,7 +322,19 @@ def main(settings: Settings) -> int:
     except StartupError as error:
         print(f"uproxy: error: {error}", file=sys.stderr)
         return 1
+    except Exception as error:  # a bug; the shutdown in run() has removed the rules
+        cause = _cause(error)
+        log.critical("uproxy stopped on an unexpected error (a bug; rules were removed): "
+                     "%s: %s", type(cause).__name__, cause, exc_info=cause)
+        return 1
     return 0
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The first real error inside TaskGroup's exception groups."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
 
 
 def cleanup(settings: Settings) -> int:

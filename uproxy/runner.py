@@ -7,9 +7,12 @@ passed since the last sync started, are coalesced into one sync at the next
 opportunity. A periodic sync runs at least every max_interval even when
 nobody asks (it repairs rules someone else flushed). Syncs never overlap.
 
-A sync that raises is logged and retried with exponential backoff (capped at
-max_interval); a request still runs a sync as soon as min_interval allows,
-because the change it announces may be the fix.
+A sync that raises one of the `transient` errors (the app passes RulesError:
+a rule tool refused, the kernel was busy) is logged in one line and retried
+with exponential backoff (capped at max_interval); a request still runs a
+sync as soon as min_interval allows, because the change it announces may be
+the fix. Anything else is a bug: it ends `run()`, and with it the process,
+whose shutdown removes the rules.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class SyncRunner:
         sleep: Sleep = asyncio.sleep,
         retry_base: float = 1.0,
         name: str = "sync",
+        transient: tuple[type[Exception], ...] = (Exception,),
     ) -> None:
         if min_interval < 0:
             raise ValueError(f"{name}: min_interval must be >= 0, got {min_interval}")
@@ -53,6 +57,7 @@ class SyncRunner:
         self._sleep = sleep
         self._retry_base = max(retry_base, 1e-3)
         self.name = name
+        self._transient = transient
 
         self._wake = asyncio.Event()
         self._requested = False
@@ -129,7 +134,7 @@ class SyncRunner:
         self.in_sync = True
         try:
             await self._sync()
-        except Exception as error:  # a failed sync must not end the loop
+        except self._transient as error:  # retried; anything else ends the loop
             self.failures += 1
             self.consecutive_failures += 1
             self.last_error = f"{type(error).__name__}: {error}"
@@ -137,11 +142,9 @@ class SyncRunner:
                 self._retry_base * 2 ** (self.consecutive_failures - 1), self.max_interval
             )
             self._retry_at = max(start + self.min_interval, self._clock() + backoff)
-            # The traceback once per run of failures, not once per retry.
             log.error(
                 "%s failed (%d in a row), retrying in %.3gs: %s",
                 self.name, self.consecutive_failures, backoff, self.last_error,
-                exc_info=error if self.consecutive_failures == 1 else None,
             )
         else:
             self.consecutive_failures = 0

@@ -66,6 +66,13 @@ class Rules(Protocol):
     async def cleanup(self) -> None:
         """Remove every chain, table and jump this backend made."""
 
+    async def preflight(self) -> list[str]:
+        """Check once, before anything listens, that this backend can work on
+        this host with this process's privileges. Raises RulesError in one
+        line naming what is missing (e.g. CAP_NET_ADMIN); returns warnings
+        about the host, one line each (e.g. a firewall that will drop what
+        the rules redirect)."""
+
     def render(self, portals: Sequence[Portal]) -> str:
         """The exact text this backend would apply (for `uproxy explain`)."""
 
@@ -81,6 +88,9 @@ class NoRules:
 
     async def cleanup(self) -> None:
         return None
+
+    async def preflight(self) -> list[str]:
+        return []
 
     def render(self, portals: Sequence[Portal]) -> str:
         return "# --rules none: no kernel rules; clients connect to the listeners directly\n"

@@ -48,6 +48,11 @@ def available(program: str) -> bool:
     return shutil.which(program) is not None
 
 
+def first_line(text: str) -> str:
+    """A tool's complaint in one line: its first non-empty line."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "failed")
+
+
 _LINE = re.compile(r"line:? (\d+)")
 
 

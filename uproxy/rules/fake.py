@@ -44,6 +44,9 @@ class FakeRules:
         self.portals = ()
         self.events.append("rules:cleanup")
 
+    async def preflight(self) -> list[str]:
+        return []
+
     def render(self, portals: Sequence[Portal]) -> str:
         return "".join(
             f"{p.frontend.name} {p.frontend.protocol} {p.frontend.port} -> "

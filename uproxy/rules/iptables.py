@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from uproxy.rules import command
+from uproxy.rules import command, privilege
 from uproxy.rules.base import Portal, PortalDelta, RulesError
 from uproxy.rules.render import (
     FAMILIES,
@@ -125,6 +125,7 @@ class IptablesRules:
             6: (f"ip6tables{variant}-save", f"ip6tables{variant}-restore"),
         }
         self.families = tuple(families)
+        self.legacy = legacy
         self.restores = 0  # transactions sent, for tests and metrics
         # Per family, our chains' rules as this instance last left them (None:
         # it made no chains there); emptied by a failure, so that the next
@@ -133,6 +134,18 @@ class IptablesRules:
 
     def render(self, portals: Sequence[Portal]) -> str:
         return render_iptables(portals, self.prefix)
+
+    async def preflight(self) -> list[str]:
+        save = self.tools[self.families[0]][0]
+        version = await command.run([*self.command_prefix, save, "--version"])
+        privilege.check_rules_privilege(
+            f"--rules {self.name}", runs_tools=True,
+            takes_xtables_lock=self.legacy or "legacy" in version.stdout)
+        result = await command.run([*self.command_prefix, save, "-t", "nat"])
+        if result.returncode != 0:
+            raise RulesError(f"--rules {self.name}: {save} -t nat failed: "
+                             f"{command.first_line(result.stderr)}")
+        return []
 
     async def _save(self, family: int) -> SavedTables | None:
         """The kernel's tables, or None when this family has no iptables here."""

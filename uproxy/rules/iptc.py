@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from uproxy.rules import privilege
 from uproxy.rules.base import Portal, PortalDelta, RulesError
 from uproxy.rules.iptables import IptablesRules
 from uproxy.rules.render import (
@@ -105,6 +106,7 @@ def _rule(iptc: Any, family: int, entry: Entry) -> Any:
 def _accept(iptc: Any, family: int, protocol: str, dports: str) -> Any:
     rule = iptc.Rule() if family == 4 else iptc.Rule6()
     rule.protocol = protocol
+    rule.create_match("conntrack").ctstate = "DNAT"  # see render.iptables_accept_args
     rule.create_match("multiport").dports = dports
     rule.create_match("comment").comment = PROXY_PORTS_COMMENT
     rule.create_target("ACCEPT")
@@ -128,6 +130,10 @@ class IptcRules:
                  check_host: bool = True) -> None:
         """`check_host=False`: only to render (`uproxy explain`), on any host."""
         self.prefix = check_chain_prefix(chain_prefix)
+        if check_host:
+            # libiptc takes the xtables lock; IPv6 goes through ip6tables-legacy-restore.
+            privilege.check_rules_privilege(f"--rules {self.name}", runs_tools=True,
+                                            takes_xtables_lock=True)
         reason = iptc_unavailable(iptables_cmd) if check_host else None
         if reason is not None:
             raise IptcUnavailable(reason)
@@ -135,6 +141,9 @@ class IptcRules:
         self._last: list[Entry] | None = None  # IPv4 entries of the last successful apply
         legacy = shutil.which("ip6tables-legacy-restore") is not None
         self.ipv6 = IptablesRules(chain_prefix, legacy=legacy, families=(6,))
+
+    async def preflight(self) -> list[str]:
+        return []  # checked when made: loading libiptc without the privilege fails obscurely
 
     def render(self, portals: Sequence[Portal]) -> str:
         """The same rules as the iptables backend; IPv4 is written by libiptc."""

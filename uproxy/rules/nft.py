@@ -25,7 +25,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from uproxy.rules import command, libnft
+from uproxy.rules import command, libnft, privilege
 from uproxy.rules.base import Portal, PortalDelta, RulesError
 from uproxy.rules.render import (
     FAMILIES,
@@ -144,6 +144,30 @@ def listed_shape(listing: dict[str, Any]) -> Shape:
     return tuple(sorted(shape))
 
 
+def input_drop_warnings(listing: dict[str, Any], ours: str) -> list[str]:
+    """Warnings for base chains of other tables on the input hook whose policy
+    drops (`nft -j list chains`; iptables-nft's filter INPUT is one of them).
+
+    Every base chain on a hook sees the packet and a drop in any of them is
+    final, so uproxy's own accept of redirected traffic cannot let it
+    through such a firewall: the firewall itself must accept it.
+    """
+    warnings = []
+    for item in listing.get("nftables", []):
+        chain = item.get("chain")
+        if (not chain or chain.get("hook") != "input" or chain.get("policy") != "drop"
+                or chain.get("table") == ours or chain.get("family") not in ("ip", "ip6", "inet")):
+            continue
+        where = f"table {chain['family']} {chain['table']} chain {chain['name']}"
+        warnings.append(
+            f"--rules nft: {where} drops input by default (policy drop), and an accept in "
+            f"uproxy's table cannot override it: redirected service traffic will be dropped "
+            f"unless that chain accepts it, e.g. `nft insert rule {chain['family']} "
+            f"{chain['table']} {chain['name']} ct status dnat accept` (iptables: "
+            f"`iptables -I INPUT -m conntrack --ctstate DNAT -j ACCEPT`)")
+    return warnings
+
+
 class NftRules:
     name = "nft"
 
@@ -172,6 +196,19 @@ class NftRules:
 
     def render(self, portals: Sequence[Portal]) -> str:
         return render_nft(portals, self.prefix)
+
+    async def preflight(self) -> list[str]:
+        privilege.check_rules_privilege(f"--rules {self.name}", runs_tools=not self.in_process,
+                                        takes_xtables_lock=False)
+        result = await self._nft("list chains\n", listing=True)
+        if result.returncode != 0:
+            raise RulesError(f"--rules nft: nft list chains failed: "
+                             f"{command.first_line(result.stderr)}")
+        try:
+            listing = json.loads(result.stdout)
+        except ValueError as error:
+            raise RulesError(f"nft list chains: unreadable JSON: {error}") from error
+        return input_drop_warnings(listing, self.table)
 
     @property
     def in_process(self) -> bool:

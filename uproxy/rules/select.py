@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 
+from uproxy.rules import privilege
 from uproxy.rules.base import NoRules, Rules, RulesError
 from uproxy.rules.iptables import IptablesRules
 from uproxy.rules.nft import NftRules
@@ -45,6 +46,7 @@ async def cleanup_all(chain_prefix: str, kinds: Sequence[str] = ()) -> list[str]
     removed, one line each; nothing to remove is not an error.
     """
     wanted = [k for k in kinds if k not in ("auto", "none")] or ["iptables", "iptc", "nft"]
+    privilege.check_rules_privilege("--cleanup", runs_tools=True, takes_xtables_lock=False)
     backends: list[IptablesRules | NftRules] = []
     if "iptables" in wanted and shutil.which("iptables-restore"):
         backends.append(IptablesRules(chain_prefix))
