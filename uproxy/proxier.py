@@ -2,13 +2,14 @@
 
 Every sync folds the tracker's net changes into the current objects, plans
 purely (`planner.desired_state`, `planner.diff`) and applies the plan in an
-order that never blackholes traffic:
+order that never blackholes or resets traffic:
 
 1. open listeners of added ports;
-2. apply the complete rule set in one transaction (this installs the rules
-   of added ports and deletes those of removed ports);
-3. close listeners of removed ports;
-4. publish endpoints to the balancer, forget removed ports.
+2. publish their endpoints (and those of updated ports) to the balancer;
+3. apply the rules in one transaction: this installs the rules of added
+   ports, so nothing is steered to a listener before it has endpoints, and
+   deletes those of removed ports;
+4. close the listeners of removed ports, then forget their balancer state.
 
 Rules are applied on every sync, changed or not: that full pass repairs
 rules someone else flushed.
@@ -146,6 +147,7 @@ class Proxier:
         # steps aside so the new one opens first, and closes after the rules moved.
         replaced = [self.pool.detach(port.name) for port in plan.removed]
         failed = [port for port in plan.added if not self._open(port)]
+        self._publish(plan.added + plan.updated)
 
         # A sync without changes is the periodic pass: have the backend compare
         # with the kernel and repair; a sync with changes may send just those.
@@ -162,12 +164,9 @@ class Proxier:
                 self.pool.retire(listener)
         # Ports or addresses the removals just freed may fit what did not open.
         if failed and any(replaced) and any([self._open(port) for port in failed]):
+            self._publish(failed)
             rules_error = await self._apply_rules(verify=False, names=moved)
 
-        for port in plan.added + plan.updated:
-            if port.name in self.pool.listeners:
-                self.applied[port.name] = port
-                self.balancer.publish(port)
         gone = {port.name for port in plan.removed if port.name not in state.ports}
         for name in gone:
             self.balancer.remove(name)
@@ -219,6 +218,13 @@ class Proxier:
                         del self._slice_index[previous.service]
             if current is not None:
                 self._slice_index.setdefault(current.service, {})[key] = current
+
+    def _publish(self, ports: list[DesiredPort]) -> None:
+        """Endpoints to the balancer, for the ports that have a listener."""
+        for port in ports:
+            if port.name in self.pool.listeners:
+                self.applied[port.name] = port
+                self.balancer.publish(port)
 
     def _open(self, port: DesiredPort) -> bool:
         if self.pool.open(port) is None:

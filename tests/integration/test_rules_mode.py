@@ -157,3 +157,48 @@ async def test_rules_are_removed_at_shutdown_before_listeners_close(
         listener.server.stop_accepting = stop_accepting  # type: ignore[method-assign]
     assert rules.cleanups == 1
     assert order == ["listener closed after 1 cleanups"]
+
+
+class RequestingRules(FakeRules):
+    """At every apply, a full request through each portal that comes or goes:
+    the moment the kernel would steer (or stop steering) traffic to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers: list[tuple[str, bytes | str]] = []
+        self.previous: tuple[Portal, ...] = ()
+
+    async def apply(self, portals: Sequence[Portal], *, verify: bool = True,
+                    delta: PortalDelta | None = None) -> None:
+        changed = [(f"new {p.frontend.name}", p) for p in portals if p not in self.previous]
+        changed += [(f"gone {p.frontend.name}", p) for p in self.previous if p not in portals]
+        for label, portal in changed:
+            try:
+                answer: bytes | str = await tcp_exchange((portal.proxy_ip, portal.proxy_port))
+            except OSError as error:
+                answer = type(error).__name__
+            self.answers.append((label, answer))
+        await super().apply(portals, verify=verify, delta=delta)
+        self.previous = tuple(portals)
+
+
+async def test_a_port_serves_whole_requests_from_the_moment_rules_steer_to_it(
+    tmp_path: Path, backends: Backends
+) -> None:
+    """Additions: listener, endpoints, then rules. Removals: rules, then the
+    listener and the endpoints. A request in the window gets an answer."""
+    port = await backends.tcp("b")
+    services = tmp_path / "services.yaml"
+    write_services(services, [_service("a", "198.18.1.1", port)])
+    rules = RequestingRules()
+    async with running_uproxy(services, "--bind-address", "127.0.0.1", rules=rules) as up:
+        assert rules.answers == [("new default/a", b"b:ping")]
+
+        write_services(services, [_service("a", "198.18.1.1", port),
+                                  _service("b", "198.18.1.2", port)])
+        await up.reload()
+        assert rules.answers[1:] == [("new default/b", b"b:ping")]
+
+        write_services(services, [_service("b", "198.18.1.2", port)])
+        await up.reload()
+        assert rules.answers[2:] == [("gone default/a", b"b:ping")]
