@@ -15,7 +15,14 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.apphelpers import Backends, running_uproxy, tcp_exchange, write_services
+from tests.integration.apphelpers import (
+    Backends,
+    eventually,
+    running_uproxy,
+    tcp_exchange,
+    udp_exchange,
+    write_services,
+)
 from uproxy.relay.base import DIAL_TIMEOUTS
 
 WEB = ("--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0")
@@ -105,6 +112,40 @@ async def test_metrics_status_and_health_follow_real_traffic(
             assert "default/web" in text and up.address("default/web", "http")[0] in text
             page = await http.get(f"{metrics}/status")
             assert page.status == 200 and "<html" in (await page.text()).lower()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_udp_bytes_are_counted_exactly_in_metrics_and_status(
+    tmp_path: Path, backends: Backends, workers: str
+) -> None:
+    port = await backends.udp("u")  # replies "u:" + the datagram
+    services = tmp_path / "services.yaml"
+    write_services(services, [{"name": "dns", "ports": [{"port": 5353, "protocol": "UDP"}],
+                               "endpoints": [f"127.0.0.1:{port}"]}])
+    async with running_uproxy(services, "--bind-range", "127.77.0.0/16", "--workers", workers,
+                              *WEB) as up:
+        _, metrics = (server.url for server in up.parts.web_servers)
+        labels = {"service": "default/dns", "port": "5353", "protocol": "UDP"}
+        address = up.address("default/dns", "", "UDP")
+        sizes = [1, 100, 1000, 60_000]
+        for size in sizes:  # new sessions each (a new client socket per exchange)
+            reply, _ = await udp_exchange(address, b"d" * size)
+            assert reply == b"u:" + b"d" * size
+        sent, received = sum(sizes), sum(sizes) + 2 * len(sizes)
+
+        async with aiohttp.ClientSession() as http:
+            async def counted() -> bool:
+                found = samples(await (await http.get(f"{metrics}/metrics")).text())
+                return (value(found, "uproxy_bytes_total", **labels, direction="in") == sent
+                        and value(found, "uproxy_bytes_total", **labels,
+                                  direction="out") == received)
+
+            await eventually(counted, timeout=10)  # workers report every second
+            status = await (await http.get(f"{metrics}/status.json")).json()
+        (service,) = [s for s in status["services"] if s["service"] == "default/dns"]
+        (row,) = service["ports"]
+        assert row["bytes"] == {"in": sent, "out": received}
+        assert row["udp"]["datagrams_in"] == row["udp"]["datagrams_out"] == len(sizes)
 
 
 async def test_dial_failures_count_every_dial_to_a_dead_endpoint_even_after_failover(

@@ -86,7 +86,9 @@ class _Session:
         except OSError:
             server.stats.udp_datagrams_dropped += 1
             return
-        server.stats.udp_datagrams_out += 1
+        stats = server.stats
+        stats.udp_datagrams_out += 1
+        stats.bytes_out += len(data)
         self.last = server.now()
 
 
@@ -285,6 +287,7 @@ class UdpServer:
             stats.udp_datagrams_dropped += 1
             return
         stats.udp_datagrams_in += 1
+        stats.bytes_in += len(data)
         session.last = self.now()
 
     def _open(self, key: SessionKey, addr: tuple[object, ...], local_ip: str) -> _Session | None:
