@@ -269,9 +269,10 @@ async def shutdown(parts: Parts) -> None:
     parts.pool.stop_accepting()
     if parts.workers is not None and not parts.workers.stopping:  # they drain their own
         await parts.workers.stop(grace)
-    if parts.pool.open_connections:
-        log.info("draining %d open connections for up to %.1fs",
-                 parts.pool.open_connections, grace)
+    open_now = parts.pool.open_by_protocol()
+    if any(open_now.values()):
+        what = [_count(open_now["TCP"], "TCP connection"), _count(open_now["UDP"], "UDP session")]
+        log.info("draining %s for up to %.1fs", " and ".join(w for w in what if w), grace)
         await parts.pool.drain(grace)
     parts.pool.abort()
     if parts.access_log is not None:
@@ -328,6 +329,11 @@ def main(settings: Settings) -> int:
                      "%s: %s", type(cause).__name__, cause, exc_info=cause)
         return 1
     return 0
+
+
+def _count(number: int, thing: str) -> str:
+    """'1 TCP connection', '2 TCP connections', '' for none."""
+    return "" if not number else f"{number} {thing}{'' if number == 1 else 's'}"
 
 
 def _cause(error: BaseException) -> BaseException:

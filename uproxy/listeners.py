@@ -38,6 +38,8 @@ class Server(Protocol):
     """A listener's server that is neither TcpServer nor UdpServer (--workers:
     uproxy.workers.SharedServer); `open_connections` counts UDP sessions too."""
 
+    protocol: str  # TCP | UDP
+
     def start(self) -> None: ...
     def stop_accepting(self) -> None: ...
     async def drain(self, timeout: float) -> None: ...
@@ -261,6 +263,13 @@ class ListenerPool:
     @property
     def open_connections(self) -> int:
         return sum(_open(server) for server in self._all_servers())
+
+    def open_by_protocol(self) -> dict[str, int]:
+        """Open TCP connections and UDP sessions, of every listener and retiring server."""
+        counts = {"TCP": 0, "UDP": 0}
+        for server in self._all_servers():
+            counts[server.protocol] += _open(server)
+        return counts
 
     def _all_servers(self) -> list[TcpServer | UdpServer | Server]:
         return [listener.server for listener in self.listeners.values()] + self._retiring

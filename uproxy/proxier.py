@@ -21,11 +21,18 @@ import asyncio
 import bisect
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from uproxy.balancer import Balancer
 from uproxy.listeners import ListenerPool
-from uproxy.model import DesiredPort, EndpointSlice, ObjectName, Service, ServicePortName
+from uproxy.model import (
+    DesiredPort,
+    EndpointSlice,
+    ObjectName,
+    Service,
+    ServicePortName,
+    format_hostport,
+)
 from uproxy.planner import DesiredState, Plan, desired_state, diff, update_state
 from uproxy.rules.base import Portal, PortalDelta, Rules, RulesError
 from uproxy.rules.nodeports import NodePortReservations, node_ports
@@ -219,7 +226,7 @@ class Proxier:
             if current is not None:
                 self._slice_index.setdefault(current.service, {})[key] = current
 
-    def _publish(self, ports: list[DesiredPort]) -> None:
+    def _publish(self, ports: Sequence[DesiredPort]) -> None:
         """Endpoints to the balancer, for the ports that have a listener."""
         for port in ports:
             if port.name in self.pool.listeners:
@@ -290,6 +297,10 @@ class Proxier:
     def table(self) -> str:
         """One line per service port: `ns/name  port/proto  ->  IP:port  (N endpoints)`.
 
+        In rules mode IP:port is the first cluster IP and the service port (what
+        clients dial), and the parenthesis adds `, proxy ADDRESS` (the listener
+        the rules redirect to).
+
         Rows and their lines are kept between syncs, in order; a sync makes
         again only the rows of the ports it touched (all lines only when a
         column's width changes). At 10k ports making the whole table took
@@ -335,8 +346,14 @@ class Proxier:
             if listener is not None:
                 count = len(port.endpoints)
                 plural = "endpoint" if count == 1 else "endpoints"
-                self._rows[key] = (str(name.service), where, listener.address,
-                                   f"({count} {plural})")
+                reached, note = listener.address, ""
+                if not self.laptop_mode and port.frontend.cluster_ips:
+                    # Rules mode: clients use the cluster IP; the proxy port is where
+                    # the rules bring them.
+                    reached = format_hostport(port.frontend.cluster_ips[0], port.frontend.port)
+                    note = f", proxy {listener.address}"
+                self._rows[key] = (str(name.service), where, reached,
+                                   f"({count} {plural}{note})")
             else:
                 self._rows[key] = (str(name.service), where, "not served",
                                    f"({self.pool.errors.get(name, 'unknown error')})")

@@ -121,7 +121,7 @@ async def start_web(bind: str, kind: Kind, state: WebState) -> WebServer | None:
         raise
     server = WebServer(kind, host, sock.getsockname()[1], runner)
     if port == 0:
-        log.info("%s listening on %s", kind, server.url, extra={"url": server.url})
+        log.info("%s listening on %s", kind, server.url)
     else:
         log.debug("%s listening on %s", kind, server.url)
     return server

@@ -148,22 +148,29 @@ async def test_bad_edit_reports_an_error_and_keeps_state_then_recovers(
         await asyncio.sleep(3 * POLL)
         sink.take()
 
-        with caplog.at_level(logging.ERROR, logger="uproxy.sources.file"):
+        with caplog.at_level(logging.INFO, logger="uproxy.sources.file"):
             rewrite(services_file, TWO_SERVICES.replace("port: 53,", "port: domain,"))
             await sink.wait_until(lambda: bool(sink.events))
             await asyncio.sleep(DEBOUNCE + 3 * POLL)
-        broken = sink.take()
+            source.reload()  # SIGHUP: the same bad file is not reported again
+            await sink.wait_until(lambda: "unchanged" in caplog.text)
+            broken = sink.take()
 
-        fixed = TWO_SERVICES.replace("127.0.0.1:5353", "127.0.0.1:5354")
-        rewrite(services_file, fixed)
-        await sink.wait_until(lambda: len(sink.events) >= 2)
-        await asyncio.sleep(DEBOUNCE + 3 * POLL)
-        recovered = sink.take()
+            fixed = TWO_SERVICES.replace("127.0.0.1:5353", "127.0.0.1:5354")
+            rewrite(services_file, fixed)
+            await sink.wait_until(lambda: len(sink.events) >= 2)
+            await asyncio.sleep(DEBOUNCE + 3 * POLL)
+            recovered = sink.take()
 
     message = (f"{services_file}:6: services[1].ports[0].port: "
                "must be an integer 1-65535, got 'domain'")
     assert broken == [("error", "file", message)]
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [message]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+        f"services file {services_file} is unchanged and still not loaded (the error above); "
+        "the last good state keeps serving",
+        f"services file {services_file} loads again: default/dns changed",
+    ]
     # the fix is compared with the last good state: only the dns slice moved
     assert [describe(e) for e in recovered] == [
         "slice - default/dns-ipv4-5353", "slice + default/dns-ipv4-5354",
@@ -202,6 +209,16 @@ async def test_reload_picks_up_a_change_at_once(services_file: Path) -> None:
         events = sink.take()
     assert [describe(e) for e in events] == ["slice ~ default/web-ipv4"]
     assert took < 1.0
+
+
+def test_reload_lines_name_services_not_objects() -> None:
+    from uproxy.model import ObjectName
+    from uproxy.sources.file import describe_changes
+
+    one_removed = {ObjectName("default", "db"): "removed"}
+    assert describe_changes(one_removed) == "default/db removed"
+    many = {ObjectName("ns", f"s{i}"): ("added" if i % 3 else "removed") for i in range(9)}
+    assert describe_changes(many) == "6 services added, 3 services removed"
 
 
 async def test_deleting_a_service_reports_it_and_its_slices(services_file: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from tests.integration.apphelpers import (
     Lines,
     running_uproxy,
     tcp_exchange,
+    udp_exchange,
     write_services,
 )
 
@@ -51,17 +53,24 @@ async def test_shutdown_leaves_no_tasks_or_sockets(tmp_path: Path, backends: Bac
     assert up.task.done() and up.task.exception() is None
 
 
-async def test_shutdown_drains_open_connections(tmp_path: Path, backends: Backends) -> None:
+async def test_shutdown_drains_open_connections(
+    tmp_path: Path, backends: Backends, caplog: pytest.LogCaptureFixture
+) -> None:
     port = await backends.tcp("b")
+    udp_port = await backends.udp("u")
     services = tmp_path / "services.yaml"
     write_services(services, [{"name": "s", "ports": [{"port": 8080}],
-                               "endpoints": [f"127.0.0.1:{port}"]}])
+                               "endpoints": [f"127.0.0.1:{port}"]},
+                              {"name": "d", "ports": [{"port": 53, "protocol": "UDP"}],
+                               "endpoints": [f"127.0.0.1:{udp_port}"]}])
     async with running_uproxy(services, "--bind-range", "127.77.0.0/16",
                               "--shutdown-grace", "5s") as up:
         address = up.address("default/s")
         reader, writer = await asyncio.open_connection(*address)
         writer.write(b"one")
         assert await reader.readexactly(5) == b"b:one"
+        await udp_exchange(up.address("default/d", "", "UDP"))  # a UDP session stays open
+        caplog.set_level(logging.INFO, logger="uproxy")
         up.parts.stop.set()
         await asyncio.sleep(0.3)
         assert not up.task.done()  # waiting for our connection to finish
@@ -71,6 +80,7 @@ async def test_shutdown_drains_open_connections(tmp_path: Path, backends: Backen
         assert await reader.readexactly(5) == b"b:two"
         writer.close()
         await asyncio.wait_for(up.task, 3)
+    assert "draining 1 TCP connection and 1 UDP session for up to 5.0s" in caplog.messages
 
 
 async def test_grace_period_bounds_the_drain(tmp_path: Path, backends: Backends) -> None:

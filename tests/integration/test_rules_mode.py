@@ -68,6 +68,12 @@ async def test_listeners_open_before_rules_and_close_after(
         for portal in rules.portals:
             assert portal.proxy_ip == "127.0.0.1"
             assert await tcp_exchange((portal.proxy_ip, portal.proxy_port)) == b"b:ping"
+        # The table says where clients go (the cluster IP) and where rules bring them.
+        proxy = {str(p.frontend.name): f"127.0.0.1:{p.proxy_port}" for p in rules.portals}
+        assert up.tables[-1].splitlines() == [
+            f"default/a  80/tcp  ->  198.18.1.1:80  (1 endpoint, proxy {proxy['default/a']})",
+            f"default/b  80/tcp  ->  198.18.1.2:80  (1 endpoint, proxy {proxy['default/b']})",
+        ]
 
         write_services(services, [_service("a", "198.18.1.1", port)])
         await up.reload()

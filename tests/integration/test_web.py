@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.unit.test_status import DNS, WEB, Clock, FakeProxier, FakeRunner, FakeTracker
+from uproxy.logs import TextFormatter
 from uproxy.metrics import Metrics
 from uproxy.model import ServicePortName
 from uproxy.web import WebBindError, WebServer, WebState, start_web
@@ -312,6 +313,9 @@ async def test_port_zero_picks_a_port_and_logs_it(
         messages = [r.getMessage() for r in caplog.records]
         assert f"healthz listening on http://127.0.0.1:{healthz.port}" in messages
         assert f"metrics listening on http://127.0.0.1:{metrics.port}" in messages
+        # The text line says the address once (it used to repeat it as url=...).
+        lines = [TextFormatter().format(r) for r in caplog.records]
+        assert all(line.count("http://") == 1 for line in lines if "listening" in line)
         async with http.get(healthz.url + "/healthz") as response:
             assert response.status == 200
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -355,7 +356,7 @@ def test_fast_construction_builds_what_safe_load_builds(text: str) -> None:
     while loader.check_node():
         node = loader.get_node()
         assert node is not None
-        documents.append(file_module._construct(loader, node))
+        documents.append(file_module._construct(loader, node, {}))
 
     assert documents == list(yaml.safe_load_all(text))
 
@@ -364,7 +365,8 @@ def test_fast_construction_builds_what_safe_load_builds(text: str) -> None:
     ("text", "expected"),
     [
         ("? [1, 2]\n: g\n", "{p}:1: invalid YAML: found unhashable key"),
-        ("&a [*a]\n", "{p}: invalid YAML: nested too deeply or recursive"),
+        ("&a [*a]\n", "{p}:1: invalid YAML: an alias refers to itself"),
+        ("a: &a {b: [1, *a]}\n", "{p}:1: invalid YAML: an alias refers to itself"),
         ("a: !foo 1\n", "{p}:1: invalid YAML: could not determine a constructor for the tag "
          "'!foo'"),
     ],
@@ -394,3 +396,43 @@ def test_json_in_a_yaml_named_file_loads_like_yaml(tmp_path: Path) -> None:
     as_json.write_text(json.dumps(document, indent=1))
     with pytest.raises(SourceFileError, match=r"a\.yaml:\d+: .*port"):
         load_services_file(as_json)
+
+
+# A "billion laughs": 9 levels of 9 aliases, 342 bytes, ~490 million nodes expanded.
+ALIAS_BOMB = "a: &a [" + ",".join(['"lol"'] * 9) + "]\n" + "".join(
+    f"{name}: &{name} [{','.join([f'*{previous}'] * 9)}]\n"
+    for previous, name in zip("abcdefgh", "bcdefghi", strict=True))
+
+
+def test_an_alias_bomb_is_refused_at_once_in_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "bomb.yaml", ALIAS_BOMB)
+    assert len(ALIAS_BOMB) < 400
+
+    started = time.process_time()
+    message = load_error(path)
+
+    assert time.process_time() - started < 5  # was: minutes and gigabytes
+    assert message.startswith(f"{path}:1: YAML aliases expand this document to 490329064 "
+                              "nodes from 28 written")
+    assert "\n" not in message
+
+
+def test_anchors_that_share_a_little_are_fine(tmp_path: Path) -> None:
+    path = write(tmp_path, "shared.yaml", """\
+services:
+  - name: web
+    ports: &ports [{name: http, port: 80, targetPort: 8080}]
+    endpoints: &pods [127.0.0.1, 127.0.0.2]
+  - name: web2
+    ports: *ports
+    endpoints: *pods
+""")
+    services, _ = load_services_file(path)
+    assert [str(key) for key in services] == ["default/web", "default/web2"]
+
+
+def test_a_file_over_the_size_limit_is_refused_unread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(file_module, "MAX_FILE_BYTES", 10)
+    path = write(tmp_path, "big.yaml", "services: []\n")
+    assert load_error(path) == f"{path}: 13 bytes, more than the 10 a services file may have"

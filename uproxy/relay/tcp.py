@@ -150,6 +150,8 @@ def reset_close(sock: Sock) -> None:
 class TcpServer:
     """Serves one bound, listening TCP socket for one service port."""
 
+    protocol = "TCP"
+
     def __init__(
         self,
         sock: socket.socket,

@@ -110,6 +110,8 @@ class _Listener(asyncio.DatagramProtocol):
 class UdpServer:
     """Serves one bound UDP socket for one service port."""
 
+    protocol = "UDP"
+
     def __init__(
         self,
         sock: socket.socket,

@@ -52,6 +52,15 @@ _RACY_NS = 100_000_000  # file timestamps tick coarsely (a jiffy); 100 ms is wel
 # `- [fd00::1]:8080` unquoted is a YAML flow sequence followed by junk
 _UNQUOTED_V6 = re.compile(r"(^|[\s,\[])\[[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]:\d")
 
+# A file larger than this is refused before it is read (a kubectl dump of
+# 10k services is ~30 MB).
+MAX_FILE_BYTES = 256 * 1024 * 1024
+# YAML aliases let a few hundred bytes stand for billions of nodes. A document
+# may expand to at most this many times the nodes it was written with, plus
+# the allowance (Kubernetes' YAML decoder refuses "excessive aliasing" too).
+MAX_ALIAS_EXPANSION = 10
+ALIAS_ALLOWANCE = 10_000
+
 # libyaml is much faster on big `kubectl get -A` dumps and keeps node marks too.
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -136,6 +145,10 @@ class _Document:
 def _documents(file: Path) -> list[_Document]:
     """The non-empty documents of a file."""
     try:
+        size = file.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise SourceFileError(f"{file}: {size} bytes, more than the {MAX_FILE_BYTES} "
+                                  "a services file may have")
         raw = file.read_bytes()
     except OSError as error:
         raise SourceFileError(f"{file}: cannot read: {error.strerror or error}") from None
@@ -166,7 +179,9 @@ def _documents(file: Path) -> list[_Document]:
     try:
         while loader.check_node():
             node = loader.get_node()
-            data = None if node is None else _construct(loader, node)
+            if node is not None:
+                _check_expansion(file, node)
+            data = None if node is None else _construct(loader, node, {})
             if node is not None and data is not None:  # an empty document between two '---'
                 documents.append(_Document(file, data, node))
     except yaml.MarkedYAMLError as error:
@@ -196,22 +211,69 @@ _SEQ = "tag:yaml.org,2002:seq"
 _MERGE = "tag:yaml.org,2002:merge"
 
 
-def _construct(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+def _check_expansion(file: Path, root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand it far beyond what was written.
+
+    Composing is linear (an alias is the very node it names); what would
+    explode is walking the data. Each node's expanded size is counted once
+    (memoised by identity), so this costs one pass over the written nodes.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()  # the nodes on the way down: meeting one again is a cycle
+
+    def expanded(node: yaml.Node) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        if id(node) in active:
+            line = node.start_mark.line + 1 if node.start_mark is not None else 1
+            raise SourceFileError(f"{file}:{line}: invalid YAML: an alias refers to itself")
+        active.add(id(node))
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(expanded(item) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(expanded(key) + expanded(value) for key, value in node.value)
+        active.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    total = expanded(root)
+    limit = ALIAS_ALLOWANCE + MAX_ALIAS_EXPANSION * len(sizes)
+    if total > limit:
+        line = root.start_mark.line + 1 if root.start_mark is not None else 1
+        raise SourceFileError(
+            f"{file}:{line}: YAML aliases expand this document to {total} nodes from "
+            f"{len(sizes)} written (at most {limit}); refused, as an alias bomb would be")
+
+
+def _construct(loader: yaml.SafeLoader, node: yaml.Node, built: dict[int, Any]) -> Any:
     """Python data for a node: what SafeLoader builds, about 20x faster.
 
     PyYAML's constructor is pure Python and took most of the time on a large
     `kubectl get -A -o yaml`; the plain tags kubectl writes are built here, and
     anything else (timestamps, merge keys, odd keys) is left to the constructor.
+    A node (an anchor and its aliases) is built once and shared, as PyYAML
+    does: `built` maps node identity to its data.
     """
     tag = node.tag
     if tag == _STR:
         return node.value
+    known = built.get(id(node))
+    if known is not None:
+        return known
+    data: Any
     if tag == _MAP and all(
         isinstance(key, yaml.ScalarNode) and key.tag != _MERGE for key, _ in node.value
     ):
-        return {_construct(loader, key): _construct(loader, value) for key, value in node.value}
+        data = built[id(node)] = {}
+        for key, value in node.value:
+            data[_construct(loader, key, built)] = _construct(loader, value, built)
+        return data
     if tag == _SEQ:
-        return [_construct(loader, item) for item in node.value]
+        data = built[id(node)] = []
+        data.extend(_construct(loader, item, built) for item in node.value)
+        return data
     if tag == _INT and node.value.isdigit() and (node.value[0] != "0" or node.value == "0"):
         return int(node.value)
     if tag == _NULL:
@@ -396,6 +458,7 @@ class FileSource:
         self._seen: Fingerprint | None = None  # fingerprint before the last load attempt
         self._recheck = False  # the last load was racy: load once more at the next poll
         self._last_error: str | None = None
+        self._failed_at: Fingerprint | None = None  # the file as it was at that error
         self._last_warnings: list[str] = []
         self._reload_requested = asyncio.Event()
 
@@ -454,18 +517,25 @@ class FileSource:
                 load_services_file, self.path, warnings.append)
         except SourceFileError as error:
             message = str(error)
-            if recheck and message == self._last_error:
-                return synced  # the same bad file again; said once already
-            self._last_error = message
+            if message == self._last_error and seen == self._failed_at:
+                # The same bad file again (a recheck, a SIGHUP): said once already.
+                if not recheck:
+                    log.info("services file %s is unchanged and still not loaded (the error "
+                             "above); the last good state keeps serving", self.path)
+                return synced
+            self._last_error, self._failed_at = message, seen
             log.error("%s", message)
             sink.on_source_error(SOURCE_NAME, message)
             return synced
-        self._last_error = None
+        recovered = self._last_error is not None
+        self._last_error = self._failed_at = None
         self._warn(warnings, recheck=recheck)
         changes = self._report(sink, services, slices)
         if synced:
-            if changes:
-                log.info("services file %s reloaded: %d changes", self.path, changes)
+            if changes or recovered:
+                log.info("services file %s %s: %s", self.path,
+                         "loads again" if recovered else "reloaded",
+                         describe_changes(changes) if changes else "no changes")
             return True
         sink.on_synced(SOURCE_NAME)
         return True
@@ -477,6 +547,37 @@ class FileSource:
                 log.warning("%s", warning)
         self._last_warnings = warnings
 
-    def _report(self, sink: SourceSink, services: Services, slices: Slices) -> int:
-        changes = replace_all(self._reported_services, services, sink.on_service)
-        return changes + replace_all(self._reported_slices, slices, sink.on_slice)
+    def _report(self, sink: SourceSink, services: Services, slices: Slices) -> ServiceChanges:
+        """Report what differs; what happened to each service, by name."""
+        changes: ServiceChanges = {}
+
+        def on_service(previous: Service | None, current: Service | None) -> None:
+            sink.on_service(previous, current)
+            known = previous or current
+            assert known is not None
+            changes[known.key] = ("added" if previous is None else
+                                  "removed" if current is None else "changed")
+
+        def on_slice(previous: EndpointSlice | None, current: EndpointSlice | None) -> None:
+            sink.on_slice(previous, current)
+            known = previous or current
+            assert known is not None
+            changes.setdefault(known.service, "changed")
+
+        replace_all(self._reported_services, services, on_service)
+        replace_all(self._reported_slices, slices, on_slice)
+        return changes
+
+
+ServiceChanges = dict[ObjectName, str]  # service -> "added" | "changed" | "removed"
+
+
+def describe_changes(changes: ServiceChanges, shown: int = 5) -> str:
+    """`default/web added, default/db removed`; past `shown` names, counts per kind."""
+    if len(changes) <= shown:
+        return ", ".join(f"{name} {what}" for name, what in sorted(changes.items()))
+    counts: dict[str, int] = {}
+    for what in changes.values():
+        counts[what] = counts.get(what, 0) + 1
+    return ", ".join(f"{count} service{'s' if count != 1 else ''} {what}"
+                     for what, count in sorted(counts.items()))
