@@ -218,7 +218,7 @@ async def start_web_servers(parts: Parts) -> list[WebServer]:
     try:
         for bind, kind in ((settings.web.healthz_bind, "healthz"),
                            (settings.web.metrics_bind, "metrics")):
-            server = await start_web(bind, kind, state)  # type: ignore[arg-type]
+            server = await start_web(bind, kind, state)  # type: ignore[arg-type]  # Literal
             if server is not None:
                 servers.append(server)
     except WebBindError as error:

@@ -1,32 +1,18 @@
-"""`uproxy demo`: a cluster-in-a-box on loopback.
-
-Starts small backends on 127.0.0.1 (two HTTP servers behind one service, a
-TCP echo, a UDP echo), writes a services file for them from the bundled
-example, and runs uproxy on it in laptop mode, printing what to try.
-Everything stays on loopback; Ctrl-C stops it all.
+"""The demo's backends: small servers on 127.0.0.1 (two HTTP servers behind
+one service, a TCP echo, a UDP echo) and a services file for them, written
+from the bundled example. `uproxy demo` (uproxy.commands.demo) proxies them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import os
-import sys
-import tempfile
 import typing
-from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-DEMO_DEFAULTS = [
-    "--bind-range", "127.77.0.0/16",
-    "--healthz-bind-address", "127.0.0.1:10256",
-    "--metrics-bind-address", "127.0.0.1:10249",
-]
 
 
 class _Http(asyncio.Protocol):
@@ -107,73 +93,3 @@ def write_services_file(folder: Path, endpoints: dict[str, list[str]]) -> Path:
     path = folder / "services.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
-
-
-def hints(table: str) -> str:
-    lines = ["", "try:"]
-    for row in table.splitlines():
-        parts = row.split()
-        if len(parts) < 4 or "->" not in parts:
-            continue
-        name, port_proto, address = parts[0], parts[1], parts[parts.index("->") + 1]
-        host, _, port = address.rpartition(":")
-        if name.endswith("/web"):
-            lines.append(f"  curl http://{address}/            # {name}: round-robin over 2 pods")
-        elif port_proto.endswith("/udp"):
-            lines.append(f"  echo hi | nc -u -w1 {host} {port}     # {name}: UDP echo")
-        else:
-            lines.append(f"  echo hi | nc -q1 {host} {port}        # {name}: TCP echo")
-    lines.append("  open http://127.0.0.1:10249/status      # the live status page")
-    lines.append("Ctrl-C stops the demo.\n")
-    return "\n".join(lines)
-
-
-async def _demo(argv: Sequence[str]) -> int:
-    from uproxy import app
-    from uproxy.cli import parse_settings
-
-    endpoints, closers = await start_backends()
-    with tempfile.TemporaryDirectory(prefix="uproxy-demo-") as folder:
-        path = write_services_file(Path(folder), endpoints)
-        settings, _ = parse_settings(["--services", str(path), *DEMO_DEFAULTS, *argv])
-        printed = False
-
-        def show(table: str) -> None:
-            nonlocal printed
-            app.print_table(table)
-            if not printed:
-                printed = True
-                print(hints(table), flush=True)
-
-        print(f"uproxy demo: backends on 127.0.0.1, services file {path}", flush=True)
-        parts = app.build(settings, table_writer=show)
-        try:
-            await app.run(parts)
-        finally:
-            for closer in closers:
-                closer.close()
-    return 0
-
-
-def demo_main(argv: Sequence[str]) -> int:
-    from uproxy import app
-    from uproxy.cli import UsageError
-    from uproxy.logs import setup_logging
-
-    setup_logging("text", 0)
-    if os.environ.get("UPROXY_NO_UVLOOP") != "1":
-        import uvloop
-
-        uvloop.install()
-    try:
-        return asyncio.run(_demo(argv))
-    except UsageError as error:
-        print(f"uproxy demo: error: {error}", file=sys.stderr)
-        return 2
-    except app.StartupError as error:
-        print(f"uproxy demo: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        with contextlib.suppress(Exception):
-            print("stopped", file=sys.stderr)
-        return 0

@@ -90,7 +90,12 @@ def parse_port_range(text: str) -> PortRange:
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
-    """'HOST:PORT' or '[V6]:PORT' -> (host, port); port 0 allowed (pick one)."""
+    """'HOST:PORT' or '[V6]:PORT' -> (host, port); port 0 allowed (pick one).
+
+    HOST is an IP address; an empty HOST (':10249') means every IPv4 address
+    (0.0.0.0) and 'localhost' means 127.0.0.1, as a listening address given
+    to kube-proxy would.
+    """
     value = text.strip()
     if value.startswith("["):
         host, sep, port = value[1:].partition("]:")
@@ -102,10 +107,11 @@ def parse_host_port(text: str) -> tuple[str, int]:
             raise ValueError(f"{text!r} is not HOST:PORT")
     if not port.isdigit() or int(port) > 65535:
         raise ValueError(f"{text!r}: port {port!r} is not a number 0-65535")
+    if host == "localhost":
+        return "127.0.0.1", int(port)
     if host:
         try:
-            ipaddress.ip_address(host)
+            host = str(ipaddress.ip_address(host))
         except ValueError:
-            if host != "localhost":
-                raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+            raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
     return host or "0.0.0.0", int(port)

@@ -12,6 +12,7 @@ from pathlib import Path
 from uproxy.durations import PortRange
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+BindAddress = tuple[str, int]  # (IP, port); port 0: the OS picks one
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ class SyncSettings:
 
 @dataclass(frozen=True)
 class WebSettings:
-    healthz_bind: str = "0.0.0.0:10256"  # "" disables
-    metrics_bind: str = "127.0.0.1:10249"  # "" disables
+    healthz_bind: BindAddress | None = ("0.0.0.0", 10256)  # None: disabled
+    metrics_bind: BindAddress | None = ("127.0.0.1", 10249)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import json
 import logging
 import socket
@@ -29,6 +28,8 @@ from typing import Any, Literal
 from aiohttp import web
 
 from uproxy.metrics import Metrics
+from uproxy.model import format_hostport
+from uproxy.settings import BindAddress
 from uproxy.status import RunnerView, StatusInputs, TrackerView, build_status, sources_ready
 
 log = logging.getLogger(__name__)
@@ -83,33 +84,13 @@ class WebServer:
         await self.runner.cleanup()
 
 
-def parse_bind(bind: str, flag: str) -> tuple[str, int]:
-    """'HOST:PORT' or '[V6]:PORT' -> (host, port); one-line error naming the flag."""
-    host, sep, port_text = bind.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        if not sep or not host:
-            raise ValueError
-        ipaddress.ip_address(host)
-        port = int(port_text)
-        if not 0 <= port <= 65535:
-            raise ValueError
-    except ValueError:
-        raise WebBindError(
-            f"{flag} {bind}: expected IP:PORT (e.g. 127.0.0.1:10249, [::1]:0; "
-            "port 0 picks one, empty disables)"
-        ) from None
-    return host, port
-
-
-async def start_web(bind: str, kind: Kind, state: WebState) -> WebServer | None:
-    """Serve `kind` on `bind`; None when `bind` is empty. Raises WebBindError."""
-    if not bind:
+async def start_web(bind: BindAddress | None, kind: Kind,
+                    state: WebState) -> WebServer | None:
+    """Serve `kind` on `bind` (IP, port); None when `bind` is None. Raises WebBindError."""
+    if bind is None:
         return None
-    flag = FLAGS[kind]
-    host, port = parse_bind(bind, flag)
-    sock = _listen(host, port, bind, flag)
+    host, port = bind
+    sock = _listen(host, port, format_hostport(host, port), FLAGS[kind])
     app = healthz_app(state) if kind == "healthz" else metrics_app(state)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     try:

@@ -50,6 +50,7 @@ from typing import Any
 
 from uproxy import reuseport
 from uproxy.balancer import Balancer
+from uproxy.eventloop import install_uvloop
 from uproxy.listeners import IP_FREEBIND, open_socket
 from uproxy.model import Endpoint, ServicePortName
 from uproxy.relay.base import Picker
@@ -739,10 +740,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     # orders the shutdown and owns reloading.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    if os.environ.get("UPROXY_NO_UVLOOP") != "1":
-        import uvloop
-
-        uvloop.install()
+    install_uvloop()
     asyncio.run(_run_worker(args.index, args.channel_fd, config))
     return 0
 

@@ -91,7 +91,7 @@ async def server(proxier: FakeProxier) -> AsyncIterator[WebServer]:
     runner = FakeRunner(last_success=0.0, syncs=1)
     state = WebState(proxier, runner, FakeTracker({"file"}), {"file"}, 30.0,
                      monotonic=lambda: 1.0)
-    web = await start_web("127.0.0.1:0", "metrics", state)
+    web = await start_web(("127.0.0.1", 0), "metrics", state)
     assert web is not None
     yield web
     await web.close()

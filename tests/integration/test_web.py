@@ -55,7 +55,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 async def metrics_server(world: World) -> AsyncIterator[WebServer]:
-    server = await start_web("127.0.0.1:0", "metrics", world.state)
+    server = await start_web(("127.0.0.1", 0), "metrics", world.state)
     assert server is not None
     yield server
     await server.close()
@@ -63,7 +63,7 @@ async def metrics_server(world: World) -> AsyncIterator[WebServer]:
 
 @pytest.fixture
 async def healthz_server(world: World) -> AsyncIterator[WebServer]:
-    server = await start_web("127.0.0.1:0", "healthz", world.state)
+    server = await start_web(("127.0.0.1", 0), "healthz", world.state)
     assert server is not None
     yield server
     await server.close()
@@ -305,8 +305,8 @@ async def test_port_zero_picks_a_port_and_logs_it(
     world: World, caplog: pytest.LogCaptureFixture, http: aiohttp.ClientSession
 ) -> None:
     caplog.set_level(logging.INFO, logger="uproxy.web")
-    healthz = await start_web("127.0.0.1:0", "healthz", world.state)
-    metrics = await start_web("127.0.0.1:0", "metrics", world.state)
+    healthz = await start_web(("127.0.0.1", 0), "healthz", world.state)
+    metrics = await start_web(("127.0.0.1", 0), "metrics", world.state)
     assert healthz is not None and metrics is not None
     try:
         assert healthz.port != 0 and metrics.port != 0 and healthz.port != metrics.port
@@ -324,7 +324,7 @@ async def test_port_zero_picks_a_port_and_logs_it(
 
 
 async def test_ipv6_loopback_bind(world: World, http: aiohttp.ClientSession) -> None:
-    server = await start_web("[::1]:0", "metrics", world.state)
+    server = await start_web(("::1", 0), "metrics", world.state)
     assert server is not None
     try:
         assert server.url.startswith("http://[::1]:")
@@ -335,7 +335,7 @@ async def test_ipv6_loopback_bind(world: World, http: aiohttp.ClientSession) -> 
 
 
 async def test_empty_address_disables_the_server(world: World) -> None:
-    assert await start_web("", "metrics", world.state) is None
+    assert await start_web(None, "metrics", world.state) is None
 
 
 async def test_port_in_use_is_one_clear_error(world: World) -> None:
@@ -344,14 +344,8 @@ async def test_port_in_use_is_one_clear_error(world: World) -> None:
         taken.listen(1)
         port = taken.getsockname()[1]
         with pytest.raises(WebBindError) as caught:
-            await start_web(f"127.0.0.1:{port}", "healthz", world.state)
+            await start_web(("127.0.0.1", port), "healthz", world.state)
     assert str(caught.value) == f"--healthz-bind-address 127.0.0.1:{port}: address already in use"
-
-
-@pytest.mark.parametrize("bind", ["localhost:80", "127.0.0.1", "127.0.0.1:70000", ":10249"])
-async def test_malformed_address_names_the_flag(world: World, bind: str) -> None:
-    with pytest.raises(WebBindError, match=rf"^--metrics-bind-address {bind}: expected IP:PORT"):
-        await start_web(bind, "metrics", world.state)
 
 
 async def test_scrape_in_slices_sees_every_port_as_the_plain_exposition_does(

@@ -18,8 +18,8 @@ def test_defaults_match_the_design() -> None:
     assert settings.source.kind == "file"
     assert settings.listeners.udp_timeout == 30
     assert settings.sync.sync_period == 30 and settings.sync.min_sync_period == 1
-    assert settings.web.healthz_bind == "0.0.0.0:10256"
-    assert settings.web.metrics_bind == "127.0.0.1:10249"
+    assert settings.web.healthz_bind == ("0.0.0.0", 10256)
+    assert settings.web.metrics_bind == ("127.0.0.1", 10249)
     assert settings.rules.chain_prefix == "UPROXY"
     assert settings.rules_backend == "iptables"
     assert settings.shutdown_grace == 10
@@ -29,6 +29,12 @@ def test_laptop_mode_resolves_rules_to_none() -> None:
     settings, _ = parse_settings(["--services", "s.yaml", "--bind-range", "127.77.0.0/16"])
     assert settings.listeners.bind_range == ipaddress.ip_network("127.77.0.0/16")
     assert settings.rules_backend == "none"
+    # A laptop does not open its health port to its network; a flag still wins.
+    assert settings.web.healthz_bind == ("127.0.0.1", 10256)
+    assert settings.web.metrics_bind == ("127.0.0.1", 10249)
+    settings, _ = parse_settings(["--services", "s.yaml", "--bind-range", "127.77.0.0/16",
+                                  "--healthz-bind-address", "0.0.0.0:10256"])
+    assert settings.web.healthz_bind == ("0.0.0.0", 10256)
 
 
 def test_kube_proxy_flag_names_are_accepted() -> None:
@@ -55,7 +61,11 @@ def test_kube_proxy_flag_names_are_accepted() -> None:
         (["--min-sync-period", "1m", "--sync-period", "30s"], "--min-sync-period: must not"),
         (["--services", "x", "--master", "http://127.0.0.1:1"], "--services: cannot be combined"),
         (["--bind-range", "127.77.0.0/16", "--rules", "nft"], "--rules nft: laptop mode"),
-        (["--healthz-bind-address", "10256"], "--healthz-bind-address"),
+        (["--healthz-bind-address", "10256"], "--healthz-bind-address: '10256' is not HOST:PORT"),
+        (["--metrics-bind-address", "example:80"],
+         "--metrics-bind-address: 'example:80': 'example' is not an IP address"),
+        (["--metrics-bind-address", "127.0.0.1:70000"],
+         "--metrics-bind-address: '127.0.0.1:70000': port '70000' is not a number 0-65535"),
         (["--workers", "0"], "--workers"),
         (["--chain-prefix", "a b"], "--chain-prefix"),
         (["--rules", "ipvs"], "--rules"),
@@ -75,14 +85,44 @@ def test_main_prints_one_line_and_exits_2(capsys: pytest.CaptureFixture[str]) ->
 
 def test_empty_web_address_disables_the_server() -> None:
     settings, _ = parse_settings(["--healthz-bind-address", "", "--metrics-bind-address", ""])
-    assert settings.web.healthz_bind == "" and settings.web.metrics_bind == ""
+    assert settings.web.healthz_bind is None and settings.web.metrics_bind is None
+
+
+@pytest.mark.parametrize(("text", "bind"), [
+    ("localhost:10249", ("127.0.0.1", 10249)), (":10249", ("0.0.0.0", 10249)),
+    ("[::1]:0", ("::1", 0)), ("[::]:10256", ("::", 10256)),
+])
+def test_web_addresses_are_parsed_once_into_settings(text: str, bind: tuple[str, int]) -> None:
+    settings, _ = parse_settings(["--metrics-bind-address", text])
+    assert settings.web.metrics_bind == bind
 
 
 def test_help_is_grouped() -> None:
     text = build_parser().format_help()
     for group in ("source", "listeners", "kernel rules", "sync", "observability", "lifecycle"):
         assert f"\n{group}" in text
-    assert "uproxy explain" in text and "uproxy demo" in text
+    assert "explain" in text and "demo" in text
+
+
+@pytest.mark.parametrize(("command", "says"), [
+    ("demo", "Start small backends on 127.0.0.1"),
+    ("explain", "--services PATH       the services file or folder to explain"),
+])
+def test_each_subcommand_has_its_own_help(command: str, says: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: uproxy {command} ") and says in text
+
+
+@pytest.mark.parametrize("argv", [["--udp-timeout", "-1s"], ["--shutdown-grace", "-5s"]])
+def test_a_negative_value_is_judged_as_a_value(argv: list[str],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"uproxy: error: {argv[0]}: '{argv[1]}' is not a duration")
 
 
 def test_python_dash_m_runs_the_cli() -> None:

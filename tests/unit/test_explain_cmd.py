@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from uproxy.explain_cmd import explain_main
+from uproxy.cli import main
+
+
+def explain_main(argv: list[str]) -> int:
+    return main(["explain", *argv])
 
 SERVICES = """\
 services:

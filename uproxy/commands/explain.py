@@ -1,0 +1,87 @@
+"""`uproxy explain --services F [--rules B] [--compare]`: print what uproxy
+would do for a services file, without root and without touching the kernel.
+
+Proxy ports are assigned in order from the start of --proxy-port-range (or
+from 30000), so the output is the same on every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from uproxy.commands.arguments import (
+    RULE_BACKENDS,
+    UsageError,
+    chain_prefix,
+    ip,
+    typed,
+)
+from uproxy.durations import PortRange, parse_port_range
+from uproxy.model import DesiredPort
+from uproxy.rules.base import Portal
+
+DEFAULT_PORTS = PortRange(30000, 32767)
+DESCRIPTION = ("Print the rules a backend would install for a services file and the path a "
+               "packet takes to each service port. Needs no root; touches nothing.")
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    """The `explain` subcommand on the main parser's subparsers."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "explain", help="print the rules and packet paths for a services file",
+        description=DESCRIPTION)
+    parser.add_argument("--services", metavar="PATH", type=Path, required=True,
+                        help="the services file or folder to explain")
+    parser.add_argument("--rules", choices=[b for b in RULE_BACKENDS if b != "auto"],
+                        default="iptables", help="the rule backend to render (default iptables)")
+    parser.add_argument("--chain-prefix", metavar="NAME", default="UPROXY", type=chain_prefix,
+                        help="prefix of uproxy's chains (nft: the table name, lower-cased)")
+    parser.add_argument("--bind-address", metavar="IP", default="0.0.0.0",
+                        type=typed("--bind-address", ip),
+                        help="the listeners' address, as uproxy --bind-address (default 0.0.0.0)")
+    parser.add_argument("--proxy-port-range", metavar="RANGE", default=DEFAULT_PORTS,
+                        type=typed("--proxy-port-range", parse_port_range),
+                        help="proxy ports are given out in order from its start "
+                             "(default 30000-32767)")
+    parser.add_argument("--hostname-override", metavar="NAME", default="",
+                        help="this node's name, for traffic policy Local")
+    parser.add_argument("--compare", action="store_true",
+                        help="also print what kube-proxy's iptables and IPVS modes would program")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def assign_portals(ports: Sequence[DesiredPort], bind_address: str,
+                   port_range: PortRange) -> list[Portal]:
+    portals = []
+    for index, port in enumerate(sorted(ports, key=lambda p: p.name)):
+        if index >= port_range.size:
+            raise UsageError(f"--proxy-port-range {port_range}: too small for {len(ports)} ports")
+        wants_v6 = any(":" in ip for ip in port.frontend.addresses)
+        address = "::" if wants_v6 and bind_address == "0.0.0.0" else bind_address
+        portals.append(Portal(port.frontend, address, port_range.first + index))
+    return portals
+
+
+def run(args: argparse.Namespace) -> int:
+    from uproxy.explain import explain
+    from uproxy.planner import desired_state
+    from uproxy.rules.select import make_rules
+    from uproxy.sources.file import SourceFileError, load_services_file
+
+    try:
+        services, slices = load_services_file(args.services)
+    except SourceFileError as error:
+        print(f"uproxy explain: error: {error}", file=sys.stderr)
+        return 1
+    state = desired_state(services, slices, node_name=args.hostname_override or None)
+    ports = sorted(state.ports.values(), key=lambda p: p.name)
+    portals = assign_portals(ports, args.bind_address, args.proxy_port_range)
+    rules = make_rules(args.rules, args.chain_prefix, laptop_mode=args.rules == "none",
+                       render_only=True)
+    sys.stdout.write(explain(ports, portals, rules, compare=args.compare))
+    return 0
