@@ -82,6 +82,9 @@ def explain_paths(ports: Sequence[DesiredPort], portals: Sequence[Portal], rules
         entries = portal_entries([portal])
         if rules.name == "none":
             lines.append(f"  clients connect to {_listener(portal)} directly")
+        if not entries and rules.name != "none":
+            lines.append("  no clusterIP, node port, external or load-balancer IP: no rule "
+                         "steers traffic here (laptop mode, --bind-range, gives it an IP)")
         for entry in entries:
             target = (f"{entry.address}:{entry.port}" if entry.kind == "portal"
                       else f"node port {entry.port} on any local address")
@@ -189,7 +192,11 @@ def explain(
     compare: bool = False,
 ) -> str:
     """The rules `rules` would install, the path per service port, and optionally kube-proxy's."""
-    parts = [
+    unaddressed = sorted({str(p.name.service) for p in ports if not p.frontend.cluster_ips})
+    parts = [f"# No clusterIP: {', '.join(unaddressed)} (rules mode installs no portal for "
+             "a service without one; laptop mode gives each service an IP from --bind-range)",
+             ""] if unaddressed else []
+    parts += [
         f"# Rules the {rules.name} backend installs",
         rules.render(portals).rstrip("\n"),
         "",

@@ -65,3 +65,25 @@ def test_a_missing_services_file_is_one_line_exit_1(
     assert explain_main(["--services", str(tmp_path / "none.yaml")]) == 1
     assert capsys.readouterr().err == (f"uproxy explain: error: {tmp_path / 'none.yaml'}: "
                                        "cannot read: No such file or directory\n")
+
+
+@pytest.mark.parametrize(("backend", "ipv6"), [("nft", "table ip6 uproxy"),
+                                               ("iptables", "ip6tables-restore")])
+def test_an_ipv4_only_file_gets_no_ipv6_rules(
+        services: Path, backend: str, ipv6: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert explain_main(["--services", str(services), "--rules", backend]) == 0
+    out = capsys.readouterr().out
+    assert ipv6 not in out
+    assert "No clusterIP" not in out
+
+
+def test_services_without_a_cluster_ip_are_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "services.yaml"
+    path.write_text("services:\n  - name: web\n    ports: [{port: 80}]\n"
+                    "    endpoints: [127.0.0.1]\n")
+    assert explain_main(["--services", str(path), "--rules", "nft"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# No clusterIP: default/web (rules mode installs no portal")
+    assert "# no portals: nothing is installed" in out
+    assert "default/web 80/TCP -> listener 0.0.0.0:30000\n  no clusterIP, node port" in out

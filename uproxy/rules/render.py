@@ -608,18 +608,27 @@ def render_nft_diff(
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+NOTHING_TO_INSTALL = "# no portals: nothing is installed\n"
+
+
 def render_nft(portals: Sequence[Portal], prefix: str) -> str:
+    """The tables the nft backend makes: one per family that has portals."""
     entries = portal_entries(portals)
     out = [f"# {note}\n" for note in skipped(portals)]
     for family in FAMILIES:
-        out.append(render_nft_table([e for e in entries if e.family == family], prefix, family))
-    return "".join(out)
+        mine = [e for e in entries if e.family == family]
+        if mine:
+            out.append(render_nft_table(mine, prefix, family))
+    return "".join(out) if entries else "".join(out) + NOTHING_TO_INSTALL
 
 
 def render_iptables(portals: Sequence[Portal], prefix: str) -> str:
+    """The restores the iptables backend sends: one per family that has portals."""
     entries = portal_entries(portals)
     out = [f"# {note}\n" for note in skipped(portals)]
     for family, tool in ((4, "iptables-restore"), (6, "ip6tables-restore")):
-        out.append(f"# {tool} --noflush -w\n")
-        out.append(render_restore([e for e in entries if e.family == family], prefix))
-    return "".join(out)
+        mine = [e for e in entries if e.family == family]
+        if mine:
+            out.append(f"# {tool} --noflush -w\n")
+            out.append(render_restore(mine, prefix))
+    return "".join(out) if entries else "".join(out) + NOTHING_TO_INSTALL
