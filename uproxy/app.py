@@ -68,12 +68,13 @@ def make_source(settings: Settings) -> Source:
         from uproxy.sources.file import FileSource
 
         return FileSource(settings.source.services_path)
-    from uproxy.sources.kube import KubeSource
+    from uproxy.sources.kube import KubeSource, label_selector
 
     return KubeSource(
         kubeconfig=settings.source.kubeconfig,
         master=settings.source.master,
         namespaces=settings.source.namespaces,
+        label_selector=label_selector(settings.source.service_proxy_name),
     )
 
 
@@ -128,6 +129,7 @@ def build(
         required_sources=(source.name,),
         node_ports=NodePortReservations() if rules.name not in ("none", "fake") else None,
         node_name=settings.source.node_name,
+        proxy_name=settings.source.service_proxy_name,
         chain_prefix=settings.rules.chain_prefix,
         table_writer=table_writer,
     )

@@ -55,12 +55,20 @@ class Plan:
         return not (self.added or self.updated or self.removed)
 
 
-def skip_reason(service: Service) -> str | None:
-    """Why a service gets no proxying, or None when it does."""
+def skip_reason(service: Service, proxy_name: str | None = None) -> str | None:
+    """Why a service gets no proxying, or None when it does.
+
+    Without `proxy_name` (--service-proxy-name), a service labelled
+    service.kubernetes.io/service-proxy-name belongs to another proxy, as for
+    kube-proxy; with it, only services labelled with that name are ours.
+    """
     if service.type == "ExternalName":
         return "ExternalName service"
-    if SERVICE_PROXY_NAME_LABEL in service.labels:
+    label = service.labels.get(SERVICE_PROXY_NAME_LABEL)
+    if proxy_name is None and label is not None:
         return f"label {SERVICE_PROXY_NAME_LABEL} hands it to another proxy"
+    if proxy_name is not None and label != proxy_name:
+        return f"not labelled {SERVICE_PROXY_NAME_LABEL}={proxy_name}"
     if HEADLESS_LABEL in service.labels:
         return "headless service"
     if service.cluster_ips and service.cluster_ips[0] == "None":
@@ -185,16 +193,26 @@ def slices_by_service(
     return by_service
 
 
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Whose view the plan is from: this node (traffic policy Local) and the
+    proxy name this uproxy answers to (--service-proxy-name)."""
+
+    node_name: str | None = None
+    proxy_name: str | None = None
+
+
 def service_ports(
     service: Service,
     slices: Iterable[EndpointSlice],
-    node_name: str | None,
+    scope: Scope,
     ports: dict[ServicePortName, DesiredPort],
     skipped: dict[ObjectName, str],
 ) -> None:
     """Add one service's desired ports to `ports` (or why it is skipped to `skipped`)."""
     key = service.key
-    reason = skip_reason(service)
+    node_name = scope.node_name
+    reason = skip_reason(service, scope.proxy_name)
     if reason is not None:
         skipped[key] = reason
         return
@@ -226,13 +244,15 @@ def desired_state(
     slices: Mapping[ObjectName, EndpointSlice],
     *,
     node_name: str | None = None,
+    proxy_name: str | None = None,
 ) -> DesiredState:
     by_service = slices_by_service(slices.values())
     ports: dict[ServicePortName, DesiredPort] = {}
     skipped: dict[ObjectName, str] = {}
     names: dict[ObjectName, tuple[ServicePortName, ...]] = {}
+    scope = Scope(node_name, proxy_name)
     for key, service in services.items():
-        _plan_service(key, service, by_service.get(key, ()), node_name, ports, skipped, names)
+        _plan_service(key, service, by_service.get(key, ()), scope, ports, skipped, names)
     return DesiredState(ports, skipped, names)
 
 
@@ -240,14 +260,14 @@ def _plan_service(
     key: ObjectName,
     service: Service,
     slices: Iterable[EndpointSlice],
-    node_name: str | None,
+    scope: Scope,
     ports: dict[ServicePortName, DesiredPort],
     skipped: dict[ObjectName, str],
     names: dict[ObjectName, tuple[ServicePortName, ...]],
 ) -> None:
     """One service's ports into `ports`, and their names into `names`."""
     mine: dict[ServicePortName, DesiredPort] = {}
-    service_ports(service, slices, node_name, mine, skipped)
+    service_ports(service, slices, scope, mine, skipped)
     if mine:
         ports.update(mine)
         names[key] = tuple(mine)
@@ -266,6 +286,7 @@ def update_state(
     touched: Collection[ObjectName],
     *,
     node_name: str | None = None,
+    proxy_name: str | None = None,
 ) -> DesiredState:
     """`previous` with the services in `touched` planned again.
 
@@ -279,10 +300,11 @@ def update_state(
         for name in names.pop(key, ()):
             del ports[name]
     skipped = {key: why for key, why in previous.skipped.items() if key not in touched}
+    scope = Scope(node_name, proxy_name)
     for key in touched:
         service = services.get(key)
         if service is not None:
-            _plan_service(key, service, slices.get(key, ()), node_name, ports, skipped, names)
+            _plan_service(key, service, slices.get(key, ()), scope, ports, skipped, names)
     return DesiredState(ports, skipped, names)
 
 

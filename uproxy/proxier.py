@@ -54,6 +54,7 @@ class Proxier:
         balancer: Balancer,
         *,
         node_name: str = "",
+        proxy_name: str | None = None,
         chain_prefix: str = "UPROXY",
         table_writer: TableWriter | None = None,
         required_sources: tuple[str, ...] = (),
@@ -64,6 +65,7 @@ class Proxier:
         self.rules = rules
         self.balancer = balancer
         self.node_name = node_name or None
+        self.proxy_name = proxy_name
         self.chain_prefix = chain_prefix
         self.services: dict[ObjectName, Service] = {}
         self.slices: dict[ObjectName, EndpointSlice] = {}
@@ -143,7 +145,7 @@ class Proxier:
             state = update_state(
                 self._state, self.services,
                 {key: list(self._slice_index.get(key, {}).values()) for key in touched},
-                touched, node_name=self.node_name,
+                touched, node_name=self.node_name, proxy_name=self.proxy_name,
             )
             plan = diff(self.applied, state.ports, only=touched)
         self._state = state
@@ -200,7 +202,8 @@ class Proxier:
         return plan
 
     def _plan_everything(self) -> tuple[DesiredState, Plan]:
-        state = desired_state(self.services, self.slices, node_name=self.node_name)
+        state = desired_state(self.services, self.slices, node_name=self.node_name,
+                              proxy_name=self.proxy_name)
         previous = self._state
         if previous is not None and state == previous:
             # The incremental state was right (as it should be): keep its

@@ -23,6 +23,9 @@ class SourceSettings:
     namespaces: tuple[str, ...] = ()  # Kubernetes namespaces to watch; () = all
     node_name: str = ""  # --hostname-override, for traffic policy Local
     hosts_file: Path | None = None  # laptop mode: write a hosts fragment here
+    # --service-proxy-name: serve only services labelled
+    # service.kubernetes.io/service-proxy-name=NAME (None: only unlabelled ones)
+    service_proxy_name: str | None = None
 
     @property
     def kind(self) -> str:

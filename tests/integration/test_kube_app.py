@@ -13,6 +13,7 @@ import pytest
 from tests.integration.apphelpers import Backends, running_uproxy, tcp_exchange
 from tests.kubeapi import FakeKubeAPI, endpoint_slice, service
 from uproxy import app
+from uproxy.cli import parse_settings
 from uproxy.sources.kube import KubeSource
 
 LAPTOP = ("--bind-range", "127.77.0.0/16")
@@ -115,3 +116,32 @@ async def test_pod_moves_and_service_deletion_follow_the_cluster(
         await up.wait_for(lambda: not up.parts.pool.listeners)
         with pytest.raises(ConnectionRefusedError):
             await tcp_exchange(address)
+
+
+@pytest.mark.parametrize("proxy_name", [None, "uproxy"])
+async def test_service_proxy_name_chooses_the_services_beside_kube_proxy(
+    api: FakeKubeAPI, backends: Backends, proxy_name: str | None
+) -> None:
+    """Without the flag, labelled services belong to another proxy (as for
+    kube-proxy); with --service-proxy-name uproxy, only those labelled so are
+    served, and the API is asked for exactly those."""
+    port = await backends.tcp("pod")
+    for name, label in (("plain", None), ("mine", "uproxy"), ("theirs", "cilium")):
+        labels = {"service.kubernetes.io/service-proxy-name": label} if label else {}
+        api.create(service("default", name, ports=[{"name": "p", "port": 7100}], labels=labels))
+        api.create(endpoint_slice("default", f"{name}-x", name, addresses=["127.0.0.1"],
+                                  ports=[{"name": "p", "port": port}], labels=labels))
+    flags = [*LAPTOP, *(["--service-proxy-name", proxy_name] if proxy_name else [])]
+    settings, _ = parse_settings(["--master", api.url, *flags])
+    source = app.make_source(settings)
+    async with running_uproxy(None, *flags, source=source) as up:
+        await up.wait_for(lambda: len(up.parts.pool.listeners) == 1)
+        served = {str(name.service) for name in up.parts.pool.listeners}
+        assert served == ({"default/mine"} if proxy_name else {"default/plain"})
+        assert await tcp_exchange(up.address(served.pop(), "p")) == b"pod:ping"
+    selectors = {query.get("labelSelector") for _, path, query in api.requests
+                 if path.endswith(("/services", "/endpointslices"))}
+    expected = ("service.kubernetes.io/service-proxy-name=uproxy,!service.kubernetes.io/headless"
+                if proxy_name else
+                "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless")
+    assert selectors == {expected}

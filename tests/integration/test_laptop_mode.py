@@ -17,6 +17,7 @@ from tests.integration.apphelpers import (
     udp_exchange,
     write_services,
 )
+from uproxy.model import ObjectName
 
 LAPTOP = ("--bind-range", "127.77.0.0/16")
 
@@ -292,3 +293,29 @@ async def test_the_periodic_pass_keeps_an_equal_plan_and_heals_a_wrong_one(
         assert "default/two" in caplog.text
         assert proxier.desired == kept and proxier.desired is not kept
         assert await tcp_exchange(up.address("default/two")) == b"a:ping"
+
+
+async def test_service_proxy_name_applies_to_the_services_file(
+    tmp_path: Path, backends: Backends
+) -> None:
+    port = await backends.tcp("b")
+    documents = []
+    for name, label in (("plain", None), ("mine", "uproxy")):
+        labels = {"service.kubernetes.io/service-proxy-name": label} if label else {}
+        documents.append(
+            f"apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default, "
+            f"labels: {labels}}}\nspec: {{clusterIP: 198.18.0.{len(documents) + 1}, "
+            "ports: [{port: 80, targetPort: 80}]}\n---\n"
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n"
+            f"metadata: {{name: {name}-x, namespace: default, labels: "
+            f"{{kubernetes.io/service-name: {name}}}}}\n"
+            f"endpoints: [{{addresses: [127.0.0.1]}}]\nports: [{{port: {port}}}]\n")
+    services = tmp_path / "services.yaml"
+    services.write_text("---\n".join(documents))
+    async with running_uproxy(services, "--bind-range", "127.77.0.0/16",
+                              "--service-proxy-name", "uproxy") as up:
+        assert {str(name.service) for name in up.parts.pool.listeners} == {"default/mine"}
+        assert await tcp_exchange(up.address("default/mine")) == b"b:ping"
+        assert up.parts.proxier.skipped == {
+            ObjectName("default", "plain"):
+                "not labelled service.kubernetes.io/service-proxy-name=uproxy"}

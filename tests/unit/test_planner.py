@@ -96,6 +96,18 @@ def test_skip_reasons() -> None:
     assert skip_reason(service(cluster_ips=("None",))) == "headless service"
 
 
+def test_a_service_proxy_name_serves_only_services_labelled_with_it() -> None:
+    ours = service(labels={SERVICE_PROXY_NAME_LABEL: "uproxy"})
+    theirs = service(labels={SERVICE_PROXY_NAME_LABEL: "cilium"})
+    assert skip_reason(ours, "uproxy") is None
+    assert skip_reason(theirs, "uproxy") == (
+        f"not labelled {SERVICE_PROXY_NAME_LABEL}=uproxy")
+    assert skip_reason(service(), "uproxy") == f"not labelled {SERVICE_PROXY_NAME_LABEL}=uproxy"
+    assert "another proxy" in (skip_reason(ours) or "")  # without the flag, as kube-proxy
+    headless = service(labels={SERVICE_PROXY_NAME_LABEL: "uproxy"}, cluster_ips=("None",))
+    assert skip_reason(headless, "uproxy") == "headless service"
+
+
 def test_skipped_services_get_no_ports_and_say_why() -> None:
     services = [
         service("external", type="ExternalName"),

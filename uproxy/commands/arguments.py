@@ -78,6 +78,17 @@ def bind_or_empty(text: str) -> BindAddress | None:
     return parse_host_port(text) if text.strip() else None
 
 
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+def label_value(text: str) -> str:
+    """A Kubernetes label value (63 characters, alphanumeric at both ends)."""
+    if not _LABEL_VALUE.match(text):
+        raise ValueError(f"{text!r} is not a label value (up to 63 of A-Z a-z 0-9 - _ ., "
+                         "starting and ending alphanumeric)")
+    return text
+
+
 def chain_prefix(text: str) -> str:
     try:
         return check_chain_prefix(text)
@@ -125,6 +136,11 @@ def add_run_arguments(parser: argparse.ArgumentParser,
                             help="this node's name, for traffic policy Local (default: hostname)")
         source.add_argument("--hosts-file", metavar="PATH", type=Path,
                             help="laptop mode: write a hosts-file fragment naming each service")
+        source.add_argument("--service-proxy-name", metavar="NAME",
+                            type=typed("--service-proxy-name", label_value),
+                            help="serve only services labelled service.kubernetes.io/"
+                                 "service-proxy-name=NAME, the ones kube-proxy skips "
+                                 "(default: only services without that label)")
 
     if "listeners" in groups:
         listen = parser.add_argument_group("listeners")
@@ -207,6 +223,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             namespaces=tuple(args.namespace),
             node_name=(args.hostname_override or socket.gethostname()).strip().lower(),
             hosts_file=args.hosts_file,
+            service_proxy_name=args.service_proxy_name,
         ),
         listeners=ListenerSettings(
             bind_address=args.bind_address,

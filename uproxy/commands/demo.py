@@ -33,7 +33,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         run=run, bind_range=network(DEMO_RANGE),
         # What the demo does not take as flags: its own services file, no rules.
         services=None, kubeconfig=None, master=None, namespace=[], hostname_override=None,
-        hosts_file=None, rules="auto", chain_prefix="UPROXY", cleanup=False,
+        hosts_file=None, service_proxy_name=None, rules="auto", chain_prefix="UPROXY",
+        cleanup=False,
     )
     return parser
 

@@ -52,6 +52,14 @@ RESOURCES = (SERVICES, ENDPOINT_SLICES)
 # copies them), so the same selector applies to both.
 DEFAULT_LABEL_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
 
+
+def label_selector(service_proxy_name: str | None) -> str:
+    """The selector for --service-proxy-name: only the services labelled for us."""
+    if service_proxy_name is None:
+        return DEFAULT_LABEL_SELECTOR
+    return (f"service.kubernetes.io/service-proxy-name={service_proxy_name},"
+            "!service.kubernetes.io/headless")
+
 # Objects per LIST page (client-go's pager default). A continue token that
 # expired while paging (410 Expired: the snapshot was compacted away) is
 # followed by one list without a limit, as client-go's FullListIfExpired.
