@@ -9,6 +9,7 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev gcc      # the venv; python-iptables builds a small extension
   iptables nftables conntrack iproute2       # kernel rules and namespaces for system tests
   chromium                                   # the status page browser test
+  podman buildah runc mmdebstrap             # the container image: build and run it here
   netcat-openbsd curl procps                 # what the README and demo suggest trying
 )
 
