@@ -93,6 +93,7 @@ class SliceEndpoint:
     serving: bool = True
     terminating: bool = False
     node_name: str | None = None
+    pod: str = ""  # targetRef of kind Pod as "namespace/name"; "" when there is none
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +136,16 @@ class ServicePortName:
 
 @dataclass(frozen=True, slots=True, order=True)
 class Endpoint:
-    """A backend address a connection can be dialled to."""
+    """A backend address a connection can be dialled to.
+
+    `pod` ("namespace/name", from the EndpointSlice's targetRef) is how the
+    API server's port-forward reaches it; a new pod at the same address is
+    another endpoint.
+    """
 
     ip: str
     port: int
+    pod: str = ""
 
     @property
     def family(self) -> int:

@@ -126,7 +126,7 @@ def _slice_endpoints(
             if not endpoint.addresses:
                 continue
             for number in numbers:
-                found.append((Endpoint(endpoint.addresses[0], number), endpoint))
+                found.append((Endpoint(endpoint.addresses[0], number, endpoint.pod), endpoint))
     return found
 
 

@@ -229,11 +229,11 @@ def port_message(
 
 
 def _endpoints_json(endpoints: Iterable[Endpoint]) -> list[list[object]]:
-    return [[e.ip, e.port] for e in endpoints]
+    return [[e.ip, e.port, e.pod] for e in endpoints]
 
 
 def _endpoints_from(value: Sequence[Sequence[Any]]) -> list[Endpoint]:
-    return [Endpoint(ip, int(port)) for ip, port in value]
+    return [Endpoint(ip, int(port), pod) for ip, port, pod in value]
 
 
 # -- the control side ----------------------------------------------------------

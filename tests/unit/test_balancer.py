@@ -618,7 +618,7 @@ def test_external_endpoints_travel_to_workers_and_to_a_restarted_worker() -> Non
     view = control.snapshot(name)
     again = port_message(name, view.endpoints, view.affinity_timeout, view.external_endpoints,
                          view.cluster_ips)
-    assert (again["external"], again["cluster_ips"]) == ([["10.0.0.1", 80]], [VIP])
+    assert (again["external"], again["cluster_ips"]) == ([["10.0.0.1", 80, ""]], [VIP])
     assert sorted(again["endpoints"]) == sent[-1]["endpoints"]  # in shuffled order
     # Back to Cluster: the message says nothing external, the worker stops splitting.
     control.update(name, [LOCAL, REMOTE], None, cluster_ips=[VIP])

@@ -63,7 +63,8 @@ def test_kubectl_list_loads_every_service_type() -> None:
     web_v4 = slices[ObjectName("shop", "web-7xq2m")]
     assert web_v4.ports == (EndpointPort("http", 8080), EndpointPort("metrics", 9090))
     assert web_v4.endpoints[1] == SliceEndpoint(
-        ("10.244.2.4",), ready=False, serving=True, terminating=True, node_name="kind-worker2"
+        ("10.244.2.4",), ready=False, serving=True, terminating=True, node_name="kind-worker2",
+        pod="shop/web-6d4b75cb6d-q9zvw",  # its targetRef (kind Pod)
     )
     assert slices[ObjectName("shop", "web-v6-k2j4p")].address_type == "IPv6"
     assert slices[ObjectName("kube-system", "dns-np-pq8rt")].endpoints == ()

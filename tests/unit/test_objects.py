@@ -590,3 +590,25 @@ def test_short_form_round_trips_ports_and_endpoints(entry: dict[str, Any]) -> No
 def _normalise(endpoint: str, default_port: int | None) -> str:
     ip, port = parse_endpoint(endpoint)
     return _format_endpoint(ip, None if port == default_port else port)
+
+
+@pytest.mark.parametrize(("target_ref", "pod"), [
+    ({"kind": "Pod", "name": "web-1", "namespace": "shop", "uid": "u"}, "shop/web-1"),
+    ({"kind": "Pod", "name": "web-1"}, "shop/web-1"),  # the slice's namespace
+    ({"kind": "Node", "name": "n1"}, ""),
+    (None, ""),
+])
+def test_an_endpoint_knows_its_pod_from_its_target_ref(
+        target_ref: dict[str, str] | None, pod: str) -> None:
+    d = slice_dict()
+    if target_ref is not None:
+        d["endpoints"][0]["targetRef"] = target_ref
+    (endpoint,) = slice_from_dict(d, "test").endpoints
+    assert endpoint.pod == pod
+
+
+def test_a_bad_target_ref_is_one_line_naming_it() -> None:
+    d = slice_dict()
+    d["endpoints"][0]["targetRef"] = {"kind": "Pod", "name": 7}
+    with pytest.raises(ObjectError, match=r"endpoints\[0\]\.targetRef\.name: must be a string"):
+        slice_from_dict(d, "test")

@@ -317,6 +317,18 @@ def _cluster_ips(read: _Reader, spec: Mapping[str, Any]) -> tuple[str, ...]:
     return (single,) if single else ()
 
 
+def _pod_of(read: _Reader, value: object, path: FieldPath, namespace: str) -> str:
+    """'namespace/name' of a targetRef of kind Pod; '' for none or another kind."""
+    if value is None:
+        return ""
+    ref = read.mapping(value, path)
+    if ref.get("kind") != "Pod" or ref.get("name") in (None, ""):
+        return ""
+    name = read.string(ref.get("name"), (*path, "name"))
+    pod_namespace = read.string(ref.get("namespace"), (*path, "namespace"), namespace)
+    return f"{pod_namespace}/{name}"
+
+
 def slice_from_dict(d: Mapping[str, Any], where: str) -> EndpointSlice:
     """A discovery.k8s.io/v1 EndpointSlice (kubectl output or API JSON) as a model slice."""
     read = _Reader(where)
@@ -371,6 +383,7 @@ def slice_from_dict(d: Mapping[str, Any], where: str) -> EndpointSlice:
                 terminating=terminating,
                 node_name=None if node_name is None
                 else read.string(node_name, (*at, "nodeName")),
+                pod=_pod_of(read, entry.get("targetRef"), (*at, "targetRef"), namespace),
             )
         )
 
