@@ -40,6 +40,8 @@ import bisect
 import contextlib
 import copy
 import json
+import os
+import re
 import signal
 import sys
 import time
@@ -49,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 Obj = dict[str, Any]
@@ -56,6 +59,7 @@ Obj = dict[str, Any]
 # resource -> (group prefix, apiVersion, kind)
 RESOURCES: dict[str, tuple[str, str, str]] = {
     "services": ("/api/v1", "v1", "Service"),
+    "pods": ("/api/v1", "v1", "Pod"),
     "endpointslices": ("/apis/discovery.k8s.io/v1", "discovery.k8s.io/v1", "EndpointSlice"),
 }
 RESOURCE_OF_KIND = {kind: resource for resource, (_, _, kind) in RESOURCES.items()}
@@ -134,6 +138,24 @@ def endpoint_slice(
         "ports": [{"protocol": "TCP", **p} for p in ports],
         "endpoints": [dict(e) for e in endpoints],
     }
+
+
+def pod(namespace: str, name: str, ip: str) -> Obj:
+    """A v1 Pod, as far as port-forward and targetRefs care."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"namespace": namespace, "name": name, "uid": f"uid-{namespace}-{name}"},
+        "spec": {"containers": [{"name": "main", "image": "example"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    }
+
+
+def pod_endpoint(namespace: str, name: str, ip: str, **conditions: bool) -> Obj:
+    """An EndpointSlice endpoint whose targetRef names a pod."""
+    return {"addresses": [ip], "conditions": {"ready": True, **conditions},
+            "targetRef": {"kind": "Pod", "namespace": namespace, "name": name,
+                          "uid": f"uid-{namespace}-{name}"}}
 
 
 def status(code: int, reason: str, message: str) -> Obj:
@@ -281,6 +303,7 @@ class FakeKubeAPI:
         self._site: web.TCPSite | None = None
         self.host = "127.0.0.1"
         self.port = 0
+        self.kubelet = Kubelet(self)
 
     # ---------------------------------------------------------- lifecycle
 
@@ -307,6 +330,7 @@ class FakeKubeAPI:
 
     async def stop(self) -> None:
         self.drop_streams()
+        await self.kubelet.drop_streams()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -457,6 +481,9 @@ class FakeKubeAPI:
             raise web.HTTPServiceUnavailable()
         if path.startswith("/_test/"):
             return self._control(path, query)
+        forward = _PORTFORWARD_PATH.match(path)
+        if forward is not None:
+            return await self.kubelet.serve(request, forward["namespace"], forward["name"])
         if path == "/version":
             return web.json_response(_VERSION)
         if path == "/api":
@@ -510,6 +537,11 @@ class FakeKubeAPI:
             self.fail_next(int(query.get("count", "1")), int(query.get("status", "500")),
                            float(retry) if retry else None)
             return web.json_response({"queued": len(self.failures)})
+        if action == "portforward-target":  # ?pod=ns/name&host=IP: where a pod's ports are
+            self.kubelet.targets[query["pod"]] = query["host"]
+            return web.json_response(dict(self.kubelet.targets))
+        if action == "portforward-sessions":
+            return web.json_response([list(s) for s in self.kubelet.sessions])
         if action == "restart":
             self.restart()
             return web.json_response({"resourceVersion": str(self.rv)})
@@ -774,6 +806,117 @@ def _truthy(value: str | None) -> bool:
 def _error(code: int, reason: str, message: str,
            headers: Mapping[str, str] | None = None) -> web.Response:
     return web.json_response(status(code, reason, message), status=code, headers=headers)
+
+
+_PORTFORWARD_PATH = re.compile(
+    r"^/api/v1/namespaces/(?P<namespace>[^/]+)/pods/(?P<name>[^/]+)/portforward$")
+
+
+class Kubelet:
+    """`pods/NAME/portforward` as the kubelet serves it over a WebSocket.
+
+    As kubelet's websocket.go: the subprotocols `v5.channel.k8s.io` and
+    `v4.channel.k8s.io` (`protocols` may narrow them), a data channel (0) and
+    an error channel (1), each opened with the port as 2 bytes little-endian;
+    then the pod's bytes on channel 0, and when the pod cannot be reached, the
+    kubelet's error text on channel 1 and the end of the stream. A v5 close
+    signal `[255, 0]` half-closes toward the pod. Pods must exist as objects
+    (404 otherwise); `forbidden` answers 403 as RBAC would. A pod's port is
+    reached at `targets[namespace/name]`, a loopback address a test chose,
+    else the pod's podIP.
+    """
+
+    PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
+
+    def __init__(self, api: FakeKubeAPI) -> None:
+        self.api = api
+        self.targets: dict[str, str] = {}
+        self.protocols: tuple[str, ...] = self.PROTOCOLS
+        self.forbidden = False
+        self.sessions: list[tuple[str, int, str]] = []  # (pod, port, protocol) per stream
+        self._open: set[web.WebSocketResponse] = set()
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._open)
+
+    async def drop_streams(self) -> None:
+        """The API server drops every port-forward mid-transfer."""
+        for ws in list(self._open):
+            if ws._req is not None and ws._req.transport is not None:
+                ws._req.transport.abort()
+        self._open.clear()
+
+    async def serve(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
+        if self.forbidden:
+            return _error(403, "Forbidden",
+                          f'pods "{name}" is forbidden: User "test" cannot create resource '
+                          f'"pods/portforward" in API group "" in the namespace "{namespace}"')
+        obj = self.api.objects.get(("pods", namespace, name))
+        if obj is None:
+            return _error(404, "NotFound", f'pods "{name}" not found')
+        try:
+            port = int(request.query.get("ports", ""))
+        except ValueError:
+            return _error(400, "BadRequest", 'query parameter "ports" is required')
+        ws = web.WebSocketResponse(protocols=self.protocols, max_msg_size=0)
+        await ws.prepare(request)
+        self._open.add(ws)
+        key = f"{namespace}/{name}"
+        self.sessions.append((key, port, ws.ws_protocol or ""))
+        try:
+            await ws.send_bytes(bytes((0,)) + port.to_bytes(2, "little"))
+            await ws.send_bytes(bytes((1,)) + port.to_bytes(2, "little"))
+            host = self.targets.get(key, obj["status"]["podIP"])
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+            except OSError as error:
+                reason = os.strerror(error.errno).lower() if error.errno else str(error)
+                message = (f"error forwarding port {port} to pod {name}, uid "
+                           f"{obj['metadata']['uid']}: failed to connect to localhost:{port} "
+                           f"inside namespace \"{key}\", IPv4: dial tcp4 127.0.0.1:{port}: "
+                           f"connect: {reason}")
+                await ws.send_bytes(b"\x01" + message.encode())
+                return ws
+            try:
+                await self._relay(ws, reader, writer)
+            finally:
+                writer.close()
+        finally:
+            self._open.discard(ws)
+            await ws.close()
+        return ws
+
+    @staticmethod
+    async def _relay(ws: web.WebSocketResponse, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        async def to_pod() -> None:
+            async for message in ws:
+                if message.type != aiohttp.WSMsgType.BINARY or not message.data:
+                    continue
+                channel, payload = message.data[0], message.data[1:]
+                if channel == 0:
+                    writer.write(payload)
+                    await writer.drain()
+                elif channel == 255 and payload == b"\x00" and writer.can_write_eof():
+                    writer.write_eof()
+
+        async def from_pod() -> None:
+            while data := await reader.read(32 * 1024):
+                await ws.send_bytes(b"\x00" + data)
+
+        pod_side = asyncio.ensure_future(from_pod())
+        client_side = asyncio.ensure_future(to_pod())
+        try:
+            # The stream ends when the pod's side does (or the client goes away).
+            await asyncio.wait({pod_side, client_side}, return_when=asyncio.FIRST_COMPLETED)
+            if client_side.done() and not pod_side.done():
+                pod_side.cancel()
+        finally:
+            for task in (pod_side, client_side):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
 
 def _parse_path(path: str) -> tuple[str, str | None, str | None] | None:

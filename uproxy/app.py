@@ -32,6 +32,7 @@ from uproxy.listeners import ListenerPool
 from uproxy.logs import AccessLog
 from uproxy.metrics import Metrics
 from uproxy.model import ServicePortName
+from uproxy.portforward.connection import Relay
 from uproxy.proxier import Proxier
 from uproxy.relay.base import Picker
 from uproxy.rules.base import Rules, RulesError
@@ -63,6 +64,22 @@ def make_rules(settings: Settings) -> Rules:
         raise StartupError(str(error)) from None
 
 
+def make_forward(settings: Settings, source: Source) -> Relay | None:
+    """--dial portforward|auto: the dialer (with the configuration the
+    Kubernetes source loads at start) and the routes; None for direct."""
+    mode = settings.listeners.dial
+    if mode == "direct":
+        return None
+    from uproxy.dialing import DialRoutes
+    from uproxy.portforward.dialer import Dialer
+    from uproxy.sources.kube import KubeSource
+
+    if not isinstance(source, KubeSource):
+        raise StartupError(f"--dial {mode}: needs the Kubernetes source")
+    kube = source
+    return Relay(Dialer(lambda: kube.configuration), DialRoutes(mode))
+
+
 def make_source(settings: Settings) -> Source:
     if settings.source.services_path is not None:
         from uproxy.sources.file import FileSource
@@ -73,6 +90,7 @@ def make_source(settings: Settings) -> Source:
     return KubeSource(
         kubeconfig=settings.source.kubeconfig,
         master=settings.source.master,
+        context=settings.source.context,
         namespaces=settings.source.namespaces,
         label_selector=label_selector(settings.source.service_proxy_name),
     )
@@ -93,6 +111,7 @@ class Parts:
     metrics: Metrics
     access_log: AccessLog | None = None
     workers: WorkerGroup | None = None  # --workers N > 1
+    forward: Relay | None = None  # --dial portforward|auto
     web_servers: list[WebServer] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     started: float = field(default_factory=time.monotonic)
@@ -120,10 +139,12 @@ def build(
         return balancer.picker(name, stats)
 
     tracker = ChangeTracker()
-    pool = ListenerPool(settings.listeners, make_picker, access_log=access_log,
-                        make_server=workers.make_server if workers is not None else None)
     rules = rules if rules is not None else make_rules(settings)
     source = source if source is not None else make_source(settings)
+    forward = make_forward(settings, source)
+    pool = ListenerPool(settings.listeners, make_picker, access_log=access_log,
+                        make_server=workers.make_server if workers is not None else None,
+                        forward=forward)
     proxier = Proxier(
         tracker, pool, rules, balancer,
         required_sources=(source.name,),
@@ -132,6 +153,9 @@ def build(
         proxy_name=settings.source.service_proxy_name,
         chain_prefix=settings.rules.chain_prefix,
         table_writer=table_writer,
+        routes=forward.routes if forward is not None else None,
+        portforward_streams=(lambda: forward.dialer.streams) if forward is not None
+        else (lambda: 0),
     )
 
     hosts_file = settings.source.hosts_file
@@ -143,10 +167,13 @@ def build(
         nonlocal heap_to_freeze
         started = time.monotonic()
         try:
-            await proxier.sync()
+            plan = await proxier.sync()
         except RulesError:
             metrics.sync.rules_apply_failed()
             raise
+        if forward is not None:  # --dial auto: probe the pod networks new endpoints are in
+            forward.routes.observe(e for port in plan.added + plan.updated
+                                   for e in port.endpoints)
         if proxier.ready:
             metrics.sync.observe_sync(time.monotonic() - started)
             if heap_to_freeze:
@@ -173,6 +200,7 @@ def build(
         proxier=proxier, runner=runner, metrics=metrics,
         access_log=access_log if isinstance(access_log, AccessLog) else None,
         workers=workers,
+        forward=forward,
     )
 
 
@@ -277,6 +305,9 @@ async def shutdown(parts: Parts) -> None:
         log.info("draining %s for up to %.1fs", " and ".join(w for w in what if w), grace)
         await parts.pool.drain(grace)
     parts.pool.abort()
+    if parts.forward is not None:
+        await parts.forward.routes.close()
+        await parts.forward.dialer.close()
     if parts.access_log is not None:
         parts.access_log.flush()
 

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from uproxy.allocators import AddressAllocator, ExhaustedError, PortAllocator
 from uproxy.model import DesiredPort, ServicePortName, format_hostport
+from uproxy.portforward.connection import Relay
 from uproxy.relay.base import Picker
 from uproxy.relay.tcp import TcpServer
 from uproxy.relay.udp import UdpServer
@@ -31,6 +32,7 @@ log = logging.getLogger("uproxy.listeners")
 
 IP_FREEBIND = 15  # Linux; lets laptop mode bind range addresses not yet on an interface
 BIND_ATTEMPTS = 16  # proxy ports tried before a port is reported as not served
+UDP_NOT_FORWARDED = "UDP cannot cross port-forward"
 AccessLog = Callable[[dict[str, object]], None]
 
 
@@ -103,8 +105,11 @@ class ListenerPool:
         *,
         access_log: AccessLog | None = None,
         make_server: ServerFactory | None = None,
+        forward: Relay | None = None,
     ) -> None:
         self.settings = settings
+        # --dial portforward|auto: how TCP listeners reach endpoints behind port-forward.
+        self._forward = forward
         self._make_picker = make_picker
         self._access_log = access_log
         # --workers: a factory serving each bound socket with SO_REUSEPORT siblings.
@@ -159,6 +164,10 @@ class ListenerPool:
         in `errors`) when it cannot be bound."""
         name = port.name
         protocol = port.frontend.protocol
+        if protocol == "UDP" and self.settings.dial == "portforward":
+            # Kubernetes' port-forward carries TCP only.
+            self._failed(name, UDP_NOT_FORWARDED, quiet=True)
+            return None
         try:
             ip = self._bind_ip(port)
             sock = self._bind(port, ip)
@@ -194,7 +203,7 @@ class ListenerPool:
         elif protocol == "TCP":
             server = TcpServer(
                 sock, picker, stats, mode=self.settings.relay_mode, name=str(name),
-                access_log=self._access_log,
+                access_log=self._access_log, forward=self._forward,
             )
         else:
             server = UdpServer(
@@ -208,8 +217,8 @@ class ListenerPool:
             log.info("%s %s: now served on %s", name, protocol, listener.address)
         return listener
 
-    def _failed(self, name: ServicePortName, message: str) -> None:
-        if self.errors.get(name) != message:
+    def _failed(self, name: ServicePortName, message: str, *, quiet: bool = False) -> None:
+        if self.errors.get(name) != message and not quiet:
             log.error("%s (not served)", message)
         self.errors[name] = message
 

@@ -148,6 +148,7 @@ class Figures:
     list_pages: list[tuple[tuple[str, str], int]]
     expired_lists: list[tuple[tuple[str, str], int]]
     source_errors: list[tuple[str, int]]
+    portforward_streams: int = 0
 
 
 class ProxyCollector(Collector):
@@ -240,6 +241,7 @@ class ProxyCollector(Collector):
             list_pages=sorted(self._sources.list_pages.items()),
             expired_lists=sorted(self._sources.expired_lists.items()),
             source_errors=sorted(self._sources.errors.items()),
+            portforward_streams=proxier.portforward_streams,
         )
 
     def _dial_histogram(self, name: ServicePortName, port_stats: PortStats) -> _DialHistogram:
@@ -274,7 +276,11 @@ def families(figures: Figures) -> Iterator[Metric]:
         "uproxy_service_ports_unserved",
         "Service ports without a listener (bind failed, port range exhausted).")
     unserved.add_metric([], figures.unserved)
-    yield from (services, endpoints, listeners, unserved)
+    streams = GaugeMetricFamily(
+        "uproxy_portforward_streams",
+        "Port-forward WebSockets open now through the API server (--dial).")
+    streams.add_metric([], figures.portforward_streams)
+    yield from (services, endpoints, listeners, unserved, streams)
 
     accepted = CounterMetricFamily(
         "uproxy_connections", "TCP connections accepted.", labels=PORT_LABELS)

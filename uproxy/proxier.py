@@ -37,6 +37,7 @@ from uproxy.planner import DesiredState, Plan, desired_state, diff, update_state
 from uproxy.rules.base import Portal, PortalDelta, Rules, RulesError
 from uproxy.rules.nodeports import NodePortReservations, node_ports
 from uproxy.stats import PortStats
+from uproxy.status import RouteView
 from uproxy.tracking import Changes, ChangeTracker
 
 log = logging.getLogger("uproxy.proxier")
@@ -59,6 +60,8 @@ class Proxier:
         table_writer: TableWriter | None = None,
         required_sources: tuple[str, ...] = (),
         node_ports: NodePortReservations | None = None,
+        routes: RouteView | None = None,
+        portforward_streams: Callable[[], int] = lambda: 0,
     ) -> None:
         self.tracker = tracker
         self.pool = pool
@@ -84,6 +87,10 @@ class Proxier:
         # Rules mode holds every node port with a socket so no other program takes it.
         self.node_ports = node_ports
         self.node_port_problems: list[str] = []
+        # --dial portforward|auto: how each endpoint is dialled, and the open
+        # port-forward streams; both only for observers (status, metrics).
+        self.routes = routes
+        self._portforward_streams = portforward_streams
         self._last_table: str | None = None
         # The portal of each port as the last rules apply was given it.
         self._offered: dict[ServicePortName, Portal] = {}
@@ -101,6 +108,10 @@ class Proxier:
     @property
     def rules_name(self) -> str:
         return self.rules.name
+
+    @property
+    def portforward_streams(self) -> int:
+        return self._portforward_streams()
 
     @property
     def laptop_mode(self) -> bool:

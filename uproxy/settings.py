@@ -23,6 +23,7 @@ class SourceSettings:
     namespaces: tuple[str, ...] = ()  # Kubernetes namespaces to watch; () = all
     node_name: str = ""  # --hostname-override, for traffic policy Local
     hosts_file: Path | None = None  # laptop mode: write a hosts fragment here
+    context: str | None = None  # --context: the kubeconfig context (None: its current one)
     # --service-proxy-name: serve only services labelled
     # service.kubernetes.io/service-proxy-name=NAME (None: only unlabelled ones)
     service_proxy_name: str | None = None
@@ -41,6 +42,7 @@ class ListenerSettings:
     udp_max_sessions: int = 4096
     relay_mode: str = "auto"  # auto | splice | protocol
     workers: int = 1
+    dial: str = "direct"  # direct | portforward | auto (resolved: never "default")
 
     @property
     def laptop_mode(self) -> bool:

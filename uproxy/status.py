@@ -40,8 +40,20 @@ class BalancerSnapshots(Protocol):
     def snapshot(self, name: ServicePortName) -> BalancerViewLike: ...
 
 
+class RouteView(Protocol):
+    """How endpoints are dialled (uproxy.dialing.DialRoutes, with --dial)."""
+
+    def route_of(self, endpoint: Endpoint) -> str: ...
+
+
 class StatusInputs(Protocol):
     """The proxier's read-only state, as the status page and metrics read it."""
+
+    @property
+    def routes(self) -> RouteView | None: ...
+
+    @property
+    def portforward_streams(self) -> int: ...
 
     @property
     def applied(self) -> Mapping[ServicePortName, DesiredPort]: ...
@@ -185,6 +197,9 @@ def _port_status(proxier: StatusInputs, name: ServicePortName) -> dict[str, Any]
     endpoints = [
         {
             "address": str(endpoint),
+            "pod": endpoint.pod or None,
+            # direct, or through the API server's port-forward (--dial)
+            "dial": "direct" if proxier.routes is None else proxier.routes.route_of(endpoint),
             "picks": stats.picks.get(str(endpoint), 0),
             "next": endpoint == next_endpoint,
             "pinned_clients": pinned.get(endpoint, 0),

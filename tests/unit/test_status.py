@@ -14,7 +14,7 @@ from typing import Any
 from uproxy.balancer import Balancer
 from uproxy.model import DesiredPort, Endpoint, Frontend, ObjectName, ServicePortName
 from uproxy.stats import PortStats
-from uproxy.status import build_status
+from uproxy.status import RouteView, build_status
 
 WEB = ServicePortName("default", "web", "http", "TCP")
 DNS = ServicePortName("kube-system", "dns", "dns", "UDP")
@@ -41,6 +41,8 @@ class FakeProxier:
     errors: dict[ServicePortName, str] = field(default_factory=dict)
     stats: dict[ServicePortName, PortStats] = field(default_factory=dict)
     skipped: dict[ObjectName, str] = field(default_factory=dict)
+    routes: RouteView | None = None  # --dial direct
+    portforward_streams: int = 0
     balancer: Balancer = field(init=False)
 
     def __post_init__(self) -> None:

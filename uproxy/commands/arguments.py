@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
+from uproxy.dialing import MODES as DIAL_MODES
 from uproxy.durations import PortRange, parse_duration, parse_host_port, parse_port_range
 from uproxy.relay.tcp import MODES as RELAY_MODES
 from uproxy.rules.render import check_chain_prefix
@@ -114,8 +115,8 @@ def attach_negative_values(parser: argparse.ArgumentParser, argv: Sequence[str])
     return out
 
 
-# The groups of run flags; the demo takes all but "source" and "rules".
-RUN_GROUPS = ("source", "listeners", "rules", "sync", "observability", "lifecycle")
+# The groups of run flags; the demo takes all but "source", "dialing" and "rules".
+RUN_GROUPS = ("source", "listeners", "dialing", "rules", "sync", "observability", "lifecycle")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser,
@@ -130,6 +131,8 @@ def add_run_arguments(parser: argparse.ArgumentParser,
                             help="kubeconfig for the Kubernetes source (default: $KUBECONFIG, "
                                  "~/.kube/config, or in-cluster)")
         source.add_argument("--master", metavar="URL", help="Kubernetes API server URL")
+        source.add_argument("--context", metavar="NAME",
+                            help="the kubeconfig context to use (default: its current context)")
         source.add_argument("--namespace", metavar="NS", action="append", default=[],
                             help="watch only this namespace (repeatable; default: all)")
         source.add_argument("--hostname-override", metavar="NAME",
@@ -162,6 +165,14 @@ def add_run_arguments(parser: argparse.ArgumentParser,
                             default="auto", help="TCP data path (default auto)")
         listen.add_argument("--workers", metavar="N", type=typed("--workers", positive_int),
                             default=1, help="processes sharing each listener (default 1)")
+
+    if "dialing" in groups:
+        dialing = parser.add_argument_group("dialing")
+        dialing.add_argument("--dial", choices=DIAL_MODES, default=None,
+                             help="how endpoints are reached: direct, through the API server's "
+                                  "port-forward, or auto (per pod network: direct when it "
+                                  "answers from here). Default: auto in laptop mode with the "
+                                  "Kubernetes source, else direct")
 
     if "rules" in groups:
         rules = parser.add_argument_group("kernel rules")
@@ -215,11 +226,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise UsageError("--bind-range: the range is empty")
     port_range: PortRange | None = args.proxy_port_range
     laptop = args.bind_range is not None
+    dial = _dial_mode(args, laptop)
     return Settings(
         source=SourceSettings(
             services_path=args.services,
             kubeconfig=args.kubeconfig,
             master=args.master,
+            context=args.context,
             namespaces=tuple(args.namespace),
             node_name=(args.hostname_override or socket.gethostname()).strip().lower(),
             hosts_file=args.hosts_file,
@@ -232,6 +245,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             udp_timeout=args.udp_timeout,
             relay_mode=args.relay_mode,
             workers=args.workers,
+            dial=dial,
         ),
         rules=RulesSettings(backend=args.rules, chain_prefix=args.chain_prefix),
         sync=SyncSettings(sync_period=args.sync_period, min_sync_period=args.min_sync_period),
@@ -244,6 +258,27 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         logs=LogSettings(format=args.log_format, verbose=args.verbose),
         shutdown_grace=args.shutdown_grace,
     )
+
+
+def _dial_mode(args: argparse.Namespace, laptop: bool) -> str:
+    """--dial, resolved: auto where port-forward can help (laptop mode, the
+    Kubernetes source, one process), else direct; a combination that cannot
+    work is one line."""
+    kube = args.services is None
+    if args.dial is None:
+        return "auto" if laptop and kube and args.workers == 1 else "direct"
+    if args.dial != "direct":
+        flag = f"--dial {args.dial}"
+        if not kube:
+            raise UsageError(f"{flag}: needs the Kubernetes source (pods are reached through "
+                             "its API server), not --services")
+        if not laptop:
+            raise UsageError(f"{flag}: only in laptop mode (--bind-range); a node reaches "
+                             "its pods directly")
+        if args.workers > 1:
+            raise UsageError(f"{flag}: not with --workers {args.workers} (workers dial "
+                             "directly); use --workers 1")
+    return str(args.dial)
 
 
 def _chosen(value: object, default: BindAddress) -> BindAddress | None:

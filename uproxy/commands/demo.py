@@ -32,7 +32,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     parser.set_defaults(
         run=run, bind_range=network(DEMO_RANGE),
         # What the demo does not take as flags: its own services file, no rules.
-        services=None, kubeconfig=None, master=None, namespace=[], hostname_override=None,
+        services=None, kubeconfig=None, master=None, context=None, namespace=[],
+        hostname_override=None, dial="direct",
         hosts_file=None, service_proxy_name=None, rules="auto", chain_prefix="UPROXY",
         cleanup=False,
     )

@@ -61,6 +61,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, cast
 
 from uproxy.model import Endpoint
+from uproxy.portforward.connection import PortForwardConnection, Relay
 from uproxy.relay.accept import AcceptLoop
 from uproxy.relay.base import DIAL_TIMEOUTS, NoEndpointsError, Picker
 from uproxy.relay.splice import POOL, SPLICE_FLAGS, Pipe, PipePool
@@ -164,6 +165,7 @@ class TcpServer:
         access_log: AccessLog | None = None,
         promote_after: int = PROMOTE_AFTER,
         pipes: PipePool | None = None,
+        forward: Relay | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"relay mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -177,6 +179,9 @@ class TcpServer:
         self.access_log = access_log
         self.promote_after = promote_after if mode == "auto" else -1
         self.pipes = POOL if pipes is None else pipes
+        # --dial portforward|auto: endpoints its routes name are reached through
+        # the API server's port-forward, by a PortForwardConnection.
+        self.forward = forward
         self.family = sock.family
         self.loop: asyncio.AbstractEventLoop | None = None
         self.poller: _Poller | None = None
@@ -187,7 +192,7 @@ class TcpServer:
         self.pick_external: Callable[..., Endpoint] = getattr(picker, "pick_external", picker.pick)
         self._port = _port_of(sock)
         self._accept = AcceptLoop(sock, self._on_accepted, stats, self.name)
-        self._conns: set[_Conn] = set()
+        self._conns: set[_Conn | PortForwardConnection] = set()
         self._idle: asyncio.Future[None] | None = None
 
     def start(self) -> None:
@@ -249,12 +254,38 @@ class TcpServer:
             reset_close(client)
             self._log_access(addr, None, "no_endpoints", 0, 0, 0.0, 0.0, 0)
             return
+        stats.connections_active += 1
+        forward = self.forward
+        if forward is not None and forward.routes.via_portforward(endpoint):
+            self._forwarded(client, addr, endpoint, external)
+            return
         conn = _Conn(self, client, addr, endpoint)
         if external:
             conn.external = True
         self._conns.add(conn)
-        stats.connections_active += 1
         conn.dial()
+
+    def _forwarded(self, client: Sock, addr: tuple[object, ...], endpoint: Endpoint,
+                   external: bool, *, attempt: int = 0, started: float | None = None) -> None:
+        """Serve a client through port-forward (see uproxy.portforward.connection)."""
+        assert self.forward is not None
+        pick = self.pick_external if external else self.picker.pick
+
+        def pick_again(client_ip: str, reset_affinity: bool) -> Endpoint:
+            return pick(client_ip, reset_affinity=reset_affinity)
+
+        sock = socket.socket(self.family, _STREAM, 0, client.detach())
+        conn = PortForwardConnection(self, self.forward, sock, addr, endpoint, pick_again,
+                                     attempt=attempt, started=started)
+        self._conns.add(conn)
+        conn.start()
+
+    def _hand_over(self, conn: _Conn) -> None:
+        """A direct dial's failover picked an endpoint reached through port-forward."""
+        self._conns.discard(conn)
+        conn.state = _CLOSED
+        self._forwarded(conn.client, conn.addr, conn.endpoint, conn.external,
+                        attempt=conn.attempt, started=conn.started)
 
     def _external(self, client: Sock, addr: tuple[object, ...], split: TrafficSplit) -> bool:
         """Whether a connection came from outside (see the module's docstring)."""
@@ -263,7 +294,7 @@ class TcpServer:
             return False
         return split.is_external(found[0])
 
-    def _closed(self, conn: _Conn) -> None:
+    def _closed(self, conn: _Conn | PortForwardConnection) -> None:
         self._conns.discard(conn)
         stats = self.stats
         stats.connections_active -= 1
@@ -540,6 +571,10 @@ class _Conn:
             except NoEndpointsError:
                 pass
             else:
+                forward = server.forward
+                if forward is not None and forward.routes.via_portforward(self.endpoint):
+                    server._hand_over(self)
+                    return
                 # Not from inside an epoll batch: a new socket may get the
                 # number of one closed in this batch, whose event is pending.
                 self.poller.loop.call_soon(self.dial)

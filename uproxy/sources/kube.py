@@ -215,6 +215,7 @@ class KubeSource:
         *,
         kubeconfig: str | None = None,
         master: str | None = None,
+        context: str | None = None,
         namespaces: Sequence[str] = (),
         watch_timeout: float = 300,
         read_timeout: float | None = None,
@@ -233,6 +234,7 @@ class KubeSource:
             raise ValueError("read_timeout must be longer than watch_timeout")
         self.kubeconfig = kubeconfig
         self.master = master
+        self.context = context
         self.namespaces = tuple(dict.fromkeys(namespaces))
         self.watch_timeout = watch_timeout
         self.read_timeout = read_timeout
@@ -278,8 +280,16 @@ class KubeSource:
         """
         if self._configuration is None:
             self._configuration = await load_kube_config(
-                kubeconfig=self.kubeconfig, master=self.master, environ=self._environ
+                kubeconfig=self.kubeconfig, master=self.master, context=self.context,
+                environ=self._environ,
             )
+
+    @property
+    def configuration(self) -> kube_client.Configuration:
+        """The client configuration `prepare` loaded (port-forward dials with it too)."""
+        if self._configuration is None:
+            raise RuntimeError("KubeSource.configuration before prepare()")
+        return self._configuration
 
     async def run(self, sink: SourceSink) -> None:
         await self.prepare()
