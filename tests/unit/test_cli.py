@@ -130,3 +130,35 @@ def test_python_dash_m_runs_the_cli() -> None:
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0
     assert done.stdout.startswith("uproxy ")
+
+
+@pytest.mark.parametrize(("argv", "dial"), [
+    (["--bind-range", "127.77.0.0/16"], "auto"),  # laptop mode with the Kubernetes source
+    (["--bind-range", "127.77.0.0/16", "--services", "s.yaml"], "direct"),
+    (["--bind-range", "127.77.0.0/16", "--workers", "2"], "direct"),
+    ([], "direct"),  # rules mode: a node reaches its pods
+    (["--bind-range", "127.77.0.0/16", "--dial", "portforward"], "portforward"),
+    (["--bind-range", "127.77.0.0/16", "--dial", "direct"], "direct"),
+])
+def test_dial_defaults_to_auto_only_where_port_forward_can_help(
+        argv: list[str], dial: str) -> None:
+    settings, _ = parse_settings(argv)
+    assert settings.listeners.dial == dial
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--services", "s.yaml", "--bind-range", "127.77.0.0/16", "--dial", "portforward"],
+     "--dial portforward: needs the Kubernetes source"),
+    (["--dial", "auto"], "--dial auto: only in laptop mode (--bind-range)"),
+    (["--bind-range", "127.77.0.0/16", "--workers", "2", "--dial", "portforward"],
+     "--dial portforward: not with --workers 2"),
+])
+def test_dial_combinations_that_cannot_work_are_one_line(argv: list[str], says: str) -> None:
+    with pytest.raises(UsageError, match=says.replace("(", r"\(").replace(")", r"\)")):
+        parse_settings(argv)
+
+
+def test_context_reaches_the_kubernetes_source_settings() -> None:
+    settings, _ = parse_settings(["--context", "staging"])
+    assert settings.source.context == "staging"
+    assert "dialing" in build_parser().format_help()
