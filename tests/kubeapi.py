@@ -833,6 +833,7 @@ class Kubelet:
         self.targets: dict[str, str] = {}
         self.protocols: tuple[str, ...] = self.PROTOCOLS
         self.forbidden = False
+        self.token: str | None = None  # when set, a port-forward needs "Bearer TOKEN" (else 401)
         self.sessions: list[tuple[str, int, str]] = []  # (pod, port, protocol) per stream
         self._open: set[web.WebSocketResponse] = set()
 
@@ -848,6 +849,9 @@ class Kubelet:
         self._open.clear()
 
     async def serve(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
+        bearer = request.headers.get("Authorization")
+        if self.token is not None and bearer != f"Bearer {self.token}":
+            return _error(401, "Unauthorized", "Unauthorized")
         if self.forbidden:
             return _error(403, "Forbidden",
                           f'pods "{name}" is forbidden: User "test" cannot create resource '
