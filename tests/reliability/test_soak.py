@@ -26,6 +26,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("UPROXY_SOAK") != "1",
                                 reason="the 30-minute soak is opt-in: set UPROXY_SOAK=1")
 
 
+@pytest.mark.timeout(SECONDS + 300)
 def test_soak_keeps_memory_descriptors_and_latency_flat(
     tmp_path: Path, backends: list[Backend]
 ) -> None:
