@@ -4,7 +4,8 @@ Each service gets one line: its IP, then `svc.ns`, `svc.ns.svc` and
 `svc.ns.svc.<cluster domain>`. uproxy writes only between its own markers,
 so pointing `--hosts-file` at a file that has other lines (even /etc/hosts,
 which is never touched unless given) keeps them. Writes are atomic: a
-temporary file in the same folder, then a rename.
+temporary file in the same folder, then a rename; where the folder is not
+writable but the file is (/etc/hosts given to a user once), in place.
 """
 
 from __future__ import annotations
@@ -68,7 +69,13 @@ def write_hosts(path: str | Path, text: str) -> bool:
     if wanted == existing:
         return False
     folder = target.parent if str(target.parent) else Path(".")
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
+    except PermissionError:
+        # A file this user may write in a folder it may not (/etc/hosts made
+        # writable once with `setfacl -m u:USER:rw /etc/hosts`): in place.
+        target.write_text(wanted)
+        return True
     try:
         with os.fdopen(fd, "w") as out:
             out.write(wanted)

@@ -5,7 +5,11 @@ name, and the hosts-file fragment."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import pytest
 import yaml
 from kubernetes_asyncio import client as kube_client
 
+from tests.conftest import require_system
 from tests.kubeapi import FakeKubeAPI, service
 from uproxy.hostsfile import BEGIN, END, merge_block, render_hosts, write_hosts
 from uproxy.model import ObjectName
@@ -140,3 +145,26 @@ def test_write_hosts_creates_the_file_and_merge_handles_no_newline(tmp_path: Pat
     assert write_hosts(target, block)
     assert target.read_text() == block
     assert merge_block("10.0.0.1 x", block) == "10.0.0.1 x\n" + block
+
+
+def test_a_hosts_file_writable_in_a_folder_that_is_not_is_written_in_place() -> None:
+    """/etc/hosts given to a user once (`setfacl -m u:USER:rw /etc/hosts`): uproxy,
+    as that user, cannot make a temporary file in /etc, so it writes in place."""
+    require_system("setpriv")
+    folder = Path(tempfile.mkdtemp(prefix="uproxy-hosts-"))
+    try:
+        folder.chmod(0o755)  # root's: uid 65534 may not create files here
+        hosts = folder / "hosts"
+        hosts.write_text("127.0.0.1 localhost\n")
+        hosts.chmod(0o666)
+        block = render_hosts({ObjectName("default", "web"): "127.77.0.1"})
+        done = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+             "-c", "import sys; from uproxy.hostsfile import write_hosts; "
+                   "print(write_hosts(sys.argv[1], sys.argv[2]))", str(hosts), block],
+            capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
+        assert done.stdout.strip() == "True", done.stderr
+        assert hosts.read_text() == "127.0.0.1 localhost\n" + block
+        assert sorted(p.name for p in folder.iterdir()) == ["hosts"]
+    finally:
+        shutil.rmtree(folder)
