@@ -265,7 +265,9 @@ async def test_403_is_one_line_naming_the_rbac_permission(
             assert await ask(up.address("default/web", "p")) == b""
             raise ConnectionResetError
         (name,) = up.parts.pool.listeners
-        assert up.parts.pool.stats[name].connections_failed == 1
+        stats = up.parts.pool.stats[name]
+        # Refused for every pod alike: one attempt, no failover through the others.
+        assert (stats.connections_failed, stats.dial_attempts_failed) == (1, 1)
     forbidden = [r.getMessage() for r in caplog.records if "403" in r.getMessage()]
     assert len(forbidden) == 1
     assert "needs the RBAC permission pods/portforward, verbs get and create" in forbidden[0]
@@ -352,3 +354,22 @@ async def test_a_slow_reader_holds_uproxy_to_a_bounded_buffer(cluster: Cluster) 
             assert sent[0] < 24 * 1024 * 1024, f"{sent[0] / 2**20:.1f} MiB left the pod"
         finally:
             sock.close()
+
+
+async def test_an_api_server_that_cannot_be_reached_is_one_line(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    await cluster.add_pod("web-1")
+    cluster.publish("web", ["web-1"])
+    caplog.set_level(logging.WARNING, logger="uproxy.portforward")
+    async with uproxy(cluster) as up:
+        address = up.address("default/web", "p")
+        cluster.api.in_outage = True  # connections to the API server are cut
+        for _ in range(2):
+            with contextlib.suppress(ConnectionResetError, asyncio.IncompleteReadError):
+                assert await ask(address) == b""
+        cluster.api.in_outage = False
+        assert await ask(address, b"back") == b"web-1:back"
+    lines = [r.getMessage() for r in caplog.records
+             if "cannot be reached for port-forward" in r.getMessage()]
+    assert len(lines) == 1 and cluster.api.url in lines[0]

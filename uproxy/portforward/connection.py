@@ -193,6 +193,9 @@ class PortForwardConnection:
             except PortForwardError as error:
                 stats.dial_attempts_failed += 1
                 relay.failed(self.server.name, str(error))
+                if not error.pod_level:  # no pod fares better: stop here
+                    self._gave_up()
+                    return None
                 if not self._next():
                     return None
                 continue
