@@ -36,13 +36,21 @@ async def api() -> AsyncIterator[FakeKubeAPI]:
     await server.stop()
 
 
-def kubeconfig(path: Path, url: str) -> Path:
-    """Two contexts: the current one points nowhere, `test` at the test server."""
+EXEC_CREDENTIAL = ('{"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential", '
+                   '"status": {"token": "s3cret"}}')
+
+
+def kubeconfig(path: Path, url: str, user: str) -> Path:
+    """Two contexts: the current one points nowhere, `test` at the test server.
+    `user`: a static token, or an exec credential plugin that prints it."""
+    credentials: dict[str, object] = {"token": "s3cret"} if user == "token" else {"exec": {
+        "apiVersion": "client.authentication.k8s.io/v1", "command": "/bin/sh",
+        "args": ["-c", f"echo '{EXEC_CREDENTIAL}'"], "interactiveMode": "Never"}}
     path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "elsewhere",
         "clusters": [{"name": "test", "cluster": {"server": url}},
                      {"name": "nowhere", "cluster": {"server": "http://127.0.0.1:9"}}],
-        "users": [{"name": "dev", "user": {"token": "s3cret"}}],
+        "users": [{"name": "dev", "user": credentials}],
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": "dev"}},
                      {"name": "elsewhere", "context": {"cluster": "nowhere", "user": "dev"}}],
     }))
@@ -96,9 +104,11 @@ async def uproxy(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, 
         output.task.cancel()
 
 
+@pytest.mark.parametrize("user", ["token", "exec plugin"])
 async def test_the_command_reaches_pods_through_port_forward_with_the_kubeconfigs_token(
-    api: FakeKubeAPI, tmp_path: Path
+    api: FakeKubeAPI, tmp_path: Path, user: str
 ) -> None:
+    Flood.sent = 0
     loop = asyncio.get_running_loop()
     servers = [await loop.create_server(Echo, "127.0.2.1", 7400),
                await loop.create_server(Flood, "127.0.2.2", 7400)]
@@ -111,7 +121,7 @@ async def test_the_command_reaches_pods_through_port_forward_with_the_kubeconfig
         api.create(endpoint_slice("default", f"{svc}-x", svc, ports=[{"name": "p", "port": 7400}],
                                   endpoints=[pod_endpoint("default", name, pod_ip)]))
     api.kubelet.token = "s3cret"
-    config = kubeconfig(tmp_path / "kubeconfig", api.url)
+    config = kubeconfig(tmp_path / "kubeconfig", api.url, user)
     try:
         async with uproxy("--kubeconfig", str(config), "--context", "test",
                           "--bind-range", "127.77.0.0/16", "--dial", "portforward",
