@@ -13,7 +13,7 @@ import re
 import socket
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from uproxy.dialing import MODES as DIAL_MODES
 from uproxy.durations import PortRange, parse_duration, parse_host_port, parse_port_range
@@ -42,6 +42,13 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
+    """Errors are UsageError; flags are spelled out (no `--vers` for
+    `--version`, as kube-proxy's flags are not abbreviated either)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
