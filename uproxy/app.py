@@ -32,9 +32,9 @@ from uproxy.listeners import ListenerPool
 from uproxy.logs import AccessLog
 from uproxy.metrics import Metrics
 from uproxy.model import ServicePortName
+from uproxy.picking import Picker
 from uproxy.portforward.connection import Relay
 from uproxy.proxier import Proxier
-from uproxy.relay.base import Picker
 from uproxy.rules.base import Rules, RulesError
 from uproxy.rules.nodeports import NodePortReservations
 from uproxy.runner import SyncRunner

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from uproxy.model import DesiredPort, Endpoint, ServicePortName
-from uproxy.relay.base import NoEndpointsError
+from uproxy.picking import NoEndpointsError, TrafficSplit
 from uproxy.stats import PortStats
 
 Clock = Callable[[], float]
@@ -46,25 +46,6 @@ class BalancerView:
     external_endpoints: tuple[Endpoint, ...] | None = None
     external_pins: tuple[tuple[str, Endpoint, float], ...] = ()
     cluster_ips: tuple[str, ...] = ()
-
-
-class TrafficSplit:
-    """What a listener needs to tell one port's cluster traffic from its
-    external traffic. Every picker of a port shares one, which the balancer
-    updates in place for as long as a picker holds it."""
-
-    __slots__ = ("__weakref__", "active", "cluster_ips")
-
-    def __init__(self) -> None:
-        self.active = False  # external traffic has endpoints of its own
-        # The cluster IPs as the kernel reports an original destination:
-        # 4 (IPv4) or 16 (IPv6) bytes in network order.
-        self.cluster_ips: frozenset[bytes] = frozenset()
-
-    def is_external(self, destination: bytes) -> bool:
-        """Whether a connection to `destination` (packed) came from outside:
-        to a node port, an external IP or a load-balancer IP."""
-        return destination not in self.cluster_ips
 
 
 class _Pin:
@@ -209,7 +190,7 @@ class Balancer:
         return endpoint
 
     def picker(self, name: ServicePortName, stats: PortStats | None = None) -> PortPicker:
-        """A `uproxy.relay.base.Picker` bound to one port, for its listener."""
+        """A `uproxy.picking.Picker` bound to one port, for its listener."""
         split = self._splits.get(name)
         if split is None:
             split = self._splits[name] = TrafficSplit()

@@ -21,8 +21,8 @@ from typing import Protocol
 
 from uproxy.allocators import AddressAllocator, ExhaustedError, PortAllocator
 from uproxy.model import DesiredPort, ServicePortName, format_hostport
+from uproxy.picking import Picker
 from uproxy.portforward.connection import Relay
-from uproxy.relay.base import Picker
 from uproxy.relay.tcp import TcpServer
 from uproxy.relay.udp import UdpServer
 from uproxy.settings import ListenerSettings

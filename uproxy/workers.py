@@ -53,7 +53,7 @@ from uproxy.balancer import Balancer
 from uproxy.eventloop import install_uvloop
 from uproxy.listeners import IP_FREEBIND, open_socket
 from uproxy.model import Endpoint, ServicePortName
-from uproxy.relay.base import Picker
+from uproxy.picking import Picker
 from uproxy.relay.tcp import TcpServer
 from uproxy.relay.udp import UdpServer
 from uproxy.settings import Settings

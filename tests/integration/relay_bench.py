@@ -28,13 +28,18 @@ CHUNK = 1024 * 1024
 
 def proxy_main(mode: str, backend_port: int, pipe_size: int, promote_after: int) -> None:
     from uproxy.model import Endpoint
+    from uproxy.picking import TrafficSplit
     from uproxy.relay.splice import PipePool
     from uproxy.relay.tcp import TcpServer
     from uproxy.stats import PortStats
 
     class Picker:
+        split = TrafficSplit()
+
         def pick(self, client_ip: str, reset_affinity: bool = False) -> Endpoint:
             return Endpoint("127.0.0.1", backend_port)
+
+        pick_external = pick
 
     async def run() -> None:
         sock = socket.socket()

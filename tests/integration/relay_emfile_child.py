@@ -19,6 +19,7 @@ from dataclasses import asdict
 import uvloop
 
 from uproxy.model import Endpoint
+from uproxy.picking import TrafficSplit
 from uproxy.relay.tcp import TcpServer
 from uproxy.stats import PortStats
 
@@ -26,9 +27,12 @@ from uproxy.stats import PortStats
 class OnePicker:
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
+        self.split = TrafficSplit()
 
     def pick(self, client_ip: str, reset_affinity: bool = False) -> Endpoint:
         return self.endpoint
+
+    pick_external = pick
 
 
 async def main(endpoint_port: int, nofile: int) -> None:

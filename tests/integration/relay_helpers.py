@@ -10,7 +10,7 @@ import pytest
 import uvloop
 
 from uproxy.model import Endpoint
-from uproxy.relay.base import NoEndpointsError
+from uproxy.picking import NoEndpointsError, TrafficSplit
 
 # Relay modules run every test on both loops: `from relay_helpers import event_loop_policy`.
 LOOP_POLICY_WARNING = pytest.mark.filterwarnings(
@@ -33,6 +33,7 @@ class FixedPicker:
         self.endpoints = list(endpoints)
         self.index = 0
         self.calls: list[tuple[str, bool]] = []
+        self.split = TrafficSplit()  # never active: no traffic is external here
 
     def pick(self, client_ip: str, reset_affinity: bool = False) -> Endpoint:
         self.calls.append((client_ip, reset_affinity))
@@ -41,6 +42,8 @@ class FixedPicker:
         endpoint = self.endpoints[self.index % len(self.endpoints)]
         self.index += 1
         return endpoint
+
+    pick_external = pick
 
 
 def tcp_listener(host: str = "127.0.0.1", backlog: int = 512) -> socket.socket:

@@ -23,7 +23,7 @@ from uproxy.model import (
     Frontend,
     ServicePortName,
 )
-from uproxy.relay.base import NoEndpointsError, Picker
+from uproxy.picking import NoEndpointsError, Picker
 from uproxy.stats import PortStats
 from uproxy.workers import Worker, WorkerBalancer, port_message
 

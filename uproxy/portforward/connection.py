@@ -38,9 +38,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from uproxy.model import Endpoint
+from uproxy.picking import NoEndpointsError
 from uproxy.portforward.channels import Closed, Data, Event, Failure, ProtocolError
 from uproxy.portforward.dialer import Dialer, PortForwardError, Stream
-from uproxy.relay.base import NoEndpointsError
 
 if TYPE_CHECKING:
     from uproxy.dialing import DialRoutes

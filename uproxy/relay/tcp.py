@@ -58,18 +58,21 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from uproxy.model import Endpoint
+from uproxy.picking import NoEndpointsError, Picker, TrafficSplit
 from uproxy.portforward.connection import PortForwardConnection, Relay
 from uproxy.relay.accept import AcceptLoop
-from uproxy.relay.base import DIAL_TIMEOUTS, NoEndpointsError, Picker
 from uproxy.relay.splice import POOL, SPLICE_FLAGS, Pipe, PipePool
 from uproxy.stats import PortStats
 
 log = logging.getLogger("uproxy.relay")
 
 MODES = ("splice", "protocol", "auto")
+# kube-proxy's userspace dial timeouts: each attempt waits longer, and every
+# attempt after the first may fail over to another endpoint.
+DIAL_TIMEOUTS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
 COPY_CHUNK = 256 * 1024
 PROMOTE_AFTER = 256 * 1024  # bytes one direction moves before it may switch to splice
 BULK_READ = 64 * 1024  # a read this large says the sender outpaces us: bulk
@@ -118,14 +121,6 @@ _DIALLING, _OPEN, _CLOSED = 0, 1, 2
 
 Sock = _socket.socket
 AccessLog = Callable[[dict[str, object]], None]
-
-
-class TrafficSplit(Protocol):
-    """A picker's `split` (uproxy.balancer.TrafficSplit)."""
-
-    @property
-    def active(self) -> bool: ...
-    def is_external(self, destination: bytes) -> bool: ...
 
 
 def original_destination(sock: Sock, peer_ip: str) -> tuple[bytes, int] | None:
@@ -186,10 +181,8 @@ class TcpServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.poller: _Poller | None = None
         self._listener = sock
-        # Pickers of the balancer know whether external traffic is picked on
-        # its own; other pickers (tests, tools) never split.
-        self.split: TrafficSplit | None = getattr(picker, "split", None)
-        self.pick_external: Callable[..., Endpoint] = getattr(picker, "pick_external", picker.pick)
+        self.split = picker.split
+        self.pick_external = picker.pick_external
         self._port = _port_of(sock)
         self._accept = AcceptLoop(sock, self._on_accepted, stats, self.name)
         self._conns: set[_Conn | PortForwardConnection] = set()
@@ -245,10 +238,10 @@ class TcpServer:
         # fine because every recv/send passes MSG_DONTWAIT.
         client = Sock(self.family, _STREAM, 0, fd)
         split = self.split
-        external = split is not None and split.active and self._external(client, addr, split)
+        external = split.active and self._external(client, addr, split)
+        client_ip = cast(str, addr[0])
         try:
-            endpoint = (self.pick_external(addr[0]) if external
-                        else self.picker.pick(addr[0]))  # type: ignore[arg-type]
+            endpoint = self.pick_external(client_ip) if external else self.picker.pick(client_ip)
         except NoEndpointsError:
             stats.no_endpoints += 1
             reset_close(client)

@@ -35,7 +35,7 @@ import struct
 from collections.abc import Callable
 from typing import cast
 
-from uproxy.relay.base import NoEndpointsError, Picker
+from uproxy.picking import NoEndpointsError, Picker
 from uproxy.stats import PortStats
 
 log = logging.getLogger("uproxy.relay")
