@@ -207,13 +207,9 @@ def build(
 async def load_initial(parts: Parts) -> None:
     """What a source must do before anything listens: read the services file
     (a bad one is fatal at start), load the kubeconfig (a bad one likewise)."""
-    load = getattr(parts.source, "load_initial", None)
-    prepare = getattr(parts.source, "prepare", None)
     try:
-        if load is not None:
-            load()
-        if prepare is not None:
-            await prepare()
+        parts.source.load_initial()
+        await parts.source.prepare()
     except Exception as error:  # the source's one-line message
         raise StartupError(str(error)) from None
 
@@ -223,11 +219,14 @@ def copy_source_counters(parts: Parts) -> None:
     counters = parts.metrics.sources
     for source, error in parts.tracker.errors.items():
         counters.errors[source] = error.count
-    for name in ("watch_restarts", "relists", "list_pages", "expired_lists"):
-        per_resource = getattr(parts.source, name, None)
-        if isinstance(per_resource, dict):
-            for resource, count in per_resource.items():
-                getattr(counters, name)[(parts.source.name, resource)] = count
+    source = parts.source.name
+    kept = parts.source.counters()
+    for mine, theirs in ((counters.watch_restarts, kept.watch_restarts),
+                         (counters.relists, kept.relists),
+                         (counters.list_pages, kept.list_pages),
+                         (counters.expired_lists, kept.expired_lists)):
+        for resource, count in theirs.items():
+            mine[(source, resource)] = count
 
 
 async def housekeeping(parts: Parts, interval: float = 1.0) -> None:
@@ -317,10 +316,9 @@ async def _serve(parts: Parts, loop: asyncio.AbstractEventLoop) -> None:
         for number in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(number, parts.stop.set)
             signals.callback(loop.remove_signal_handler, number)
-        reload = getattr(parts.source, "reload", None)
-        if reload is not None:
-            loop.add_signal_handler(signal.SIGHUP, reload)
-            signals.callback(loop.remove_signal_handler, signal.SIGHUP)
+        # Sources that cannot reload ignore it (SIGHUP would otherwise end the process).
+        loop.add_signal_handler(signal.SIGHUP, parts.source.reload)
+        signals.callback(loop.remove_signal_handler, signal.SIGHUP)
 
         async with asyncio.TaskGroup() as tasks:
             source_task = tasks.create_task(parts.source.run(parts.tracker), name="source")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from uproxy.model import DesiredPort, Endpoint, format_hostport
 from uproxy.rules.base import Portal, Rules
-from uproxy.rules.render import Entry, iptables_rule_args, nft_element, nft_map_of, portal_entries
+from uproxy.rules.render import portal_entries, portal_hop
 
 MASQ_MARK = "0x4000/0x4000"
 
@@ -38,29 +38,8 @@ def probability(n: int) -> str:
     return f"{1.0 / n:0.10f}"
 
 
-def _prefix_of(rules: Rules) -> str:
-    return str(getattr(rules, "prefix", "UPROXY"))
-
-
 def _listener(portal: Portal) -> str:
     return format_hostport(portal.proxy_ip or "0.0.0.0", portal.proxy_port)
-
-
-def _hop(rules: Rules, entry: Entry, where: str) -> str:
-    """How the packet is steered, for a backend, from `where` ("container" or "host")."""
-    prefix = _prefix_of(rules)
-    hook = "PREROUTING" if where == "container" else "OUTPUT"
-    if rules.name in ("iptables", "iptc"):
-        part = "PORTALS" if entry.kind == "portal" else "NODEPORT"
-        chain = f"{prefix}-{part}-CONTAINER"
-        if where == "host":  # the HOST chain is one jump into the CONTAINER chain
-            chain = f"{prefix}-{part}-HOST -> {chain}"
-        return f"nat {hook} -> {chain}: {iptables_rule_args(entry)}"
-    if rules.name == "nft":
-        chain = f"{'portals' if entry.kind == 'portal' else 'nodeports'}_{where}"
-        return (f"{chain} (hook {hook.lower()}) map @{nft_map_of(entry)}: "
-                f"{nft_element(entry)}")
-    return f"({rules.name}: no kernel rule)"
 
 
 def _endpoints(port: DesiredPort | None) -> str:
@@ -72,7 +51,8 @@ def _endpoints(port: DesiredPort | None) -> str:
     return f"round-robin over {text}{affinity}"
 
 
-def explain_paths(ports: Sequence[DesiredPort], portals: Sequence[Portal], rules: Rules) -> str:
+def explain_paths(ports: Sequence[DesiredPort], portals: Sequence[Portal], rules: Rules,
+                  prefix: str) -> str:
     by_name = {p.name: p for p in ports}
     lines = [f"# Packet paths ({rules.name} backend)"]
     for portal in sorted(portals, key=lambda p: p.frontend.name):
@@ -91,8 +71,10 @@ def explain_paths(ports: Sequence[DesiredPort], portals: Sequence[Portal], rules
             if entry.family == 6 and entry.address is not None:
                 target = format_hostport(entry.address, entry.port)
             lines.append(f"  {target}")
-            lines.append(f"    from another host or pod: {_hop(rules, entry, 'container')}")
-            lines.append(f"    from this host:           {_hop(rules, entry, 'host')}")
+            lines.append("    from another host or pod: "
+                         f"{portal_hop(rules.name, prefix, entry, 'container')}")
+            lines.append("    from this host:           "
+                         f"{portal_hop(rules.name, prefix, entry, 'host')}")
         lines.append(f"  then the listener dials: {_endpoints(by_name.get(frontend.name))}")
     return "\n".join(lines) + "\n"
 
@@ -189,6 +171,7 @@ def explain(
     portals: Sequence[Portal],
     rules: Rules,
     *,
+    prefix: str = "UPROXY",
     compare: bool = False,
 ) -> str:
     """The rules `rules` would install, the path per service port, and optionally kube-proxy's."""
@@ -200,7 +183,7 @@ def explain(
         f"# Rules the {rules.name} backend installs",
         rules.render(portals).rstrip("\n"),
         "",
-        explain_paths(ports, portals, rules).rstrip("\n"),
+        explain_paths(ports, portals, rules, prefix).rstrip("\n"),
     ]
     if compare:
         parts += ["", kube_proxy_iptables(ports).rstrip("\n"),

@@ -74,26 +74,13 @@ class SyncMetrics:
 
 @dataclass
 class SourceMetrics:
-    """Counters sources bump; plain dicts, read at scrape time."""
+    """What sources counted, copied in by the app's housekeeping; read at scrape time."""
 
     watch_restarts: dict[tuple[str, str], int] = field(default_factory=dict)
     relists: dict[tuple[str, str], int] = field(default_factory=dict)
     list_pages: dict[tuple[str, str], int] = field(default_factory=dict)
     expired_lists: dict[tuple[str, str], int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
-
-    def watch_restarted(self, source: str, resource: str) -> None:
-        key = (source, resource)
-        self.watch_restarts[key] = self.watch_restarts.get(key, 0) + 1
-
-    def relisted(self, source: str, resource: str) -> None:
-        """A full relist, e.g. after 410 Gone."""
-        key = (source, resource)
-        self.relists[key] = self.relists.get(key, 0) + 1
-
-    def source_error(self, source: str) -> None:
-        """A fault the source survived (bad file, failed reload)."""
-        self.errors[source] = self.errors.get(source, 0) + 1
 
 
 class _DialHistogram:

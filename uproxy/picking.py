@@ -11,6 +11,10 @@ from typing import Protocol
 
 from uproxy.model import Endpoint
 
+# kube-proxy's userspace dial timeouts: each attempt waits longer, and every
+# attempt after the first fails over to the next endpoint the picker gives.
+DIAL_TIMEOUTS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+
 
 class NoEndpointsError(Exception):
     """The service port has no endpoints to pick from."""

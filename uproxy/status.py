@@ -13,7 +13,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Set
 from typing import Any, Protocol
 
-from uproxy.model import DesiredPort, Endpoint, ObjectName, ServicePortName, format_hostport
+from uproxy.model import (
+    DesiredPort,
+    Endpoint,
+    Frontend,
+    ObjectName,
+    ServicePortName,
+    format_hostport,
+)
+from uproxy.picking import DIAL_TIMEOUTS
+from uproxy.rules.base import Portal
+from uproxy.rules.render import portal_entries, portal_hop
 from uproxy.stats import PortStats
 
 WILDCARDS = ("0.0.0.0", "::", "")
@@ -289,8 +299,7 @@ def packet_path(
                 f"client connects to {format_hostport(frontend.addresses[0], frontend.port)}"
                 f"/{protocol}: a virtual IP, nothing listens there"
             )
-        steps.extend(_rule_steps(proxier, frontend.addresses, frontend.port,
-                                 frontend.node_port, protocol, proxy_ip, proxy_port))
+        steps.extend(_rule_steps(proxier, frontend, proxy_ip, proxy_port))
     kind = "accepts the connection" if protocol == "TCP" else "receives the datagram"
     steps.append(f"listener {listener} ({protocol}) {kind}")
     steps.append(_balancer_step(view, protocol))
@@ -298,60 +307,27 @@ def packet_path(
         steps.append(_external_step(desired.external_endpoints, protocol))
     if view.endpoints:
         if protocol == "TCP":
-            steps.append("dial the endpoint at once (retry 250 ms → 2 s, fail over), "
-                         "then relay bytes both ways")
+            tries = " → ".join(f"{t * 1000:g} ms" if t < 1 else f"{t:g} s"
+                               for t in DIAL_TIMEOUTS)
+            steps.append(f"dial the endpoint at once ({len(DIAL_TIMEOUTS)} attempts of {tries}, "
+                         "failing over to the next endpoint), then relay bytes both ways")
         else:
             steps.append("forward through the client's UDP session; replies go back "
                          "from the service address")
     return steps
 
 
-def _rule_steps(
-    proxier: StatusInputs,
-    addresses: tuple[str, ...],
-    port: int,
-    node_port: int | None,
-    protocol: str,
-    proxy_ip: str,
-    proxy_port: int,
-) -> list[str]:
-    prefix = proxier.chain_prefix
-    proto = protocol.lower()
-    wildcard = proxy_ip in WILDCARDS
-    redirect = f"REDIRECT --to-ports {proxy_port}"
-    dnat = f"DNAT --to-destination {format_hostport(proxy_ip, proxy_port)}"
-    host_target = redirect if wildcard else dnat
-    container_target = redirect if wildcard else dnat
-    nft = proxier.rules_name == "nft"
+def _rule_steps(proxier: StatusInputs, frontend: Frontend, proxy_ip: str,
+                proxy_port: int) -> list[str]:
+    """The backend's own rule text for each way in (the same words as `uproxy explain`)."""
     steps: list[str] = []
-    for address in addresses:
-        family = 6 if ":" in address else 4
-        mask = "/128" if family == 6 else "/32"
-        if nft:
-            table = f"table ip{'6' if family == 6 else ''} {prefix.lower()}"
-            match = f"ip{'6' if family == 6 else ''} daddr {address} {proto} dport {port}"
-            target = (f"redirect to :{proxy_port}" if wildcard
-                      else f"dnat to {format_hostport(proxy_ip, proxy_port)}")
-            steps.append(f"from this host: nft {table} output → {match} → {target}")
-            steps.append(f"from pods/other hosts: nft {table} prerouting → {match} → {target}")
-            continue
-        rule = f"-d {address}{mask} -p {proto} --dport {port}"
-        steps.append(
-            f"from this host: nat OUTPUT → {prefix}-PORTALS-HOST → {prefix}-PORTALS-CONTAINER: "
-            f"{rule} → {host_target}"
-        )
-        steps.append(
-            f"from pods/other hosts: nat PREROUTING → {prefix}-PORTALS-CONTAINER: "
-            f"{rule} → {container_target}"
-        )
-    if node_port:
-        rule = f"-m addrtype --dst-type LOCAL -p {proto} --dport {node_port}"
-        if nft:
-            steps.append(f"node port {node_port}: nft prerouting/output → fib daddr type "
-                         f"local {proto} dport {node_port} → redirect to :{proxy_port}")
-        else:
-            steps.append(f"node port: nat PREROUTING (OUTPUT → {prefix}-NODEPORT-HOST) → "
-                         f"{prefix}-NODEPORT-CONTAINER: {rule} → {host_target}")
+    backend, prefix = proxier.rules_name, proxier.chain_prefix
+    for entry in portal_entries([Portal(frontend, proxy_ip, proxy_port)]):
+        where = (f"node port {entry.port}" if entry.kind == "nodeport"
+                 else format_hostport(entry.address or "", entry.port))
+        steps.append(f"to {where} from this host: {portal_hop(backend, prefix, entry, 'host')}")
+        steps.append(f"to {where} from pods/other hosts: "
+                     f"{portal_hop(backend, prefix, entry, 'container')}")
     if not steps:
         steps.append("no virtual IP: only the listener itself reaches this port")
     return steps

@@ -23,7 +23,7 @@ from tests.integration.apphelpers import (
     udp_exchange,
     write_services,
 )
-from uproxy.relay.tcp import DIAL_TIMEOUTS
+from uproxy.picking import DIAL_TIMEOUTS
 
 WEB = ("--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0")
 

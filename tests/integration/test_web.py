@@ -166,10 +166,9 @@ async def test_sync_rules_and_source_figures(
     world.metrics.sync.observe_sync(0.012)
     world.metrics.sync.observe_sync(0.2)
     world.metrics.sync.rules_apply_failed()
-    world.metrics.sources.watch_restarted("kube", "services")
-    world.metrics.sources.relisted("kube", "endpointslices")
-    world.metrics.sources.relisted("kube", "endpointslices")
-    world.metrics.sources.source_error("file")
+    world.metrics.sources.watch_restarts[("kube", "services")] = 1
+    world.metrics.sources.relists[("kube", "endpointslices")] = 2
+    world.metrics.sources.errors["file"] = 1
     world.metrics.sources.list_pages[("kube", "services")] = 3
     world.metrics.sources.expired_lists[("kube", "services")] = 1
 

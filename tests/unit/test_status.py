@@ -101,6 +101,10 @@ def port_of(status: dict[str, Any], port_id: str) -> dict[str, Any]:
     raise AssertionError(f"{port_id} not in status")
 
 
+RULE = ('-d 198.18.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "default/web:http" '
+        "-j {target}")
+
+
 def test_rules_mode_port_explains_the_redirect_listener_and_next_pick() -> None:
     proxier = FakeProxier()
     proxier.serve(WEB, 80, ["127.0.0.1:8080", "127.0.0.2:8080"])
@@ -113,13 +117,15 @@ def test_rules_mode_port_explains_the_redirect_listener_and_next_pick() -> None:
     assert port["listener"] == "0.0.0.0:30001"
     assert port["path"] == [
         "client connects to 198.18.0.10:80/TCP: a virtual IP, nothing listens there",
-        "from this host: nat OUTPUT → UPROXY-PORTALS-HOST → UPROXY-PORTALS-CONTAINER: "
-        "-d 198.18.0.10/32 -p tcp --dport 80 → REDIRECT --to-ports 30001",
-        "from pods/other hosts: nat PREROUTING → UPROXY-PORTALS-CONTAINER: "
-        "-d 198.18.0.10/32 -p tcp --dport 80 → REDIRECT --to-ports 30001",
+        # The very rule text the backend installs (and `uproxy explain` prints).
+        "to 198.18.0.10:80 from this host: nat OUTPUT -> UPROXY-PORTALS-HOST -> "
+        "UPROXY-PORTALS-CONTAINER: " + RULE.format(target="REDIRECT --to-ports 30001"),
+        "to 198.18.0.10:80 from pods/other hosts: nat PREROUTING -> UPROXY-PORTALS-CONTAINER: "
+        + RULE.format(target="REDIRECT --to-ports 30001"),
         "listener 0.0.0.0:30001 (TCP) accepts the connection",
         "balancer: round-robin over 2 endpoints, next: 127.0.0.1:8080",
-        "dial the endpoint at once (retry 250 ms → 2 s, fail over), then relay bytes both ways",
+        "dial the endpoint at once (4 attempts of 250 ms → 500 ms → 1 s → 2 s, failing over "
+        "to the next endpoint), then relay bytes both ways",
     ]
     assert [e["address"] for e in port["endpoints"]] == ["127.0.0.1:8080", "127.0.0.2:8080"]
     assert [e["next"] for e in port["endpoints"]] == [True, False]
@@ -149,11 +155,11 @@ def test_listener_on_one_address_is_reached_by_dnat() -> None:
     proxier.serve(WEB, 80, ["127.0.0.1:8080"], listener=("10.1.2.3", 30002), node_port=31080)
 
     path = port_of(build_status(proxier, now=0.0), "default/web:http")["path"]
-    assert path[1].endswith("-d 198.18.0.10/32 -p tcp --dport 80 "
-                            "→ DNAT --to-destination 10.1.2.3:30002")
-    assert path[3] == ("node port: nat PREROUTING (OUTPUT → UPROXY-NODEPORT-HOST) → "
-                       "UPROXY-NODEPORT-CONTAINER: -m addrtype --dst-type LOCAL -p tcp "
-                       "--dport 31080 → DNAT --to-destination 10.1.2.3:30002")
+    assert path[3].endswith(RULE.format(target="DNAT --to-destination 10.1.2.3:30002"))
+    assert path[1] == ("to node port 31080 from this host: nat OUTPUT -> UPROXY-NODEPORT-HOST "
+                       "-> UPROXY-NODEPORT-CONTAINER: -p tcp -m addrtype --dst-type LOCAL "
+                       '-m tcp --dport 31080 -m comment --comment "default/web:http" '
+                       "-j DNAT --to-destination 10.1.2.3:30002")
     assert "balancer: round-robin over 1 endpoint, next: 127.0.0.1:8080" in path
 
 
@@ -165,9 +171,10 @@ def test_ipv6_portal_uses_a_128_mask() -> None:
     port = port_of(build_status(proxier, now=0.0), "default/web:http")
     assert port["address"] == "[fd00:198::10]:80"
     assert port["listener"] == "[::]:30003"
-    assert port["path"][1] == ("from this host: nat OUTPUT → KP-PORTALS-HOST → "
-                               "KP-PORTALS-CONTAINER: -d fd00:198::10/128 -p tcp --dport 80 "
-                               "→ REDIRECT --to-ports 30003")
+    assert port["path"][1] == (
+        "to [fd00:198::10]:80 from this host: nat OUTPUT -> KP-PORTALS-HOST -> "
+        "KP-PORTALS-CONTAINER: -d fd00:198::10/128 -p tcp -m tcp --dport 80 "
+        '-m comment --comment "default/web:http" -j REDIRECT --to-ports 30003')
     assert port["endpoints"][0]["address"] == "[fd00::1]:8080"
 
 
@@ -224,7 +231,7 @@ def test_udp_port_without_endpoints_drops_datagrams() -> None:
     assert port["protocol"] == "UDP"
     assert port["endpoints"] == []
     assert port["udp"]["datagrams_dropped"] == 4
-    assert "-p udp --dport 53" in port["path"][1]
+    assert "-p udp -m udp --dport 53" in port["path"][1]
     assert port["path"][-1] == "balancer: no endpoints → datagram dropped (counted as no_endpoints)"
 
 
@@ -243,8 +250,9 @@ def test_nft_backend_names_its_table() -> None:
     proxier = FakeProxier(rules_name="nft")
     proxier.serve(WEB, 80, ["127.0.0.1:8080"])
     path = port_of(build_status(proxier, now=0.0), "default/web:http")["path"]
-    assert path[1] == ("from this host: nft table ip uproxy output → "
-                       "ip daddr 198.18.0.10 tcp dport 80 → redirect to :30001")
+    assert path[1] == ("to 198.18.0.10:80 from this host: table ip uproxy portals_host "
+                       "(hook output) map @portal_redirect: "
+                       '198.18.0.10 . tcp . 80 comment "default/web:http" : 30001')
 
 
 def test_sync_section_and_readiness() -> None:

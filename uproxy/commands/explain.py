@@ -83,5 +83,6 @@ def run(args: argparse.Namespace) -> int:
     portals = assign_portals(ports, args.bind_address, args.proxy_port_range)
     rules = make_rules(args.rules, args.chain_prefix, laptop_mode=args.rules == "none",
                        render_only=True)
-    sys.stdout.write(explain(ports, portals, rules, compare=args.compare))
+    sys.stdout.write(explain(ports, portals, rules, prefix=args.chain_prefix,
+                             compare=args.compare))
     return 0

@@ -61,7 +61,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, cast
 
 from uproxy.model import Endpoint
-from uproxy.picking import NoEndpointsError, Picker, TrafficSplit
+from uproxy.picking import DIAL_TIMEOUTS, NoEndpointsError, Picker, TrafficSplit
 from uproxy.portforward.connection import PortForwardConnection, Relay
 from uproxy.relay.accept import AcceptLoop
 from uproxy.relay.splice import POOL, SPLICE_FLAGS, Pipe, PipePool
@@ -70,9 +70,6 @@ from uproxy.stats import PortStats
 log = logging.getLogger("uproxy.relay")
 
 MODES = ("splice", "protocol", "auto")
-# kube-proxy's userspace dial timeouts: each attempt waits longer, and every
-# attempt after the first may fail over to another endpoint.
-DIAL_TIMEOUTS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
 COPY_CHUNK = 256 * 1024
 PROMOTE_AFTER = 256 * 1024  # bytes one direction moves before it may switch to splice
 BULK_READ = 64 * 1024  # a read this large says the sender outpaces us: bulk

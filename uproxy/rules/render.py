@@ -205,6 +205,26 @@ def jumps(prefix: str) -> list[Jump]:
     ]
 
 
+def portal_hop(backend: str, prefix: str, entry: Entry, where: str) -> str:
+    """How `backend` steers a packet of `entry` to its listener, in the very
+    rule text it installs; `where` is "container" (from another host or pod,
+    PREROUTING) or "host" (from this host, OUTPUT). `uproxy explain` and the
+    status page both say it with this."""
+    hook = "PREROUTING" if where == "container" else "OUTPUT"
+    if backend in ("iptables", "iptc"):
+        part = PORTALS_CONTAINER if entry.kind == "portal" else NODEPORT_CONTAINER
+        chain = f"{prefix}-{part}"
+        if where == "host":  # the HOST chain is one jump into the CONTAINER chain
+            host = PORTALS_HOST if entry.kind == "portal" else NODEPORT_HOST
+            chain = f"{prefix}-{host} -> {chain}"
+        return f"nat {hook} -> {chain}: {iptables_rule_args(entry)}"
+    if backend == "nft":
+        chain = f"{'portals' if entry.kind == 'portal' else 'nodeports'}_{where}"
+        return (f"table {nft_family(entry.family)} {nft_table_name(prefix)} {chain} "
+                f"(hook {hook.lower()}) map @{nft_map_of(entry)}: {nft_element(entry)}")
+    return f"({backend}: no kernel rule)"
+
+
 def _host_bits(family: int) -> int:
     return 32 if family == 4 else 128
 

@@ -8,6 +8,7 @@ Sources produce model objects and nothing else. They report changes as
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from uproxy.model import EndpointSlice, ObjectName, Service
@@ -27,11 +28,41 @@ class SourceSink(Protocol):
         """A fault the source survives (bad file, watch dropped); state keeps serving."""
 
 
+@dataclass(frozen=True)
+class SourceCounters:
+    """Per resource, what a source survived and how it listed (for /metrics)."""
+
+    watch_restarts: Mapping[str, int] = field(default_factory=dict)
+    relists: Mapping[str, int] = field(default_factory=dict)
+    list_pages: Mapping[str, int] = field(default_factory=dict)
+    expired_lists: Mapping[str, int] = field(default_factory=dict)
+
+
 class Source(Protocol):
+    """A source of Services and EndpointSlices. The hooks after `run` have
+    no-op defaults; a source subclasses this to inherit them."""
+
     name: str
 
     async def run(self, sink: SourceSink) -> None:
         """Report objects until cancelled. Never returns on its own."""
+
+    def load_initial(self) -> None:
+        """What must be good before anything listens (a services file): raise
+        an exception whose text is one line, and uproxy stops at start."""
+        return None
+
+    async def prepare(self) -> None:
+        """Load configuration (a kubeconfig) before anything listens; a bad one
+        raises an exception whose text is one line."""
+        return None
+
+    def reload(self) -> None:
+        """SIGHUP: read again now (from the loop's thread)."""
+        return None
+
+    def counters(self) -> SourceCounters:
+        return SourceCounters()
 
 
 T = TypeVar("T", Service, EndpointSlice)

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from uproxy.model import EndpointSlice, ObjectName, Service
-from uproxy.sources.base import SourceSink, replace_all
+from uproxy.sources.base import Source, SourceSink, replace_all
 from uproxy.sources.objects import (
     FieldPath,
     ObjectError,
@@ -441,7 +441,7 @@ def _racy(seen: Fingerprint) -> bool:
     return 0 <= age < _RACY_NS
 
 
-class FileSource:
+class FileSource(Source):
     """Reports the services file's objects to a sink, and every later difference."""
 
     name = SOURCE_NAME

@@ -38,7 +38,7 @@ from kubernetes_asyncio import client as kube_client
 from kubernetes_asyncio import config as kube_config
 
 from uproxy.model import EndpointSlice, ObjectName, Service
-from uproxy.sources.base import SourceSink, replace_all
+from uproxy.sources.base import Source, SourceCounters, SourceSink, replace_all
 from uproxy.sources.objects import ObjectError, service_from_dict, slice_from_dict
 
 log = logging.getLogger("uproxy.kube")
@@ -205,7 +205,7 @@ class _Listing:
     pages: int = 0
 
 
-class KubeSource:
+class KubeSource(Source):
     """Services and EndpointSlices from a Kubernetes API server."""
 
     name = "kube"
@@ -256,6 +256,11 @@ class KubeSource:
         self.synced = False
         self.last_error: str | None = None
         self._loops: list[_Loop] = []
+
+    def counters(self) -> SourceCounters:
+        return SourceCounters(watch_restarts=dict(self.watch_restarts),
+                              relists=dict(self.relists), list_pages=dict(self.list_pages),
+                              expired_lists=dict(self.expired_lists))
 
     def status(self) -> dict[str, Any]:
         """A JSON-able summary for /status.json."""
