@@ -15,7 +15,7 @@ import asyncio
 import errno
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -116,6 +116,9 @@ class ListenerPool:
         self._make_server = make_server
         self._reuseport = make_server is not None
         self.listeners: dict[ServicePortName, Listener] = {}
+        # (IP, port) of each listener, kept with `listeners`: read on every sync
+        # and every table row, it must not be rebuilt each time.
+        self._bound: dict[ServicePortName, tuple[str, int]] = {}
         self.errors: dict[ServicePortName, str] = {}
         self.stats: dict[ServicePortName, PortStats] = {}
         self._retiring: list[TcpServer | UdpServer | Server] = []
@@ -125,6 +128,20 @@ class ListenerPool:
         self._addresses = (
             AddressAllocator(settings.bind_range) if settings.bind_range is not None else None
         )
+
+    # -- what the proxier reads (uproxy.applying.Listeners) --------------------
+
+    @property
+    def laptop_mode(self) -> bool:
+        return self.settings.laptop_mode
+
+    @property
+    def bound(self) -> Mapping[ServicePortName, tuple[str, int]]:
+        return self._bound
+
+    @property
+    def unserved(self) -> Mapping[ServicePortName, str]:
+        return self.errors
 
     # -- opening -------------------------------------------------------------
 
@@ -159,24 +176,24 @@ class ListenerPool:
             f"{self._ports.range} were in use by other programs"
         )
 
-    def open(self, port: DesiredPort) -> Listener | None:
-        """Open and start the listener for a service port; None (and an entry
+    def open(self, port: DesiredPort) -> bool:
+        """Open and start the listener for a service port; False (and an entry
         in `errors`) when it cannot be bound."""
         name = port.name
         protocol = port.frontend.protocol
         if protocol == "UDP" and self.settings.dial == "portforward":
             # Kubernetes' port-forward carries TCP only.
             self._failed(name, UDP_NOT_FORWARDED, quiet=True)
-            return None
+            return False
         try:
             ip = self._bind_ip(port)
             sock = self._bind(port, ip)
         except ExhaustedError as error:
             self._failed(name, f"{name} {protocol}: {error}")
-            return None
+            return False
         except BindError as error:
             self._failed(name, str(error))
-            return None
+            return False
         except OSError as error:
             where = ip if self._addresses is None else format_hostport(ip, port.frontend.port)
             hint = ""
@@ -184,7 +201,7 @@ class ListenerPool:
                 hint = (" (ports below 1024 need root, CAP_NET_BIND_SERVICE or a lower "
                         "net.ipv4.ip_unprivileged_port_start)")
             self._failed(name, f"{name} {protocol}: cannot bind {where}: {error.strerror}{hint}")
-            return None
+            return False
         bound_ip, bound_port = sock.getsockname()[:2]
         stats = self.stats.setdefault(name, PortStats())
         picker = self._make_picker(name, stats)
@@ -199,7 +216,7 @@ class ListenerPool:
                 where = format_hostport(bound_ip, bound_port)
                 self._failed(name, f"{name} {protocol}: cannot share {where} between workers: "
                                    f"{error.strerror or error}")
-                return None
+                return False
         elif protocol == "TCP":
             server = TcpServer(
                 sock, picker, stats, mode=self.settings.relay_mode, name=str(name),
@@ -213,9 +230,10 @@ class ListenerPool:
         server.start()
         listener = Listener(name, protocol, bound_ip, bound_port, server)
         self.listeners[name] = listener
+        self._bound[name] = (bound_ip, bound_port)
         if self.errors.pop(name, None) is not None:
             log.info("%s %s: now served on %s", name, protocol, listener.address)
-        return listener
+        return True
 
     def _failed(self, name: ServicePortName, message: str, *, quiet: bool = False) -> None:
         if self.errors.get(name) != message and not quiet:
@@ -235,6 +253,7 @@ class ListenerPool:
     def detach(self, name: ServicePortName) -> Listener | None:
         """Take a listener out of the pool without closing it, so a replacement
         (same service port, new frontend) can open before it closes."""
+        self._bound.pop(name, None)
         return self.listeners.pop(name, None)
 
     def retire(self, listener: Listener) -> None:
@@ -254,12 +273,9 @@ class ListenerPool:
         self._retiring.append(listener.server)
 
     def forget(self, name: ServicePortName) -> None:
-        """Drop the counters of a service port that is gone for good."""
+        """A service port is gone for good: its counters and why it was not served."""
         self.stats.pop(name, None)
-
-    def address_of(self, name: ServicePortName) -> tuple[str, int] | None:
-        listener = self.listeners.get(name)
-        return None if listener is None else (listener.ip, listener.port)
+        self.errors.pop(name, None)
 
     # -- shutdown ------------------------------------------------------------
 
@@ -268,6 +284,7 @@ class ListenerPool:
             listener.server.stop_accepting()
             self._retiring.append(listener.server)
         self.listeners.clear()
+        self._bound.clear()
 
     @property
     def open_connections(self) -> int:

@@ -22,9 +22,9 @@ import bisect
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from uproxy.balancer import Balancer
-from uproxy.listeners import ListenerPool
+from uproxy.applying import Endpoints, Listeners
 from uproxy.model import (
     DesiredPort,
     EndpointSlice,
@@ -50,9 +50,9 @@ class Proxier:
     def __init__(
         self,
         tracker: ChangeTracker,
-        pool: ListenerPool,
+        listeners: Listeners[Any],
         rules: Rules,
-        balancer: Balancer,
+        endpoints: Endpoints,
         *,
         node_name: str = "",
         proxy_name: str | None = None,
@@ -64,9 +64,9 @@ class Proxier:
         portforward_streams: Callable[[], int] = lambda: 0,
     ) -> None:
         self.tracker = tracker
-        self.pool = pool
+        self.listeners = listeners
         self.rules = rules
-        self.balancer = balancer
+        self.endpoints = endpoints
         self.node_name = node_name or None
         self.proxy_name = proxy_name
         self.chain_prefix = chain_prefix
@@ -115,19 +115,24 @@ class Proxier:
 
     @property
     def laptop_mode(self) -> bool:
-        return self.pool.settings.laptop_mode
+        return self.listeners.laptop_mode
+
+    @property
+    def balancer(self) -> Endpoints:
+        """The endpoints side, for the status page's snapshots."""
+        return self.endpoints
 
     @property
     def bound(self) -> Mapping[ServicePortName, tuple[str, int]]:
-        return {name: (lst.ip, lst.port) for name, lst in self.pool.listeners.items()}
+        return self.listeners.bound
 
     @property
     def errors(self) -> Mapping[ServicePortName, str]:
-        return self.pool.errors
+        return self.listeners.unserved
 
     @property
     def stats(self) -> Mapping[ServicePortName, PortStats]:
-        return self.pool.stats
+        return self.listeners.stats
 
     # -- the sync ------------------------------------------------------------
 
@@ -152,7 +157,7 @@ class Proxier:
         else:
             # Plan only what changed, and the ports that failed to open, so
             # a one-service change costs one service however many there are.
-            touched = changes.touched_services() | {n.service for n in self.pool.errors}
+            touched = changes.touched_services() | {n.service for n in self.listeners.unserved}
             state = update_state(
                 self._state, self.services,
                 {key: list(self._slice_index.get(key, {}).values()) for key in touched},
@@ -163,9 +168,14 @@ class Proxier:
         self.skipped = state.skipped
         self.desired = state.ports
 
-        # A port whose frontend changed is in both lists: its old listener
-        # steps aside so the new one opens first, and closes after the rules moved.
-        replaced = [self.pool.detach(port.name) for port in plan.removed]
+        # The written order (uproxy.applying): additions open the listener,
+        # publish its endpoints, then install the rules that steer traffic to
+        # it; removals delete the rules, close the listener, then forget the
+        # endpoints. A port whose frontend changed is in both lists: its old
+        # listener steps aside so the new one opens first, and closes after
+        # the rules moved.
+        listeners = self.listeners
+        replaced = [listeners.detach(port.name) for port in plan.removed]
         failed = [port for port in plan.added if not self._open(port)]
         self._publish(plan.added + plan.updated)
 
@@ -179,22 +189,22 @@ class Proxier:
         for port, listener in zip(plan.removed, replaced, strict=True):
             if port.name not in added:
                 self.applied.pop(port.name, None)
-                self.pool.errors.pop(port.name, None)
             if listener is not None:
-                self.pool.retire(listener)
+                listeners.retire(listener)
         # Ports or addresses the removals just freed may fit what did not open.
-        if failed and any(replaced) and any([self._open(port) for port in failed]):
+        if failed and any(r is not None for r in replaced) and any(
+                [self._open(port) for port in failed]):
             self._publish(failed)
             rules_error = await self._apply_rules(verify=False, names=moved)
 
         gone = {port.name for port in plan.removed if port.name not in state.ports}
         for name in gone:
-            self.balancer.remove(name)
-            self.pool.forget(name)
-        unserved_gone = [name for name in self.pool.errors if name not in state.ports]
+            self.endpoints.remove(name)
+            listeners.forget(name)
+        unserved_gone = [name for name in listeners.unserved if name not in state.ports]
         for name in unserved_gone:
-            self.pool.errors.pop(name, None)
-        self.balancer.expire_pins()
+            listeners.forget(name)
+        self.endpoints.expire_pins()
 
         if self._stale_rows is not None:
             self._stale_rows.update(port.name for port in plan.added + plan.updated + plan.removed)
@@ -204,7 +214,8 @@ class Proxier:
             log.info(
                 "sync: %d added, %d updated, %d removed; %d ports served, %d not served (%.1f ms)",
                 len(plan.added), len(plan.updated), len(plan.removed),
-                len(self.pool.listeners), len(self.pool.errors), self.last_sync_seconds * 1000,
+                len(self.listeners.bound), len(self.listeners.unserved),
+                self.last_sync_seconds * 1000,
             )
         if not plan.empty or unserved_gone or self._last_table is None:
             self._write_table()
@@ -242,13 +253,14 @@ class Proxier:
 
     def _publish(self, ports: Sequence[DesiredPort]) -> None:
         """Endpoints to the balancer, for the ports that have a listener."""
+        bound = self.listeners.bound
         for port in ports:
-            if port.name in self.pool.listeners:
+            if port.name in bound:
                 self.applied[port.name] = port
-                self.balancer.publish(port)
+                self.endpoints.publish(port)
 
     def _open(self, port: DesiredPort) -> bool:
-        if self.pool.open(port) is None:
+        if not self.listeners.open(port):
             return False
         self.applied[port.name] = port
         return True
@@ -293,8 +305,8 @@ class Proxier:
         for name in names:
             old = current.get(name)
             port = self.applied.get(name)
-            listener = self.pool.listeners.get(name)
-            portal = (Portal(port.frontend, listener.ip, listener.port)
+            listener = self.listeners.bound.get(name)
+            portal = (Portal(port.frontend, *listener)
                       if port is not None and listener is not None else None)
             if portal == old:
                 continue
@@ -355,22 +367,23 @@ class Proxier:
                 continue
             if key not in self._rows:
                 bisect.insort(self._order, key)
-            listener = self.pool.listeners.get(name)
+            listener = self.listeners.bound.get(name)
             where = f"{port.frontend.port}/{name.protocol.lower()}"
             if listener is not None:
                 count = len(port.endpoints)
                 plural = "endpoint" if count == 1 else "endpoints"
-                reached, note = listener.address, ""
+                reached = address = format_hostport(*listener)
+                note = ""
                 if not self.laptop_mode and port.frontend.cluster_ips:
                     # Rules mode: clients use the cluster IP; the proxy port is where
                     # the rules bring them.
                     reached = format_hostport(port.frontend.cluster_ips[0], port.frontend.port)
-                    note = f", proxy {listener.address}"
+                    note = f", proxy {address}"
                 self._rows[key] = (str(name.service), where, reached,
                                    f"({count} {plural}{note})")
             else:
                 self._rows[key] = (str(name.service), where, "not served",
-                                   f"({self.pool.errors.get(name, 'unknown error')})")
+                                   f"({self.listeners.unserved.get(name, 'unknown error')})")
         return keys
 
     def _write_table(self) -> None:
