@@ -428,7 +428,7 @@ async def test_auto_promotes_bulk_to_splice(make_proxy: Callable[..., Proxy]) ->
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_no_task_per_connection(make_proxy: Callable[..., Proxy], mode: str) -> None:
+async def test_tasks_per_connection(make_proxy: Callable[..., Proxy], mode: str) -> None:
     loop = asyncio.get_running_loop()
     relay_tasks: list[str] = []
     default_factory = loop.get_task_factory()
@@ -456,7 +456,9 @@ async def test_no_task_per_connection(make_proxy: Callable[..., Proxy], mode: st
     finally:
         loop.set_task_factory(default_factory)
 
-    assert relay_tasks == []
+    # The copying modes run from the poller; protocol mode makes its transports
+    # in one ordinary task per connection, which ends once they exist.
+    assert relay_tasks == (["_wrap"] * 5 if mode == "protocol" else [])
     assert proxy.stats.connections_accepted == 5
     server.close()
 
@@ -486,4 +488,36 @@ async def test_dial_that_completes_after_connect_returns(
     await proxy.closed()
 
     assert (proxy.stats.bytes_in, proxy.stats.bytes_out) == (4, 10)
+    server.close()
+
+
+async def test_a_connection_whose_handler_fails_is_closed_and_unregistered(
+    make_proxy: Callable[..., Proxy], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in a connection's event handler must not leave it registered
+    (the drain would wait for it forever): it is reset and logged once."""
+    server, endpoint = await backend(echo)
+    proxy = make_proxy(FixedPicker(endpoint), "auto")
+    reader, writer = await proxy.connect()
+    writer.write(b"ping")
+    assert await reader.readexactly(4) == b"ping"
+    broken = [False]
+    real = relay_tcp._Conn.on_event
+
+    def on_event(conn: Any, fd: int, mask: int) -> None:
+        if not broken[0]:
+            broken[0] = True
+            raise RuntimeError("a bug in the relay")
+        real(conn, fd, mask)
+
+    monkeypatch.setattr(relay_tcp._Conn, "on_event", on_event)
+    writer.write(b"again")
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader.readexactly(5), 5)
+    await proxy.closed()
+    assert broken[0]
+    failures = [r for r in caplog.records if "handler failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    writer.close()
     server.close()

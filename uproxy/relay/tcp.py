@@ -2,11 +2,11 @@
 
 Per connection there is no Task, no coroutine, no asyncio handle and no
 callback object: a `_Conn` with two `_Pump`s (all `__slots__`) is driven by one
-edge-triggered epoll set per event loop (`_Poller`). The loop watches only the
-poller's descriptor; each socket is added to the set once with
-IN|OUT|RDHUP|ET and leaves it when closed, so a connection costs two
-epoll_ctl calls in all (the loop's add_reader/remove_reader per direction cost
-twelve, half of them failing, and an object per descriptor). Modes:
+edge-triggered epoll set per event loop (`relay.poller`, which also keeps the
+dial deadlines). Each socket is added to the set once and leaves it when
+closed, so a connection costs two epoll_ctl calls in all (the loop's
+add_reader/remove_reader per direction cost twelve, half of them failing, and
+an object per descriptor). Modes:
 
 - "auto" (default): each direction copies through one shared buffer
   (recv_into + send, no allocation unless the destination is full) and
@@ -17,9 +17,10 @@ twelve, half of them failing, and an object per descriptor). Modes:
 - "splice": each direction moves socket -> pipe -> socket with splice(2) from
   the first byte.
 - "protocol": the two sockets become asyncio transports joined by a Protocol
-  pair with backpressure (a peer above its high-water mark pauses reading on
-  this side). Wrapping sockets into transports is a coroutine; it is
-  stepped from future callbacks (`_drive`), not run as a Task.
+  pair with backpressure (`relay.pair`; making the transports is one task).
+
+A client whose endpoint is reached through the API server's port-forward
+(`--dial`) is handed to `portforward.connection` instead.
 
 A service port whose external traffic has endpoints of its own
 (`externalTrafficPolicy: Local`) is told so by its picker's `split`; only
@@ -52,18 +53,31 @@ import contextlib
 import errno
 import logging
 import os
-import select
 import socket
 import struct
 import time
-from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Sequence
+from typing import cast
 
 from uproxy.model import Endpoint
 from uproxy.picking import DIAL_TIMEOUTS, NoEndpointsError, Picker, TrafficSplit
 from uproxy.portforward.connection import PortForwardConnection, Relay
 from uproxy.relay.accept import AcceptLoop
+from uproxy.relay.pair import Side, start_pair
+from uproxy.relay.poller import (
+    CLOSED,
+    DIALLING,
+    EPOLLERR,
+    EPOLLHUP,
+    EPOLLOUT,
+    EPOLLRDHUP,
+    OPEN,
+    READABLE,
+    WATCH,
+    WATCH_READ,
+    Poller,
+    poller_for,
+)
 from uproxy.relay.splice import POOL, SPLICE_FLAGS, Pipe, PipePool
 from uproxy.stats import PortStats
 
@@ -74,23 +88,8 @@ COPY_CHUNK = 256 * 1024
 PROMOTE_AFTER = 256 * 1024  # bytes one direction moves before it may switch to splice
 BULK_READ = 64 * 1024  # a read this large says the sender outpaces us: bulk
 ROUNDS = 16  # chunks a direction moves per turn before it lets others run
-HIGH_WATER = 256 * 1024  # protocol mode write buffer limits
-LOW_WATER = 64 * 1024
-TIMER_SLACK = 0.05  # dial timeouts fire up to this late, so one timer serves many dials
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
-_EPOLLIN = select.EPOLLIN
-_EPOLLOUT = select.EPOLLOUT
-_EPOLLERR = select.EPOLLERR
-_EPOLLHUP = select.EPOLLHUP
-_EPOLLRDHUP = select.EPOLLRDHUP
-_READABLE = _EPOLLIN | _EPOLLRDHUP | _EPOLLHUP
-_WATCH = _EPOLLIN | _EPOLLOUT | _EPOLLRDHUP | select.EPOLLET
-# A connected socket is watched for EPOLLOUT only once a send to it blocked:
-# adding it would report "writable" at once, and FIN/ACK changes would report
-# it again, each a wasted turn on the fast path. Only a dial in progress
-# watches EPOLLOUT from the start.
-_WATCH_READ = _EPOLLIN | _EPOLLRDHUP | select.EPOLLET
 _DONTWAIT = socket.MSG_DONTWAIT
 _LAST = socket.MSG_DONTWAIT | socket.MSG_MORE
 _STREAM = socket.SOCK_STREAM
@@ -113,8 +112,6 @@ _SOCKADDR_IN6 = 28
 _BUFFER = bytearray(COPY_CHUNK)
 _VIEW = memoryview(_BUFFER)
 
-# (DIALLING, OPEN, CLOSED)
-_DIALLING, _OPEN, _CLOSED = 0, 1, 2
 
 Sock = _socket.socket
 AccessLog = Callable[[dict[str, object]], None]
@@ -176,7 +173,7 @@ class TcpServer:
         self.forward = forward
         self.family = sock.family
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.poller: _Poller | None = None
+        self.poller: Poller | None = None
         self._listener = sock
         self.split = picker.split
         self.pick_external = picker.pick_external
@@ -187,7 +184,7 @@ class TcpServer:
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.poller = _poller_for(self.loop)
+        self.poller = poller_for(self.loop)
         self.poller.users += 1
         # Accepted sockets inherit TCP_NODELAY from the listener: one syscall
         # per listener instead of one per connection.
@@ -273,7 +270,7 @@ class TcpServer:
     def _hand_over(self, conn: _Conn) -> None:
         """A direct dial's failover picked an endpoint reached through port-forward."""
         self._conns.discard(conn)
-        conn.state = _CLOSED
+        conn.state = CLOSED
         self._forwarded(conn.client, conn.addr, conn.endpoint, conn.external,
                         attempt=conn.attempt, started=conn.started)
 
@@ -343,133 +340,13 @@ def _established(sock: Sock) -> bool:
     return True
 
 
-class _Poller:
-    """One edge-triggered epoll set per event loop for every relayed socket.
-
-    Also keeps the dial deadlines: one deque per timeout value (deadlines in
-    each are in order), one loop timer for the earliest; a connection that
-    connected in time is skipped when its entry comes up.
-    """
-
-    __slots__ = (
-        "again", "again_armed", "conns", "deadlines", "epoll", "fd", "loop", "pid", "timer",
-        "timer_at", "users",
-    )
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.pid = os.getpid()
-        self.epoll = select.epoll()
-        self.fd = self.epoll.fileno()
-        self.conns: dict[int, _Conn] = {}
-        self.again: list[_Pump] = []
-        self.again_armed = False
-        self.deadlines: dict[float, deque[tuple[float, _Conn, int]]] = {}
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_at = 0.0
-        self.users = 0  # servers started on this loop and not yet stopped and idle
-        loop.add_reader(self.fd, self._on_ready)
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users <= 0:
-            if _POLLERS.get(id(self.loop)) is self:
-                del _POLLERS[id(self.loop)]
-            self.close()
-
-    def close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.deadlines.clear()
-        self.again.clear()
-        if not self.loop.is_closed():
-            self.loop.remove_reader(self.fd)
-        self.epoll.close()
-
-    def watch(self, fd: int, conn: _Conn, events: int = _WATCH) -> None:
-        self.conns[fd] = conn
-        self.epoll.register(fd, events)
-
-    def _on_ready(self) -> None:
-        conns = self.conns
-        for fd, mask in self.epoll.poll(0):
-            conn = conns.get(fd)
-            if conn is not None:
-                conn.on_event(fd, mask)
-
-    def later(self, pump: _Pump) -> None:
-        """Run `pump` again soon: it stopped after ROUNDS with work left."""
-        self.again.append(pump)
-        if not self.again_armed:
-            self.again_armed = True
-            self.loop.call_soon(self._run_again)
-
-    def _run_again(self) -> None:
-        self.again_armed = False
-        pumps, self.again = self.again, []
-        for pump in pumps:
-            if pump.conn.state == _OPEN:
-                pump.run()
-
-    def dial_deadline(self, conn: _Conn, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        queue = self.deadlines.get(timeout)
-        if queue is None:
-            queue = self.deadlines[timeout] = deque()
-        queue.append((deadline, conn, conn.attempt))
-        if self.timer is None:
-            self._arm(deadline)
-        elif deadline < self.timer_at:  # a shorter timeout than the armed one
-            self.timer.cancel()
-            self._arm(deadline)
-
-    def _arm(self, deadline: float) -> None:
-        delay = max(deadline - time.monotonic(), 0.0) + TIMER_SLACK
-        self.timer_at = deadline
-        self.timer = self.loop.call_later(delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self.timer = None
-        now = time.monotonic()
-        earliest = None
-        for timeout, queue in list(self.deadlines.items()):
-            while queue and queue[0][0] <= now:
-                _, conn, attempt = queue.popleft()
-                if conn.state == _DIALLING and conn.attempt == attempt:
-                    conn.dial_timed_out()
-            if not queue:
-                del self.deadlines[timeout]
-            elif earliest is None or queue[0][0] < earliest:
-                earliest = queue[0][0]
-        if earliest is not None and self.timer is None:
-            self._arm(earliest)
-
-
-_POLLERS: dict[int, _Poller] = {}
-
-
-def _poller_for(loop: asyncio.AbstractEventLoop) -> _Poller:
-    """The running loop's poller; pollers of closed (or pre-fork) loops are dropped."""
-    pid = os.getpid()
-    for key, old in list(_POLLERS.items()):
-        if old.loop.is_closed() or old.pid != pid:
-            del _POLLERS[key]
-            if old.pid == pid:
-                old.close()
-    poller = _POLLERS.get(id(loop))
-    if poller is None or poller.loop is not loop:
-        poller = _POLLERS[id(loop)] = _Poller(loop)
-    return poller
-
-
 class _Conn:
     """One client connection: dialling, then two pumps (or a protocol pair)."""
 
     __slots__ = (
         "addr", "attempt", "cfd", "client", "client_out", "dial_seconds", "dial_started", "down",
-        "endpoint", "external", "outcome", "poller", "server", "sides", "started", "state", "ufd",
-        "up", "upstream", "upstream_out",
+        "endpoint", "external", "outcome", "poller", "server", "sides", "started", "state", "task",
+        "ufd", "up", "upstream", "upstream_out",
     )
 
     def __init__(self, server: TcpServer, client: Sock, addr: tuple[object, ...],
@@ -487,13 +364,25 @@ class _Conn:
         self.upstream_out = False  # the same for the endpoint
         self.attempt = 0
         self.external = False  # came from outside: retries pick external endpoints too
-        self.state = _DIALLING
+        self.state = DIALLING
         self.started = self.dial_started = time.monotonic()
         self.dial_seconds = 0.0
         self.up: _Pump | None = None  # client -> endpoint
         self.down: _Pump | None = None  # endpoint -> client
-        self.sides: tuple[_Side, _Side] | None = None
+        self.sides: tuple[Side, Side] | None = None
+        self.task: asyncio.Task[None] | None = None  # protocol mode: making the pair
         self.outcome = "ok"
+
+    @property
+    def name(self) -> str:
+        return self.server.name
+
+    @property
+    def family(self) -> int:
+        return self.server.family
+
+    def finished(self) -> None:
+        self.server._closed(self)
 
     def bytes_moved(self) -> tuple[int, int]:
         sides = self.sides
@@ -506,7 +395,7 @@ class _Conn:
 
     def dial(self) -> None:
         """Start one connect attempt to `self.endpoint` (non-blocking)."""
-        if self.state != _DIALLING:
+        if self.state != DIALLING:
             return
         endpoint = self.endpoint
         server = self.server
@@ -529,11 +418,11 @@ class _Conn:
             # Over loopback the handshake is done inside connect(): go on
             # without waiting a loop turn for EPOLLOUT.
             if server.mode != "protocol":
-                self.poller.watch(self.ufd, self, _WATCH_READ)
+                self.poller.watch(self.ufd, self, WATCH_READ)
             self._connected()
         elif err == _EINPROGRESS:
             self.upstream_out = True
-            self.poller.watch(self.ufd, self, _WATCH)
+            self.poller.watch(self.ufd, self, WATCH)
             self.poller.dial_deadline(self, server.dial_timeouts[self.attempt])
         else:
             self._attempt_failed(os.strerror(err))
@@ -581,11 +470,11 @@ class _Conn:
         self.dial_seconds = now - self.started
         server = self.server
         server.stats.record_dial(now - self.dial_started)
-        self.state = _OPEN
+        self.state = OPEN
         if server.mode == "protocol":
             if self.poller.conns.pop(self.ufd, None) is not None:
                 self.poller.epoll.unregister(self.ufd)
-            _drive(self.poller.loop, self._wrap())
+            self.task = start_pair(self.poller.loop, self)
             return
         splice_now = server.mode == "splice"
         client = self.client
@@ -595,25 +484,25 @@ class _Conn:
         # watch the client (adding it reports whatever arrives meanwhile).
         up.readable = True
         up.run()
-        if self.state == _OPEN:
-            self.poller.watch(self.cfd, self, _WATCH_READ)
+        if self.state == OPEN:
+            self.poller.watch(self.cfd, self, WATCH_READ)
 
     # -- readiness ---------------------------------------------------------------
 
     def on_event(self, fd: int, mask: int) -> None:
-        if self.state != _OPEN:
-            if self.state == _DIALLING and fd == self.ufd:
-                if mask & (_EPOLLERR | _EPOLLHUP):
+        if self.state != OPEN:
+            if self.state == DIALLING and fd == self.ufd:
+                if mask & (EPOLLERR | EPOLLHUP):
                     upstream = self.upstream
                     assert upstream is not None
                     err = upstream.getsockopt(_SOL_SOCKET, _SO_ERROR)
                     self._attempt_failed(os.strerror(err) if err else "hung up")
-                elif mask & _EPOLLOUT:
+                elif mask & EPOLLOUT:
                     self._connected()
-                    if mask & _READABLE and self.down is not None and self.state == _OPEN:
-                        self.on_event(fd, mask & ~_EPOLLOUT)  # the endpoint spoke first
+                    if mask & READABLE and self.down is not None and self.state == OPEN:
+                        self.on_event(fd, mask & ~EPOLLOUT)  # the endpoint spoke first
             return
-        if mask & _EPOLLERR:
+        if mask & EPOLLERR:
             self.fail("reset")
             return
         up = self.up
@@ -623,59 +512,26 @@ class _Conn:
             reader, writer = up, down
         else:
             reader, writer = down, up
-        if mask & _READABLE:
+        if mask & READABLE:
             reader.readable = True
-            if mask & _EPOLLRDHUP:
+            if mask & EPOLLRDHUP:
                 reader.rdhup = True
-        if mask & _EPOLLOUT:
+        if mask & EPOLLOUT:
             writer.writable = True
             if writer.pending is not None or writer.in_pipe:
                 writer.run()
-                if self.state != _OPEN:
+                if self.state != OPEN:
                     return
-        if mask & _READABLE:
+        if mask & READABLE:
             reader.run()
-
-    # -- protocol mode ------------------------------------------------------------
-
-    async def _wrap(self) -> None:
-        upstream = self.upstream
-        assert upstream is not None
-        loop = self.poller.loop
-        client_side = _Side(self, True)
-        upstream_side = _Side(self, False)
-        client_side.peer = upstream_side
-        upstream_side.peer = client_side
-        self.sides = (client_side, upstream_side)
-        family = self.server.family
-        try:
-            # Transports want socket.socket objects; these take over the fds.
-            client_sock = socket.socket(family, _STREAM, 0, self.client.detach())
-            upstream_sock = socket.socket(upstream.family, _STREAM, 0, upstream.detach())
-            self.client, self.upstream = client_sock, upstream_sock
-            # connection_made may run later than the await returns (uvloop).
-            client_side.transport, _ = await loop.connect_accepted_socket(
-                lambda: client_side, sock=client_sock)
-            upstream_side.transport, _ = await loop.create_connection(
-                lambda: upstream_side, sock=upstream_sock)
-        except (OSError, RuntimeError) as exc:
-            log.warning("%s: cannot relay %s: %s", self.server.name, self.addr[0], exc)
-            self.fail("error")
-            return
-        if self.state == _CLOSED:  # aborted while the transports were being made
-            client_side.abort()
-            upstream_side.abort()
-            return
-        client_side.ready()
-        upstream_side.ready()
 
     # -- ending -----------------------------------------------------------------
 
     def close(self) -> None:
         """Both directions finished: close() sends the last FIN."""
-        if self.state == _CLOSED:
+        if self.state == CLOSED:
             return
-        self.state = _CLOSED
+        self.state = CLOSED
         self._release()
         self.client.close()
         if self.upstream is not None:
@@ -684,9 +540,9 @@ class _Conn:
 
     def fail(self, outcome: str) -> None:
         """An error, reset or abort: reset both sides."""
-        if self.state == _CLOSED:
+        if self.state == CLOSED:
             return
-        self.state = _CLOSED
+        self.state = CLOSED
         if self.outcome == "ok":
             self.outcome = outcome
         sides = self.sides
@@ -712,31 +568,6 @@ class _Conn:
         for pump in (self.up, self.down):
             if pump is not None and pump.pipe is not None:
                 pump.release()
-
-
-def _drive(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> None:
-    """Run a coroutine to its end without a Task.
-
-    Steps it from the done callbacks of the futures it waits on, as
-    Task.__step does, minus the Task: no name, no context copy, no entry in
-    the task registry, no call_soon before the first step. Only for
-    coroutines that neither need current_task() nor get cancelled.
-    """
-    def step(_: object = None) -> None:
-        try:
-            waiting = coro.send(None)
-        except StopIteration:
-            return
-        except Exception:
-            log.exception("relay setup failed")
-            return
-        if waiting is None:  # a bare yield (sleep(0)): go on next turn
-            loop.call_soon(step)
-            return
-        waiting._asyncio_future_blocking = False
-        waiting.add_done_callback(step)
-
-    step()
 
 
 class _Pump:
@@ -889,10 +720,10 @@ class _Pump:
         if self.dst is conn.client:
             if not conn.client_out:
                 conn.client_out = True
-                conn.poller.epoll.modify(conn.cfd, _WATCH)
+                conn.poller.epoll.modify(conn.cfd, WATCH)
         elif not conn.upstream_out:
             conn.upstream_out = True
-            conn.poller.epoll.modify(conn.ufd, _WATCH)
+            conn.poller.epoll.modify(conn.ufd, WATCH)
 
     def _finish(self) -> None:
         """EOF read and everything flushed: pass the FIN on."""
@@ -914,103 +745,3 @@ class _Pump:
         if pipe is not None:
             self.pipe = None
             self.conn.server.pipes.put(pipe, empty=self.in_pipe == 0)
-
-
-class _Side(asyncio.Protocol):
-    """One transport of a protocol-mode pair; writes what it reads to its peer."""
-
-    __slots__ = ("conn", "early", "eof", "inbound", "lost", "moved", "peer", "transport")
-
-    def __init__(self, conn: _Conn, inbound: bool) -> None:
-        self.conn = conn
-        self.inbound = inbound  # reads from the client
-        self.peer: _Side | None = None
-        self.transport: asyncio.Transport | None = None
-        self.early: list[bytes] | None = []  # read before the peer's transport existed
-        self.eof = False
-        self.lost = False
-        self.moved = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's TCPTransport is not registered as an asyncio.Transport.
-        transport = cast(asyncio.Transport, transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
-        if self.conn.state == _CLOSED:
-            self.abort()
-
-    def ready(self) -> None:
-        """Both transports exist: flush what arrived early."""
-        peer = self.peer
-        assert peer is not None and peer.transport is not None
-        early, self.early = self.early, None
-        if early:
-            for data in early:
-                self._forward(data)
-        if self.eof:
-            self._forward_eof()
-
-    def data_received(self, data: bytes) -> None:
-        if self.early is not None:
-            self.early.append(data)
-            return
-        self._forward(data)
-
-    def _forward(self, data: bytes) -> None:
-        peer = self.peer
-        assert peer is not None and peer.transport is not None
-        self.moved += len(data)
-        peer.transport.write(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        if self.early is None:
-            self._forward_eof()
-        return True  # keep our write side open: half-close
-
-    def _forward_eof(self) -> None:
-        peer = self.peer
-        assert peer is not None and peer.transport is not None
-        if peer.transport.can_write_eof():
-            peer.transport.write_eof()
-        if peer.eof:
-            self.conn_finished()
-
-    def conn_finished(self) -> None:
-        conn = self.conn
-        if conn.state == _CLOSED:
-            return
-        conn.state = _CLOSED
-        peer = self.peer
-        assert peer is not None
-        for side in (self, peer):
-            if side.transport is not None:
-                side.transport.close()  # flushes, then closes
-        conn.server._closed(conn)
-
-    def pause_writing(self) -> None:
-        peer = self.peer
-        if peer is not None and peer.transport is not None:
-            peer.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.lost:
-            peer.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        conn = self.conn
-        if conn.state == _CLOSED:
-            return
-        if exc is not None or not self.eof:
-            # A reset, or closed without a FIN we saw: reset the other side too.
-            conn.fail("reset")
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            self.transport.abort()
