@@ -282,7 +282,9 @@ async def test_a_pod_that_is_gone_is_404_and_the_next_one_serves(cluster: Cluste
         answers = [await ask(up.address("default/web", "p"), b"x") for _ in range(2)]
         assert answers == [b"web-1:x"] * 2
         (name,) = up.parts.pool.listeners
-        assert up.parts.pool.stats[name].dial_attempts_failed == 1
+        stats = up.parts.pool.stats[name]
+        # Every pick of the ghost failed over (once or twice, by the shuffle).
+        assert stats.dial_attempts_failed == stats.picks[f"{cluster.ip_of('ghost')}:{PORT}"] >= 1
 
 
 async def test_udp_is_listed_as_not_served(cluster: Cluster) -> None:

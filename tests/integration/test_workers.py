@@ -101,7 +101,7 @@ class Uproxy:
         for child in children:
             with contextlib.suppress(OSError):
                 argv = Path(f"/proc/{child}/cmdline").read_text().split("\0")
-                if "uproxy.workers" in argv:
+                if "uproxy.workers.worker" in argv:
                     found[int(argv[argv.index("--index") + 1])] = int(child)
         return found
 

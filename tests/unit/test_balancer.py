@@ -8,7 +8,6 @@ same order comes from `snapshot(name).endpoints`. Endpoints that were
 from __future__ import annotations
 
 import gc
-import json
 import random
 
 import pytest
@@ -25,7 +24,9 @@ from uproxy.model import (
 )
 from uproxy.picking import NoEndpointsError, Picker
 from uproxy.stats import PortStats
-from uproxy.workers import Worker, WorkerBalancer, port_message
+from uproxy.workers.messages import Message, PortUpdate, WorkerConfig, decode, encode
+from uproxy.workers.supervisor import WorkerBalancer
+from uproxy.workers.worker import Worker
 
 AFFINITY = float(DEFAULT_AFFINITY_TIMEOUT)
 CLIENT1, CLIENT2, CLIENT3 = "127.0.0.1", "127.0.0.2", "127.0.0.3"
@@ -602,13 +603,14 @@ def test_publish_takes_everything_from_a_planned_port() -> None:
 
 
 def test_external_endpoints_travel_to_workers_and_to_a_restarted_worker() -> None:
-    """--workers: the control process's balancer sends each change as a JSON
-    frame; a worker's balancer ends up with the same split."""
-    sent: list[dict[str, object]] = []
-    control = WorkerBalancer(lambda message: sent.append(json.loads(json.dumps(message))))
+    """--workers: the control process's balancer sends each change as a
+    message (through its wire encoding here); a worker's balancer ends up
+    with the same split."""
+    sent: list[Message] = []
+    control = WorkerBalancer(lambda message: sent.append(decode(encode(message))))
     name = spn()
     control.update(name, [LOCAL, REMOTE], None, external_endpoints=[LOCAL], cluster_ips=[VIP])
-    worker = Worker(0, {})
+    worker = Worker(0, WorkerConfig())
     picker = worker.balancer.picker(name)
     worker.on_message(sent[-1], [])
     assert picker.split.active and not picker.split.is_external(bytes([198, 18, 1, 10]))
@@ -616,12 +618,14 @@ def test_external_endpoints_travel_to_workers_and_to_a_restarted_worker() -> Non
     assert sorted(worker.balancer.snapshot(name).endpoints) == [LOCAL, REMOTE]
     # What a restarted worker is sent: built from the control process's snapshot.
     view = control.snapshot(name)
-    again = port_message(name, view.endpoints, view.affinity_timeout, view.external_endpoints,
-                         view.cluster_ips)
-    assert (again["external"], again["cluster_ips"]) == ([["10.0.0.1", 80, ""]], [VIP])
-    assert sorted(again["endpoints"]) == sent[-1]["endpoints"]  # in shuffled order
+    again = PortUpdate(name, view.endpoints, view.affinity_timeout, view.external_endpoints,
+                       view.cluster_ips)
+    assert (again.external, again.cluster_ips) == ((LOCAL,), (VIP,))
+    last = sent[-1]
+    assert isinstance(last, PortUpdate) and sorted(again.endpoints) == sorted(last.endpoints)
     # Back to Cluster: the message says nothing external, the worker stops splitting.
     control.update(name, [LOCAL, REMOTE], None, cluster_ips=[VIP])
-    assert "external" not in sent[-1]
-    worker.on_message(sent[-1], [])
+    last = sent[-1]
+    assert isinstance(last, PortUpdate) and last.external is None
+    worker.on_message(last, [])
     assert not picker.split.active
