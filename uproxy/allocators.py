@@ -28,10 +28,6 @@ class PortAllocator:
         self._rng = rng or random.Random()
         self._used: set[int] = set()
 
-    @property
-    def free(self) -> int:
-        return self.range.size - len(self._used)
-
     def allocate(self, avoid: frozenset[int] = frozenset()) -> int:
         """A free port, not one of `avoid` (ports that failed to bind just now)."""
         size = self.range.size
@@ -66,9 +62,6 @@ class AddressAllocator:
 
     def _candidate(self, index: int) -> str:
         return str(self.network.network_address + self._offset + index)
-
-    def address_of(self, service: ObjectName) -> str | None:
-        return self._by_service.get(service)
 
     def allocate(self, service: ObjectName, avoid: frozenset[str] = frozenset()) -> str:
         known = self._by_service.get(service)

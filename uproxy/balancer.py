@@ -199,10 +199,6 @@ class Balancer:
                 _set_split(split, state)
         return PortPicker(self, name, stats, split)
 
-    def has_endpoints(self, name: ServicePortName) -> bool:
-        state = self._ports.get(name)
-        return state is not None and bool(state.endpoints)
-
     def names(self) -> list[ServicePortName]:
         return sorted(self._ports)
 

@@ -29,16 +29,6 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def format_duration(seconds: float) -> str:
-    if seconds < 1 and seconds != 0:
-        return f"{seconds * 1000:g}ms"
-    if seconds % 3600 == 0 and seconds >= 3600:
-        return f"{seconds / 3600:g}h"
-    if seconds % 60 == 0 and seconds >= 60:
-        return f"{seconds / 60:g}m"
-    return f"{seconds:g}s"
-
-
 @dataclass(frozen=True, slots=True)
 class PortRange:
     """An inclusive range of ports, as kube-proxy's --proxy-port-range."""

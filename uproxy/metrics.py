@@ -379,10 +379,6 @@ class Metrics:
         self.registry.register(self._sync_registry)
         self.registry.register(self.collector)
 
-    def exposition(self) -> bytes:
-        """The text exposition format, computed on the calling thread."""
-        return generate_latest(self.registry)
-
     async def scrape(self) -> bytes:
         """As `exposition`, but only the copy of the numbers runs on the loop.
 

@@ -9,7 +9,6 @@ services file, the Kubernetes API) into `Service` and `EndpointSlice`;
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -69,10 +68,6 @@ class Service:
     @property
     def key(self) -> ObjectName:
         return ObjectName(self.namespace, self.name)
-
-    @property
-    def headless(self) -> bool:
-        return not self.cluster_ips or self.cluster_ips[0] in ("None", "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,11 +183,6 @@ class DesiredPort:
     @property
     def name(self) -> ServicePortName:
         return self.frontend.name
-
-
-def ip_family(address: str) -> int:
-    """4 or 6; raises ValueError for something that is not an IP address."""
-    return ipaddress.ip_address(address).version
 
 
 def format_hostport(host: str, port: int) -> str:

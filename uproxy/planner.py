@@ -173,17 +173,6 @@ def port_endpoints(
     return cluster, (None if external == cluster else external)
 
 
-def endpoints_for_port(
-    service: Service,
-    port_name: str,
-    protocol: str,
-    slices: Iterable[EndpointSlice],
-    node_name: str | None,
-) -> tuple[Endpoint, ...]:
-    """Endpoints for cluster-IP traffic of one service port (see `port_endpoints`)."""
-    return port_endpoints(service, port_name, protocol, slices, node_name)[0]
-
-
 def slices_by_service(
     slices: Iterable[EndpointSlice],
 ) -> dict[ObjectName, list[EndpointSlice]]:

@@ -19,9 +19,10 @@ from kubernetes_asyncio import client as kube_client
 
 from tests.conftest import require_system
 from tests.kubeapi import FakeKubeAPI, service
+from uproxy.commands.arguments import node_name
 from uproxy.hostsfile import BEGIN, END, merge_block, render_hosts, write_hosts
 from uproxy.model import ObjectName
-from uproxy.sources.kube import KubeConfigError, KubeSource, load_kube_config, node_name
+from uproxy.sources.kube import KubeConfigError, KubeSource, load_kube_config
 
 
 def kubeconfig(path: Path, server: str, token: str = "sekret") -> Path:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.unit.test_status import DNS, WEB, Clock, FakeProxier, FakeRunner, FakeTracker
@@ -361,6 +362,6 @@ async def test_scrape_in_slices_sees_every_port_as_the_plain_exposition_does(
     assert value(samples, "uproxy_connections_total", service="load/svc249", port="8249",
                  protocol="TCP") == 1
 
-    plain = world.metrics.exposition().decode()
+    plain = generate_latest(world.metrics.registry).decode()
     async with http.get(metrics_server.url + "/metrics") as response:
         assert await response.text() == plain

@@ -49,7 +49,7 @@ def test_kubectl_list_loads_every_service_type() -> None:
     assert web.cluster_ips == ("10.96.120.15", "fd00:10:96::7a1c")
     assert [(p.name, p.target_port) for p in web.ports] == [("http", "http"), ("metrics", 9090)]
     assert web.session_affinity == "ClientIP" and web.affinity_timeout == 600
-    assert services[ObjectName("shop", "web-headless")].headless
+    assert services[ObjectName("shop", "web-headless")].cluster_ips == ("None",)
     assert services[ObjectName("shop", "payments-api")].type == "ExternalName"
     node_port = services[ObjectName("kube-system", "dns-np")]
     assert [(p.protocol, p.node_port) for p in node_port.ports] == [("UDP", 30053), ("TCP", 30054)]

@@ -124,7 +124,7 @@ def test_headless_and_external_name_services_load() -> None:
     external = {"metadata": {"name": "api"}, "spec": {"type": "ExternalName",
                                                       "externalName": "api.example.com"}}
 
-    assert service_from_dict(headless, "here").headless
+    assert service_from_dict(headless, "here").cluster_ips == ("None",)
     assert service_from_dict(external, "here").type == "ExternalName"
 
 

@@ -13,8 +13,12 @@ from uproxy.portforward.channels import (
     ProtocolError,
     close_message,
     data_message,
-    port_message,
 )
+
+
+def port_message(channel: int, port: int) -> bytes:
+    """What the kubelet sends first on each channel."""
+    return bytes((channel,)) + port.to_bytes(2, "little")
 
 
 def test_a_stream_opens_with_the_port_on_both_channels_then_carries_data() -> None:

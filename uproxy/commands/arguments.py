@@ -241,7 +241,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             master=args.master,
             context=args.context,
             namespaces=tuple(args.namespace),
-            node_name=(args.hostname_override or socket.gethostname()).strip().lower(),
+            node_name=node_name(args.hostname_override),
             hosts_file=args.hosts_file,
             service_proxy_name=args.service_proxy_name,
         ),
@@ -265,6 +265,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         logs=LogSettings(format=args.log_format, verbose=args.verbose),
         shutdown_grace=args.shutdown_grace,
     )
+
+
+def node_name(override: str | None = None) -> str:
+    """This node's name for traffic policy Local: --hostname-override, else the
+    hostname; lower-cased and stripped, as kube-proxy does."""
+    return (override or socket.gethostname()).strip().lower()
 
 
 def _dial_mode(args: argparse.Namespace, laptop: bool) -> str:

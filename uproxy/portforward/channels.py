@@ -68,11 +68,6 @@ def close_message(channel: int = DATA) -> bytes:
     return bytes((CLOSE, channel))
 
 
-def port_message(channel: int, port: int) -> bytes:
-    """What the server sends first on a channel (the test server uses it)."""
-    return bytes((channel,)) + port.to_bytes(2, "little")
-
-
 class ChannelDecoder:
     """Turns the server's messages on one port-forward WebSocket into events."""
 

@@ -219,10 +219,6 @@ class TcpServer:
     def open_connections(self) -> int:
         return len(self._conns)
 
-    @property
-    def accept_paused(self) -> bool:
-        return self._accept.paused
-
     # -- called by connections ------------------------------------------------
 
     def _on_accepted(self, fd: int, addr: tuple[object, ...]) -> None:

@@ -239,11 +239,6 @@ class UdpServer:
     def open_sessions(self) -> int:
         return len(self.sessions)
 
-    def has_session(self, client: tuple[object, ...], local_ip: str | None = None) -> bool:
-        """Whether `client` (as the socket reports it) has a session."""
-        key = (client, local_ip or self.local_ip) if self.wildcard else client
-        return key in self.sessions
-
     # -- datagrams from clients -------------------------------------------------
 
     def _on_readable(self) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,10 +41,6 @@ async def run(argv: Sequence[str], stdin: str | None = None,
         raise RulesError(f"{' '.join(argv)}: no answer within {timeout:g}s") from error
     assert process.returncode is not None
     return Result(process.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
-
-
-def available(program: str) -> bool:
-    return shutil.which(program) is not None
 
 
 def first_line(text: str) -> str:

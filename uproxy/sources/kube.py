@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import random
-import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -128,15 +127,6 @@ async def load_kube_config(
     if master is not None:
         configuration.host = master.rstrip("/")
     return configuration
-
-
-def node_name(override: str | None = None) -> str:
-    """This node's name for traffic policy Local: --hostname-override, else the hostname.
-
-    Lower-cased and stripped, as kube-proxy does.
-    """
-    name = override if override else socket.gethostname()
-    return name.strip().lower()
 
 
 class _Gone(Exception):
