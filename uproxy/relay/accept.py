@@ -85,10 +85,6 @@ class AcceptLoop:
     def stopped(self) -> bool:
         return self._sock is None
 
-    @property
-    def paused(self) -> bool:
-        return self._handle is not None
-
     def _on_readable(self) -> None:
         if self._sock is None:
             return
