@@ -17,12 +17,12 @@ import logging
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 from uproxy.allocators import AddressAllocator, ExhaustedError, PortAllocator
 from uproxy.model import DesiredPort, ServicePortName, format_hostport
 from uproxy.picking import Picker
 from uproxy.portforward.connection import Relay
+from uproxy.relay.server import Server
 from uproxy.relay.tcp import TcpServer
 from uproxy.relay.udp import UdpServer
 from uproxy.settings import ListenerSettings
@@ -34,20 +34,6 @@ IP_FREEBIND = 15  # Linux; lets laptop mode bind range addresses not yet on an i
 BIND_ATTEMPTS = 16  # proxy ports tried before a port is reported as not served
 UDP_NOT_FORWARDED = "UDP cannot cross port-forward"
 AccessLog = Callable[[dict[str, object]], None]
-
-
-class Server(Protocol):
-    """A listener's server that is neither TcpServer nor UdpServer (--workers:
-    uproxy.workers.SharedServer); `open_connections` counts UDP sessions too."""
-
-    protocol: str  # TCP | UDP
-
-    def start(self) -> None: ...
-    def stop_accepting(self) -> None: ...
-    async def drain(self, timeout: float) -> None: ...
-    def abort(self) -> None: ...
-    @property
-    def open_connections(self) -> int: ...
 
 
 # (name, protocol, bound socket, picker, stats) -> the server that runs it
@@ -64,7 +50,7 @@ class Listener:
     protocol: str
     ip: str
     port: int
-    server: TcpServer | UdpServer | Server
+    server: Server
 
     @property
     def address(self) -> str:
@@ -121,7 +107,7 @@ class ListenerPool:
         self._bound: dict[ServicePortName, tuple[str, int]] = {}
         self.errors: dict[ServicePortName, str] = {}
         self.stats: dict[ServicePortName, PortStats] = {}
-        self._retiring: list[TcpServer | UdpServer | Server] = []
+        self._retiring: list[Server] = []
         self._ports = (
             PortAllocator(settings.proxy_port_range) if settings.proxy_port_range else None
         )
@@ -205,7 +191,7 @@ class ListenerPool:
         bound_ip, bound_port = sock.getsockname()[:2]
         stats = self.stats.setdefault(name, PortStats())
         picker = self._make_picker(name, stats)
-        server: TcpServer | UdpServer | Server
+        server: Server
         if self._make_server is not None:
             try:
                 server = self._make_server(name, protocol, sock, picker, stats)
@@ -297,7 +283,7 @@ class ListenerPool:
             counts[server.protocol] += _open(server)
         return counts
 
-    def _all_servers(self) -> list[TcpServer | UdpServer | Server]:
+    def _all_servers(self) -> list[Server]:
         return [listener.server for listener in self.listeners.values()] + self._retiring
 
     async def drain(self, timeout: float) -> None:
@@ -311,11 +297,9 @@ class ListenerPool:
         self._retiring.clear()
 
 
-def _open(server: TcpServer | UdpServer | Server) -> int:
-    if isinstance(server, UdpServer):
-        return server.open_sessions
+def _open(server: Server) -> int:
     return server.open_connections
 
 
-def _busy(server: TcpServer | UdpServer | Server) -> bool:
+def _busy(server: Server) -> bool:
     return _open(server) > 0

@@ -111,7 +111,7 @@ async def test_echo_through_one_session(make_server: Callable[..., tuple[UdpServ
         assert data == word
         assert addr == ("127.0.0.1", port)
 
-    assert server.open_sessions == 1
+    assert server.open_connections == 1
     assert len(set(echo.peers)) == 1  # one connected socket per client
     assert (stats.udp_datagrams_in, stats.udp_datagrams_out) == (3, 3)
     assert (stats.udp_sessions_created, stats.udp_sessions_active) == (1, 1)
@@ -157,10 +157,10 @@ async def test_idle_session_expires(make_server: Callable[..., tuple[UdpServer, 
     client = client_socket()
     client.sendto(b"a", ("127.0.0.1", port))
     await receive(client)
-    assert server.open_sessions == 1
+    assert server.open_connections == 1
 
     await asyncio.sleep(0.8)
-    assert server.open_sessions == 0
+    assert server.open_connections == 0
     assert (stats.udp_sessions_expired, stats.udp_sessions_active) == (1, 0)
 
     client.sendto(b"b", ("127.0.0.1", port))  # a new session
@@ -180,7 +180,7 @@ async def test_activity_keeps_a_session(make_server: Callable[..., tuple[UdpServ
         await receive(client)
         await asyncio.sleep(0.1)
     assert stats.udp_sessions_created == 1
-    assert server.open_sessions == 1
+    assert server.open_connections == 1
     client.close()
     echo.close()
 
@@ -227,7 +227,7 @@ async def test_no_endpoints_drops_and_counts(make_server: Callable[..., tuple[Ud
     assert await nothing_arrives(client)
     assert stats.udp_datagrams_dropped == 2
     assert stats.no_endpoints == 2
-    assert server.open_sessions == 0
+    assert server.open_connections == 0
     client.close()
 
 
@@ -242,7 +242,7 @@ async def test_full_table_evicts_the_least_recently_used(
         await receive(client)
         await asyncio.sleep(0.01)
 
-    assert server.open_sessions == 2
+    assert server.open_connections == 2
     assert stats.udp_sessions_created == 3
     assert stats.udp_sessions_expired == 1
     # The newest client still has its session; the oldest one's next datagram opens one.
@@ -289,7 +289,7 @@ async def test_drain_lets_replies_through_then_closes(
     await server.drain(5.0)
 
     assert time.monotonic() - started < 2.0  # idle sessions end quickly when draining
-    assert server.open_sessions == 0
+    assert server.open_connections == 0
     assert stats.udp_datagrams_in == 1
     assert server.sock is None
     client.close()

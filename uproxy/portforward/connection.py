@@ -59,8 +59,8 @@ LOG_EVERY = 10.0  # the same pod failing the same way is logged once per this
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-class Server(Protocol):
-    """What a connection needs from the listener's server (relay.tcp.TcpServer)."""
+class Owner(Protocol):
+    """What a connection needs from the server it belongs to (relay.tcp.TcpServer)."""
 
     name: str
     stats: PortStats
@@ -96,7 +96,7 @@ class Relay:
 class PortForwardConnection:
     """One client, relayed to a pod port through port-forward streams."""
 
-    def __init__(self, server: Server, relay: Relay, client: socket.socket,
+    def __init__(self, server: Owner, relay: Relay, client: socket.socket,
                  addr: tuple[object, ...], endpoint: Endpoint,
                  pick: Callable[[str, bool], Endpoint], *, attempt: int = 0,
                  started: float | None = None) -> None:

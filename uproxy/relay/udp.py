@@ -236,7 +236,8 @@ class UdpServer:
         self._close_listener()
 
     @property
-    def open_sessions(self) -> int:
+    def open_connections(self) -> int:
+        """Sessions open now (what a listener's server counts as open; relay.server)."""
         return len(self.sessions)
 
     # -- datagrams from clients -------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 from uproxy.balancer import Balancer
 from uproxy.eventloop import install_uvloop
 from uproxy.model import ServicePortName
+from uproxy.relay.server import Server
 from uproxy.relay.tcp import TcpServer
 from uproxy.relay.udp import UdpServer
 from uproxy.stats import PortStats
@@ -45,14 +46,12 @@ log = logging.getLogger("uproxy.workers")
 @dataclass
 class _Served:
     name: ServicePortName
-    server: TcpServer | UdpServer
+    server: Server
     stats: PortStats
     closed: bool = False
 
     @property
     def open(self) -> int:
-        if isinstance(self.server, UdpServer):
-            return self.server.open_sessions
         return self.server.open_connections
 
 
@@ -101,7 +100,7 @@ class Worker:
         sock = socket.socket(fileno=fd)
         stats = PortStats()
         picker = self.balancer.picker(name, stats)
-        server: TcpServer | UdpServer
+        server: Server
         if protocol == "TCP":
             server = TcpServer(sock, picker, stats, mode=self.config.relay_mode,
                                name=str(name), access_log=self.access_log)
@@ -117,7 +116,7 @@ class Worker:
         if served is None or served.closed:
             return
         served.closed = True
-        if isinstance(served.server, UdpServer):
+        if served.server.protocol == "UDP":
             served.server.abort()  # as the single-process pool does: frees IP:port at once
         else:
             served.server.stop_accepting()
