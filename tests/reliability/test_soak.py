@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.conftest import Backend, running_uproxy, write_services
+from tests.reliability.conftest import Backend, running_uproxy, wait_for, write_services
 
 MiB = 1024 * 1024
 SECONDS = float(os.environ.get("UPROXY_SOAK_SECONDS", "1800"))
@@ -89,6 +89,7 @@ def test_soak_keeps_memory_descriptors_and_latency_flat(
     rows: list[tuple[float, float, int, float]] = []
     with running_uproxy(services, "--udp-timeout", "5s", count=2) as up:
         tcp, datagrams = up.address("default/t", 2), up.address("default/u", 2)
+        idle_fds = up.fds()
         load = [threading.Thread(target=keep_alive, args=(tcp,)) for _ in range(2)]
         load.append(threading.Thread(target=short_and_udp, args=(tcp, datagrams)))
         for thread in load:
@@ -107,8 +108,10 @@ def test_soak_keeps_memory_descriptors_and_latency_flat(
             stop.set()
             for thread in load:
                 thread.join(30)
+        # Descriptors: UDP sessions come and go under load; once it stops and they
+        # time out, uproxy holds what it held before.
+        wait_for(lambda: up.fds() <= idle_fds + 2, 30, f"descriptors back to {idle_fds}")
     udp.close()
     assert errors[0] == 0
     first, last = rows[len(rows) // 4], rows[-1]  # after the warm-up quarter
     assert last[1] - first[1] < 16, f"RSS grew {last[1] - first[1]:.1f} MiB"
-    assert last[2] - first[2] < 50, f"descriptors grew {last[2] - first[2]}"
