@@ -10,6 +10,7 @@ APT_PACKAGES=(
   iptables nftables conntrack iproute2       # kernel rules and namespaces for system tests
   chromium                                   # the status page browser test
   podman buildah runc mmdebstrap             # the container image: build and run it here
+  haproxy                                    # PROXY protocol headers to compare ours with
   netcat-openbsd curl procps                 # what the README and demo suggest trying
 )
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from uproxy.allocators import AddressAllocator, ExhaustedError, PortAllocator
-from uproxy.model import DesiredPort, ServicePortName, format_hostport
+from uproxy.model import DesiredPort, Frontend, ServicePortName, format_hostport
 from uproxy.picking import Picker
 from uproxy.portforward.connection import Relay
 from uproxy.relay.server import Server
@@ -37,7 +37,7 @@ AccessLog = Callable[[dict[str, object]], None]
 
 
 # (name, protocol, bound socket, picker, stats) -> the server that runs it
-ServerFactory = Callable[[ServicePortName, str, socket.socket, Picker, PortStats], Server]
+ServerFactory = Callable[[Frontend, socket.socket, Picker, PortStats], Server]
 
 
 class BindError(Exception):
@@ -194,7 +194,7 @@ class ListenerPool:
         server: Server
         if self._make_server is not None:
             try:
-                server = self._make_server(name, protocol, sock, picker, stats)
+                server = self._make_server(port.frontend, sock, picker, stats)
             except OSError as error:
                 sock.close()
                 if self._ports is not None:
@@ -207,6 +207,7 @@ class ListenerPool:
             server = TcpServer(
                 sock, picker, stats, mode=self.settings.relay_mode, name=str(name),
                 access_log=self._access_log, forward=self._forward,
+                proxy_protocol=port.frontend.proxy_protocol,
             )
         else:
             server = UdpServer(

@@ -19,6 +19,9 @@ PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP")
 
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, as Kubernetes' sessionAffinityConfig default
 
+# The annotation that asks for a PROXY protocol header to endpoints: "v1" or "v2".
+PROXY_PROTOCOL_ANNOTATION = "uproxy/proxy-protocol"
+
 # Label that hands a service to another proxy; kube-proxy skips such services.
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
@@ -64,6 +67,9 @@ class Service:
     internal_traffic_policy: str = "Cluster"  # Cluster | Local
     external_traffic_policy: str = "Cluster"  # Cluster | Local
     labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY_LABELS)
+    # The uproxy/proxy-protocol annotation as written ("v1", "v2"; "" when
+    # absent); the planner judges it.
+    proxy_protocol: str = ""
 
     @property
     def key(self) -> ObjectName:
@@ -161,6 +167,7 @@ class Frontend:
     node_port: int | None = None
     external_ips: tuple[str, ...] = ()
     load_balancer_ips: tuple[str, ...] = ()
+    proxy_protocol: int = 0  # PROXY protocol version sent to endpoints; 0: none
 
     @property
     def addresses(self) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from uproxy.model import (
     HEADLESS_LABEL,
     PROTOCOLS,
+    PROXY_PROTOCOL_ANNOTATION,
     SERVICE_PROXY_NAME_LABEL,
     DesiredPort,
     Endpoint,
@@ -34,14 +35,17 @@ class DesiredState:
     # service -> its port names in `ports`, so that replanning a service
     # finds its ports without looking at every port
     names: Mapping[ObjectName, tuple[ServicePortName, ...]] = field(default_factory=dict)
+    # service -> what is wrong with a served service (said once, e.g. an unknown
+    # uproxy/proxy-protocol value)
+    warnings: Mapping[ObjectName, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Plan:
     """The difference between what is applied and what should be.
 
-    Apply additions as: open listener, install rule, publish endpoints;
-    removals as: delete rule, close listener, forget balancer state.
+    Apply additions as: open listener, publish endpoints, install rules;
+    removals as: delete rules, close listener, forget balancer state.
     A port whose frontend changed (port number, addresses) is removed and added.
     """
 
@@ -182,6 +186,24 @@ def slices_by_service(
     return by_service
 
 
+PROXY_VERSIONS = {"v1": 1, "v2": 2}
+
+
+def _proxy_protocol_warning(service: Service) -> str | None:
+    """What is wrong with a service's uproxy/proxy-protocol, in one line, or None."""
+    value = service.proxy_protocol
+    if not value:
+        return None
+    if value not in PROXY_VERSIONS:
+        return (f"{service.key}: {PROXY_PROTOCOL_ANNOTATION} {value!r} is not v1 or v2; "
+                "no PROXY header is sent")
+    udp = [spec.name or str(spec.port) for spec in service.ports if spec.protocol == "UDP"]
+    if udp:
+        return (f"{service.key}: {PROXY_PROTOCOL_ANNOTATION} {value} is for TCP; UDP port "
+                f"{', '.join(udp)} gets no PROXY header")
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Scope:
     """Whose view the plan is from: this node (traffic policy Local) and the
@@ -197,14 +219,20 @@ def service_ports(
     scope: Scope,
     ports: dict[ServicePortName, DesiredPort],
     skipped: dict[ObjectName, str],
+    warnings: dict[ObjectName, str] | None = None,
 ) -> None:
-    """Add one service's desired ports to `ports` (or why it is skipped to `skipped`)."""
+    """Add one service's desired ports to `ports` (or why it is skipped to
+    `skipped`); what is wrong but served goes to `warnings`."""
     key = service.key
     node_name = scope.node_name
     reason = skip_reason(service, scope.proxy_name)
     if reason is not None:
         skipped[key] = reason
         return
+    proxy_version = PROXY_VERSIONS.get(service.proxy_protocol, 0)
+    warning = _proxy_protocol_warning(service)
+    if warning is not None and warnings is not None:
+        warnings[key] = warning
     service_slices = list(slices)
     affinity = float(service.affinity_timeout) if service.session_affinity == "ClientIP" else None
     cluster_ips = tuple(ip for ip in service.cluster_ips if ip and ip != "None")
@@ -221,6 +249,7 @@ def service_ports(
             node_port=spec.node_port,
             external_ips=service.external_ips,
             load_balancer_ips=service.load_balancer_ips,
+            proxy_protocol=proxy_version if spec.protocol == "TCP" else 0,
         )
         endpoints, external = port_endpoints(
             service, spec.name, spec.protocol, service_slices, node_name
@@ -239,10 +268,12 @@ def desired_state(
     ports: dict[ServicePortName, DesiredPort] = {}
     skipped: dict[ObjectName, str] = {}
     names: dict[ObjectName, tuple[ServicePortName, ...]] = {}
+    warnings: dict[ObjectName, str] = {}
     scope = Scope(node_name, proxy_name)
     for key, service in services.items():
-        _plan_service(key, service, by_service.get(key, ()), scope, ports, skipped, names)
-    return DesiredState(ports, skipped, names)
+        _plan_service(key, service, by_service.get(key, ()), scope, ports, skipped, names,
+                      warnings)
+    return DesiredState(ports, skipped, names, warnings)
 
 
 def _plan_service(
@@ -253,10 +284,11 @@ def _plan_service(
     ports: dict[ServicePortName, DesiredPort],
     skipped: dict[ObjectName, str],
     names: dict[ObjectName, tuple[ServicePortName, ...]],
+    warnings: dict[ObjectName, str],
 ) -> None:
     """One service's ports into `ports`, and their names into `names`."""
     mine: dict[ServicePortName, DesiredPort] = {}
-    service_ports(service, slices, scope, mine, skipped)
+    service_ports(service, slices, scope, mine, skipped, warnings)
     if mine:
         ports.update(mine)
         names[key] = tuple(mine)
@@ -289,12 +321,14 @@ def update_state(
         for name in names.pop(key, ()):
             del ports[name]
     skipped = {key: why for key, why in previous.skipped.items() if key not in touched}
+    warnings = {key: why for key, why in previous.warnings.items() if key not in touched}
     scope = Scope(node_name, proxy_name)
     for key in touched:
         service = services.get(key)
         if service is not None:
-            _plan_service(key, service, slices.get(key, ()), scope, ports, skipped, names)
-    return DesiredState(ports, skipped, names)
+            _plan_service(key, service, slices.get(key, ()), scope, ports, skipped, names,
+                          warnings)
+    return DesiredState(ports, skipped, names, warnings)
 
 
 def diff(

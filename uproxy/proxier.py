@@ -77,6 +77,7 @@ class Proxier:
         self._state: DesiredState | None = None
         self._slice_index: dict[ObjectName, dict[ObjectName, EndpointSlice]] = {}
         self.skipped: Mapping[ObjectName, str] = {}
+        self._warned: Mapping[ObjectName, str] = {}
         self.rules_failures = 0
         self.last_rules_error: str | None = None
         self.last_sync_seconds: float | None = None
@@ -167,6 +168,10 @@ class Proxier:
         self._state = state
         self.skipped = state.skipped
         self.desired = state.ports
+        for key, warning in state.warnings.items():  # each said once, until it changes
+            if self._warned.get(key) != warning:
+                log.warning("%s", warning)
+        self._warned = state.warnings
 
         # The written order (uproxy.applying): additions open the listener,
         # publish its endpoints, then install the rules that steer traffic to

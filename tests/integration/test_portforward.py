@@ -19,6 +19,7 @@ import pytest
 from tests.integration.apphelpers import Running, running_uproxy
 from tests.kubeapi import FakeKubeAPI, endpoint_slice, pod, pod_endpoint, service
 from uproxy.portforward import connection
+from uproxy.proxyheader import proxy_header
 from uproxy.sources.kube import KubeSource
 
 LAPTOP = ("--bind-range", "127.77.0.0/16", "--dial", "portforward")
@@ -66,9 +67,11 @@ class Cluster:
                 lambda: PodServer(name), host, PORT, reuse_address=True))
         return ip
 
-    def publish(self, service_name: str, pods: list[str], **spec: Any) -> None:
+    def publish(self, service_name: str, pods: list[str], *,
+                annotations: dict[str, str] | None = None, **spec: Any) -> None:
         """The service and one slice naming these pods (created or replaced)."""
         svc = service("default", service_name, ports=[{"name": "p", "port": 80}], **spec)
+        svc["metadata"]["annotations"] = dict(annotations or {})
         slice_ = endpoint_slice(
             "default", f"{service_name}-x", service_name, ports=[{"name": "p", "port": PORT}],
             endpoints=[pod_endpoint("default", name, self.ip_of(name)) for name in pods])
@@ -375,3 +378,21 @@ async def test_an_api_server_that_cannot_be_reached_is_one_line(
     lines = [r.getMessage() for r in caplog.records
              if "cannot be reached for port-forward" in r.getMessage()]
     assert len(lines) == 1 and cluster.api.url in lines[0]
+
+
+async def test_a_pod_behind_port_forward_gets_the_proxy_header_first(cluster: Cluster) -> None:
+    await cluster.add_pod("web-1")
+    cluster.publish("web", ["web-1"], annotations={"uproxy/proxy-protocol": "v1"})
+    async with uproxy(cluster) as up:
+        address = up.address("default/web", "p")
+        reader, writer = await asyncio.open_connection(*address, local_addr=("127.0.0.9", 0))
+        source = writer.get_extra_info("sockname")[:2]
+        writer.write(b"x")
+        answer = b""
+        while not answer.endswith(b"x"):
+            answer += await asyncio.wait_for(reader.read(200), 10)
+        writer.close()
+    # The pod answers "web-1:" and what it got, per read: the header, then the
+    # client's byte (in one read or two).
+    assert answer.startswith(b"web-1:PROXY TCP4 ")
+    assert answer.replace(b"web-1:", b"") == proxy_header(1, source, address) + b"x"

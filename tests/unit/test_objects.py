@@ -450,8 +450,8 @@ def _short(**service: Any) -> dict[str, Any]:
          "services[0].sessionAffinity: must be None or ClientIP, got 'clientip'"),
         (_short(endpoint=["127.0.0.1"]), "services[0].endpoint: unknown field (known: "
          "clusterIP, clusterIPs, endpoints, externalIPs, externalTrafficPolicy, "
-         "internalTrafficPolicy, labels, name, namespace, ports, sessionAffinity, "
-         "sessionAffinityTimeout, type)"),
+         "internalTrafficPolicy, labels, name, namespace, ports, proxyProtocol, "
+         "sessionAffinity, sessionAffinityTimeout, type)"),
         (_short(endpoints="127.0.0.1"),
          "services[0].endpoints: must be a list, got '127.0.0.1'"),
         (_short(endpoints=["localhost"]),
@@ -612,3 +612,10 @@ def test_a_bad_target_ref_is_one_line_naming_it() -> None:
     d["endpoints"][0]["targetRef"] = {"kind": "Pod", "name": 7}
     with pytest.raises(ObjectError, match=r"endpoints\[0\]\.targetRef\.name: must be a string"):
         slice_from_dict(d, "test")
+
+
+def test_the_proxy_protocol_annotation_is_read_as_written() -> None:
+    d = service_dict()
+    d["metadata"]["annotations"] = {"uproxy/proxy-protocol": "v2", "other": "x"}
+    assert service_from_dict(d, "here").proxy_protocol == "v2"
+    assert service_from_dict(service_dict(), "here").proxy_protocol == ""

@@ -551,3 +551,20 @@ def test_incremental_planning_equals_planning_from_scratch(
     assert after.names == from_scratch.names  # the index replanning uses
     # And the restricted diff says what the full diff says.
     assert diff(before.ports, after.ports, only=touched) == diff(before.ports, after.ports)
+
+
+def test_proxy_protocol_goes_to_tcp_frontends_and_odd_values_are_warnings() -> None:
+    tcp_udp = (ServicePortSpec("t", 53, "TCP"), ServicePortSpec("u", 53, "UDP"))
+    services = {
+        s.key: s for s in (
+            service(name="dns", ports=tcp_udp, proxy_protocol="v2"),
+            service(name="odd", proxy_protocol="proxy"),
+            service(name="plain"),
+        )
+    }
+    state = desired_state(services, {})
+    versions = {(n.name, n.port): p.frontend.proxy_protocol for n, p in state.ports.items()}
+    assert versions[("dns", "t")] == 2 and versions[("dns", "u")] == 0
+    assert all(v == 0 for (name, _), v in versions.items() if name != "dns")
+    assert set(state.warnings) == {ObjectName("default", "dns"), ObjectName("default", "odd")}
+    assert "'proxy' is not v1 or v2" in state.warnings[ObjectName("default", "odd")]

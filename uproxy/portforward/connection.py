@@ -99,7 +99,7 @@ class PortForwardConnection:
     def __init__(self, server: Owner, relay: Relay, client: socket.socket,
                  addr: tuple[object, ...], endpoint: Endpoint,
                  pick: Callable[[str, bool], Endpoint], *, attempt: int = 0,
-                 started: float | None = None) -> None:
+                 started: float | None = None, header: bytes | None = None) -> None:
         self.server = server
         self.relay = relay
         self.client = client
@@ -110,6 +110,7 @@ class PortForwardConnection:
         self.started = time.monotonic() if started is None else started
         self.dial_seconds = 0.0
         self.outcome = "ok"
+        self.header = header  # PROXY protocol: the first bytes every pod gets
         self.moved_in = 0  # client -> pod
         self.moved_out = 0  # pod -> client
         self._task: asyncio.Task[None] | None = None
@@ -202,6 +203,8 @@ class PortForwardConnection:
             stats.record_dial(time.monotonic() - started)
             self.dial_seconds = time.monotonic() - self.started
             relay.dialer.streams += 1
+            if self.header is not None:
+                await stream.send(self.header)
             return stream
 
     def _next(self) -> bool:

@@ -51,6 +51,7 @@ import _socket
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -62,6 +63,7 @@ from typing import cast
 from uproxy.model import Endpoint
 from uproxy.picking import DIAL_TIMEOUTS, NoEndpointsError, Picker, TrafficSplit
 from uproxy.portforward.connection import PortForwardConnection, Relay
+from uproxy.proxyheader import proxy_header
 from uproxy.relay.accept import AcceptLoop
 from uproxy.relay.pair import Side, start_pair
 from uproxy.relay.poller import (
@@ -155,6 +157,7 @@ class TcpServer:
         promote_after: int = PROMOTE_AFTER,
         pipes: PipePool | None = None,
         forward: Relay | None = None,
+        proxy_protocol: int = 0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"relay mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -171,6 +174,9 @@ class TcpServer:
         # --dial portforward|auto: endpoints its routes name are reached through
         # the API server's port-forward, by a PortForwardConnection.
         self.forward = forward
+        # A PROXY protocol header (uproxy.proxyheader) goes to the endpoint
+        # before any client byte: 1 or 2, 0 for none.
+        self.proxy_protocol = proxy_protocol
         self.family = sock.family
         self.loop: asyncio.AbstractEventLoop | None = None
         self.poller: Poller | None = None
@@ -238,18 +244,33 @@ class TcpServer:
             self._log_access(addr, None, "no_endpoints", 0, 0, 0.0, 0.0, 0)
             return
         stats.connections_active += 1
+        header = self._header(client, addr) if self.proxy_protocol else None
         forward = self.forward
         if forward is not None and forward.routes.via_portforward(endpoint):
-            self._forwarded(client, addr, endpoint, external)
+            self._forwarded(client, addr, endpoint, external, header=header)
             return
         conn = _Conn(self, client, addr, endpoint)
+        conn.header = header
         if external:
             conn.external = True
         self._conns.add(conn)
         conn.dial()
 
+    def _header(self, client: Sock, addr: tuple[object, ...]) -> bytes:
+        """The PROXY header of a connection: the client, and the address it dialled
+        (the original destination through NAT, else the listener's own)."""
+        found = original_destination(client, cast(str, addr[0]))
+        if found is not None and found[1] != self._port:
+            destination = (str(ipaddress.ip_address(found[0])), found[1])
+        else:
+            local = client.getsockname()
+            destination = (str(local[0]), int(local[1]))
+        return proxy_header(self.proxy_protocol, (str(addr[0]), int(cast(int, addr[1]))),
+                            destination)
+
     def _forwarded(self, client: Sock, addr: tuple[object, ...], endpoint: Endpoint,
-                   external: bool, *, attempt: int = 0, started: float | None = None) -> None:
+                   external: bool, *, attempt: int = 0, started: float | None = None,
+                   header: bytes | None = None) -> None:
         """Serve a client through port-forward (see uproxy.portforward.connection)."""
         assert self.forward is not None
         pick = self.pick_external if external else self.picker.pick
@@ -259,7 +280,7 @@ class TcpServer:
 
         sock = socket.socket(self.family, _STREAM, 0, client.detach())
         conn = PortForwardConnection(self, self.forward, sock, addr, endpoint, pick_again,
-                                     attempt=attempt, started=started)
+                                     attempt=attempt, started=started, header=header)
         self._conns.add(conn)
         conn.start()
 
@@ -268,7 +289,7 @@ class TcpServer:
         self._conns.discard(conn)
         conn.state = CLOSED
         self._forwarded(conn.client, conn.addr, conn.endpoint, conn.external,
-                        attempt=conn.attempt, started=conn.started)
+                        attempt=conn.attempt, started=conn.started, header=conn.header)
 
     def _external(self, client: Sock, addr: tuple[object, ...], split: TrafficSplit) -> bool:
         """Whether a connection came from outside (see the module's docstring)."""
@@ -341,8 +362,8 @@ class _Conn:
 
     __slots__ = (
         "addr", "attempt", "cfd", "client", "client_out", "dial_seconds", "dial_started", "down",
-        "endpoint", "external", "outcome", "poller", "server", "sides", "started", "state", "task",
-        "ufd", "up", "upstream", "upstream_out",
+        "endpoint", "external", "header", "outcome", "poller", "server", "sides", "started",
+        "state", "task", "ufd", "up", "upstream", "upstream_out",
     )
 
     def __init__(self, server: TcpServer, client: Sock, addr: tuple[object, ...],
@@ -367,6 +388,7 @@ class _Conn:
         self.down: _Pump | None = None  # endpoint -> client
         self.sides: tuple[Side, Side] | None = None
         self.task: asyncio.Task[None] | None = None  # protocol mode: making the pair
+        self.header: bytes | None = None  # PROXY protocol, sent first to every endpoint
         self.outcome = "ok"
 
     @property
@@ -467,6 +489,17 @@ class _Conn:
         server = self.server
         server.stats.record_dial(now - self.dial_started)
         self.state = OPEN
+        header = self.header
+        if header is not None:
+            # Before any client byte. A fresh connection's send buffer is empty,
+            # so a header of at most 232 bytes leaves whole at once.
+            try:
+                sent = upstream.send(header, _DONTWAIT)
+            except OSError:
+                sent = -1
+            if sent != len(header):
+                self.fail("error")
+                return
         if server.mode == "protocol":
             if self.poller.conns.pop(self.ufd, None) is not None:
                 self.poller.epoll.unregister(self.ufd)

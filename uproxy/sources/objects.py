@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from uproxy.model import (
     DEFAULT_AFFINITY_TIMEOUT,
+    PROXY_PROTOCOL_ANNOTATION,
     EndpointPort,
     EndpointSlice,
     Service,
@@ -218,6 +219,8 @@ def service_from_dict(d: Mapping[str, Any], where: str) -> Service:
     read = _Reader(where)
     d = read.mapping(d, ())
     namespace, name, labels = _metadata(read, d)
+    annotations = read.labels(read.mapping(d.get("metadata"), ("metadata",)).get("annotations"),
+                              ("metadata", "annotations"))
     spec = read.mapping(d.get("spec"), ("spec",))
     service_type = read.choice(spec.get("type"), ("spec", "type"), SERVICE_TYPES, "ClusterIP")
 
@@ -288,6 +291,7 @@ def service_from_dict(d: Mapping[str, Any], where: str) -> Service:
             TRAFFIC_POLICIES, "Cluster",
         ),
         labels=labels,
+        proxy_protocol=annotations.get(PROXY_PROTOCOL_ANNOTATION, ""),
     )
 
 
@@ -402,7 +406,7 @@ def slice_from_dict(d: Mapping[str, Any], where: str) -> EndpointSlice:
 _SHORT_SERVICE_KEYS = frozenset({
     "name", "namespace", "clusterIP", "clusterIPs", "type", "sessionAffinity",
     "sessionAffinityTimeout", "externalIPs", "ports", "endpoints", "labels",
-    "internalTrafficPolicy", "externalTrafficPolicy",
+    "internalTrafficPolicy", "externalTrafficPolicy", "proxyProtocol",
 })
 _SHORT_PORT_KEYS = frozenset({"name", "port", "targetPort", "protocol", "nodePort"})
 _ENDPOINT_HINT = "like 10.0.0.1, 10.0.0.1:8080 or '[fd00::1]:8080'"
@@ -544,6 +548,7 @@ def _short_service(
             TRAFFIC_POLICIES, "Cluster",
         ),
         labels=read.labels(entry.get("labels"), (*at, "labels")),
+        proxy_protocol=read.string(entry.get("proxyProtocol"), (*at, "proxyProtocol"), ""),
     )
     return service, _short_slices(read, entry, at, service)
 

@@ -75,6 +75,7 @@ class Open:
     listener_id: int
     name: ServicePortName
     protocol: str
+    proxy_protocol: int = 0  # the PROXY header version to send endpoints; 0: none
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def encode(message: Message) -> bytes:
         body = {"op": "forget", "name": _name(message.name)}
     elif isinstance(message, Open):
         body = {"op": "open", "id": message.listener_id, "name": _name(message.name),
-                "protocol": message.protocol}
+                "protocol": message.protocol, "proxy": message.proxy_protocol}
     elif isinstance(message, Close):
         body = {"op": "close", "id": message.listener_id}
     elif isinstance(message, Abort):
@@ -159,7 +160,8 @@ def decode(data: bytes) -> Message:
         if op == "forget":
             return Forget(_name_from(body["name"]))
         if op == "open":
-            return Open(int(body["id"]), _name_from(body["name"]), str(body["protocol"]))
+            return Open(int(body["id"]), _name_from(body["name"]), str(body["protocol"]),
+                        int(body.get("proxy", 0)))
         if op == "close":
             return Close(int(body["id"]))
         if op == "abort":

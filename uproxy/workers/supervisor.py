@@ -20,7 +20,7 @@ from typing import Any
 from uproxy import reuseport
 from uproxy.balancer import Balancer
 from uproxy.listeners import IP_FREEBIND, open_socket
-from uproxy.model import Endpoint, ServicePortName
+from uproxy.model import Endpoint, Frontend, ServicePortName
 from uproxy.picking import Picker
 from uproxy.settings import Settings
 from uproxy.stats import PortStats
@@ -90,8 +90,10 @@ class SharedServer:
     """A listener served by the workers; what the pool holds in its place."""
 
     def __init__(self, group: WorkerGroup, listener_id: int, name: ServicePortName,
-                 protocol: str, sockets: list[socket.socket], stats: PortStats) -> None:
+                 protocol: str, sockets: list[socket.socket], stats: PortStats, *,
+                 proxy_protocol: int = 0) -> None:
         self.group = group
+        self.proxy_protocol = proxy_protocol
         self.id = listener_id
         self.name = name
         self.protocol = protocol
@@ -217,7 +219,7 @@ class _Slot:
 
     def send_open(self, server: SharedServer) -> None:
         try:
-            self.send(Open(server.id, server.name, server.protocol),
+            self.send(Open(server.id, server.name, server.protocol, server.proxy_protocol),
                       [server.sockets[self.index].fileno()])
         except OSError as error:  # out of descriptors for the copy in flight
             log.error("%s %s: worker %d does not serve it: %s", server.name, server.protocol,
@@ -283,7 +285,7 @@ class WorkerGroup:
         log.info("started %d workers (pids %s)", self.count,
                  ", ".join(str(pid) for pid in self.pids))
 
-    def make_server(self, name: ServicePortName, protocol: str, sock: socket.socket,
+    def make_server(self, frontend: Frontend, sock: socket.socket,
                     picker: Picker, stats: PortStats) -> SharedServer:
         """The pool's server factory: `sock` (bound with SO_REUSEPORT) plus
         N-1 siblings on its address, steered by client IP, one per worker."""
@@ -298,7 +300,8 @@ class WorkerGroup:
             for sibling in sockets[1:]:
                 sibling.close()
             raise
-        server = SharedServer(self, self._next_id, name, protocol, sockets, stats)
+        server = SharedServer(self, self._next_id, frontend.name, frontend.protocol, sockets,
+                              stats, proxy_protocol=frontend.proxy_protocol)
         self._next_id += 1
         return server
 

@@ -78,7 +78,7 @@ class Worker:
         elif isinstance(message, Forget):
             self.balancer.remove(message.name)
         elif isinstance(message, Open) and fds:
-            self._open(message.listener_id, message.name, message.protocol, fds[0])
+            self._open(message, fds[0])
             fds = fds[1:]
         elif isinstance(message, Close):
             self._close(message.listener_id)
@@ -93,7 +93,8 @@ class Worker:
         for fd in fds:
             os.close(fd)
 
-    def _open(self, listener_id: int, name: ServicePortName, protocol: str, fd: int) -> None:
+    def _open(self, message: Open, fd: int) -> None:
+        listener_id, name = message.listener_id, message.name
         old = self.served.pop(listener_id, None)
         if old is not None:  # a resend; keep one socket per listener
             old.server.abort()
@@ -101,9 +102,10 @@ class Worker:
         stats = PortStats()
         picker = self.balancer.picker(name, stats)
         server: Server
-        if protocol == "TCP":
+        if message.protocol == "TCP":
             server = TcpServer(sock, picker, stats, mode=self.config.relay_mode,
-                               name=str(name), access_log=self.access_log)
+                               name=str(name), access_log=self.access_log,
+                               proxy_protocol=message.proxy_protocol)
         else:
             server = UdpServer(sock, picker, stats,
                                session_timeout=self.config.udp_timeout,
