@@ -202,6 +202,31 @@ def test_portals_reach_the_listener_on_every_path(
     assert reachable(node, client) == ALL_OK
 
 
+def test_iptc_installs_the_very_rules_iptables_legacy_writes(
+    topology: tuple[Netns, Netns],
+) -> None:
+    """iptc builds its rules from render's iptables text: the kernel holds
+    the same lines whichever of the two wrote them."""
+    require_system("iptables-legacy-restore")
+    node, _ = topology
+    dumps: dict[str, dict[str, list[str]]] = {}
+    for kind in ("iptables-legacy", "iptc"):
+        backend = Backend(kind, node)
+        backend.apply(PORTALS)
+        rules: dict[str, list[str]] = {}  # table -> its rules, in order
+        table = ""
+        for line in backend.dump().splitlines():
+            if line.startswith("*"):
+                table = line
+            elif line.startswith("-A "):
+                rules.setdefault(table, []).append(line)
+        dumps[kind] = rules
+        backend.cleanup()
+    iptc_rules = "\n".join(line for lines in dumps["iptc"].values() for line in lines)
+    assert "--ctstate DNAT" in iptc_rules and "-j REDIRECT --to-ports" in iptc_rules
+    assert dumps["iptc"] == dumps["iptables-legacy"]
+
+
 def test_removed_portal_goes_and_flushed_chains_come_back(
     backend: Backend, topology: tuple[Netns, Netns]
 ) -> None:

@@ -1,4 +1,4 @@
-"""The `iptc` backend: the same chains as `iptables`, written with python-iptables.
+"""The `iptc` backend: the same rules as `iptables` (render's text), written with python-iptables.
 
 For hosts on legacy xtables only: libiptc edits the legacy tables, which an
 nf_tables-variant `iptables` neither shows nor honours in the same way, so
@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import shlex
 import shutil
 import subprocess
 import threading
@@ -30,13 +31,11 @@ from uproxy.rules import privilege
 from uproxy.rules.base import Portal, PortalDelta, RulesError
 from uproxy.rules.iptables import IptablesRules
 from uproxy.rules.render import (
-    PROXY_PORTS_COMMENT,
     Entry,
     chain_names,
     check_chain_prefix,
-    host_jump_comment,
+    iptables_chain_rules,
     jumps,
-    multiport_lists,
     portal_entries,
     render_iptables,
 )
@@ -86,40 +85,28 @@ def xtables_lock(timeout: float = XTABLES_LOCK_TIMEOUT) -> Iterator[None]:
         os.close(fd)  # also releases the flock
 
 
-def _rule(iptc: Any, family: int, entry: Entry) -> Any:
+def rule_from_args(iptc: Any, family: int, args: str) -> Any:
+    """A python-iptables rule from the very text render writes for iptables
+    (`-p tcp -m conntrack --ctstate DNAT ... -j ACCEPT`), so both backends
+    install one set of rules from one description."""
     rule = iptc.Rule() if family == 4 else iptc.Rule6()
-    rule.protocol = entry.protocol
-    if entry.address is not None:
-        rule.dst = f"{entry.address}/{32 if family == 4 else 128}"
-    else:
-        rule.create_match("addrtype").dst_type = "LOCAL"
-    rule.create_match(entry.protocol).dport = str(entry.port)
-    rule.create_match("comment").comment = entry.comment
-    if entry.redirect:
-        rule.create_target("REDIRECT").to_ports = str(entry.proxy_port)
-    else:
-        ip = entry.proxy_ip if family == 4 else f"[{entry.proxy_ip}]"
-        rule.create_target("DNAT").to_destination = f"{ip}:{entry.proxy_port}"
-    return rule
-
-
-def _accept(iptc: Any, family: int, protocol: str, dports: str) -> Any:
-    rule = iptc.Rule() if family == 4 else iptc.Rule6()
-    rule.protocol = protocol
-    rule.create_match("conntrack").ctstate = "DNAT"  # see render.iptables_accept_args
-    rule.create_match("multiport").dports = dports
-    rule.create_match("comment").comment = PROXY_PORTS_COMMENT
-    rule.create_target("ACCEPT")
-    return rule
-
-
-def _jump(iptc: Any, family: int, target: str, comment: str | None = None,
-          new_only: bool = False) -> Any:
-    rule = iptc.Rule() if family == 4 else iptc.Rule6()
-    if new_only:
-        rule.create_match("conntrack").ctstate = "NEW"
-    rule.create_match("comment").comment = comment or f"uproxy {target.lower()}"
-    rule.create_target(target)
+    tokens = shlex.split(args)
+    if len(tokens) % 2:
+        raise RulesError(f"iptc: rule text without a value at its end: {args}")
+    part: Any = None  # the match or target that the next --options belong to
+    for option, value in zip(tokens[::2], tokens[1::2], strict=True):
+        if option == "-p":
+            rule.protocol = value
+        elif option == "-d":
+            rule.dst = value
+        elif option == "-m":
+            part = rule.create_match(value)
+        elif option == "-j":
+            part = rule.create_target(value)
+        elif option.startswith("--") and part is not None:
+            part.set_parameter(option[2:], value)
+        else:
+            raise RulesError(f"iptc: {option!r} is not understood in: {args}")
     return rule
 
 
@@ -169,32 +156,17 @@ class IptcRules:
         if not entries and not self._ours_present(iptc, family):
             return
         names = chain_names(self.prefix)
-        portals_container, portals_host, nodeport_container, nodeport_host = names["nat"]
-        (non_local,) = names["filter"]
-        wanted: dict[str, list[Any]] = {chain: [] for chains in names.values() for chain in chains}
-        proxy_ports: dict[str, set[int]] = {}
-        for entry in entries:
-            chain = portals_container if entry.kind == "portal" else nodeport_container
-            wanted[chain].append(_rule(iptc, family, entry))
-            proxy_ports.setdefault(entry.protocol, set()).add(entry.proxy_port)
-        host_jumps = {portals_host: portals_container, nodeport_host: nodeport_container}
-        for protocol, ports in sorted(proxy_ports.items()):
-            wanted[non_local] += [_accept(iptc, family, protocol, dports)
-                                  for dports in multiport_lists(ports)]
-
+        wanted = iptables_chain_rules(entries, self.prefix)
         for table_name, chains in names.items():
             table = self._table(iptc, family, table_name)
             try:
                 made = {name: (iptc.Chain(table, name) if table.is_chain(name)
                                else table.create_chain(name)) for name in chains}
-                for chain_name, chain in made.items():
+                for chain in made.values():
                     chain.flush()
-                    if chain_name in host_jumps:  # a jump needs its target chain to exist
-                        container = host_jumps[chain_name]
-                        wanted[chain_name] = [
-                            _jump(iptc, family, container, host_jump_comment(container))]
-                    for rule in wanted[chain_name]:
-                        chain.append_rule(rule)
+                for chain_name, chain in made.items():  # after all exist: a HOST chain jumps
+                    for args in wanted[chain_name]:
+                        chain.append_rule(rule_from_args(iptc, family, args))
                 for jump in jumps(self.prefix):
                     if jump.table != table_name:
                         continue
@@ -209,7 +181,7 @@ class IptcRules:
                     # every copy goes and one comes back in its place.
                     for index in reversed(at):
                         builtin.delete_rule(rules[index])
-                    rule = _jump(iptc, family, jump.target, new_only=jump.new_only)
+                    rule = rule_from_args(iptc, family, jump.spec)
                     if jump.first:
                         builtin.insert_rule(rule)
                     else:
