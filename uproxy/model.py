@@ -70,6 +70,8 @@ class Service:
     # The uproxy/proxy-protocol annotation as written ("v1", "v2"; "" when
     # absent); the planner judges it.
     proxy_protocol: str = ""
+    # spec.healthCheckNodePort (LoadBalancer with externalTrafficPolicy: Local)
+    health_check_node_port: int | None = None
 
     @property
     def key(self) -> ObjectName:
@@ -95,6 +97,9 @@ class SliceEndpoint:
     terminating: bool = False
     node_name: str | None = None
     pod: str = ""  # targetRef of kind Pod as "namespace/name"; "" when there is none
+    # hints.forZones / hints.forNodes (topology-aware routing, trafficDistribution)
+    zone_hints: tuple[str, ...] = ()
+    node_hints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +120,21 @@ class EndpointSlice:
     @property
     def service(self) -> ObjectName:
         return ObjectName(self.namespace, self.service_name)
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """The parts of this node's v1 Node a service proxy reads."""
+
+    name: str
+    zone: str = ""  # label topology.kubernetes.io/zone
+    # Being deleted (deletionTimestamp), or drained by the cluster autoscaler
+    # (taint ToBeDeletedByClusterAutoscaler): health checks say 503.
+    terminating: bool = False
+
+    @property
+    def key(self) -> ObjectName:
+        return ObjectName("", self.name)
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -147,29 +147,75 @@ def _local(
     return [pair for pair in found if pair[1].node_name == node_name]
 
 
+TOPOLOGY_NODE = "node"
+TOPOLOGY_ZONE = "zone"
+
+
+def topology_mode(endpoints: Iterable[SliceEndpoint], zone: str, node_name: str | None) -> str:
+    """Which hints a service port's cluster traffic follows here: "node", "zone" or "".
+
+    kube-proxy's topologyModeFromHints: node hints (trafficDistribution
+    PreferSameNode) when every ready endpoint has some and one names this
+    node; else zone hints (PreferSameZone, PreferClose, topology-aware
+    routing) when every ready endpoint has some and one names this node's
+    zone; else none, and every endpoint serves. An endpoint without hints
+    among hinted ones means the controller is mid-change: hints are ignored.
+    """
+    ready = [e for e in endpoints if e.ready]
+    if not ready:
+        return ""
+    if node_name and all(e.node_hints for e in ready) and any(
+            node_name in e.node_hints for e in ready):
+        return TOPOLOGY_NODE
+    if zone and all(e.zone_hints for e in ready) and any(zone in e.zone_hints for e in ready):
+        return TOPOLOGY_ZONE
+    return ""
+
+
+def _in_topology(endpoint: SliceEndpoint, mode: str, zone: str, node_name: str | None) -> bool:
+    if mode == TOPOLOGY_NODE:
+        return node_name in endpoint.node_hints
+    if mode == TOPOLOGY_ZONE:
+        return zone in endpoint.zone_hints
+    return True
+
+
+def _cluster(found: list[tuple[Endpoint, SliceEndpoint]], scope: Scope) -> tuple[Endpoint, ...]:
+    """Endpoints of traffic policy Cluster: the ready ones the hints leave for
+    this node; when none is ready anywhere, the serving-and-terminating ones
+    (the fallback ignores hints, as kube-proxy's CategorizeEndpoints does)."""
+    mode = topology_mode((condition for _, condition in found), scope.zone, scope.node_name)
+    if not mode:
+        return _usable(found)
+    return tuple(sorted({e for e, condition in found if condition.ready
+                         and _in_topology(condition, mode, scope.zone, scope.node_name)}))
+
+
 def port_endpoints(
     service: Service,
     port_name: str,
     protocol: str,
     slices: Iterable[EndpointSlice],
-    node_name: str | None,
+    scope: Scope,
 ) -> tuple[tuple[Endpoint, ...], tuple[Endpoint, ...] | None]:
     """(cluster endpoints, external endpoints or None) of one service port.
 
     Each slice says, per port name, which number the pods listen on, so a
     named targetPort may resolve differently in different slices. As in
     kube-proxy's CategorizeEndpoints, the ready-else-terminating fallback is
-    decided over all slices together, after the node filter of a Local
-    policy. Cluster-IP traffic follows internalTrafficPolicy; traffic from
-    outside (node port, external IP, load-balancer IP) of an externally
-    accessible service follows externalTrafficPolicy. The second value is
-    None when both kinds of traffic use the same endpoints.
+    decided over all slices together: for policy Cluster after the topology
+    hints, for policy Local over this node's endpoints (which ignore hints).
+    Cluster-IP traffic follows internalTrafficPolicy; traffic from outside
+    (node port, external IP, load-balancer IP) of an externally accessible
+    service follows externalTrafficPolicy. The second value is None when
+    both kinds of traffic use the same endpoints.
     """
     found = _slice_endpoints(service, port_name, protocol, slices)
-    every = _usable(found)
+    every = _cluster(found, scope)
     internal_local = service.internal_traffic_policy == "Local"
     external_local = service.external_traffic_policy == "Local"
-    local = _usable(_local(found, node_name)) if internal_local or external_local else every
+    local = (_usable(_local(found, scope.node_name)) if internal_local or external_local
+             else every)
     cluster = local if internal_local else every
     if not externally_accessible(service):
         return cluster, None
@@ -206,11 +252,13 @@ def _proxy_protocol_warning(service: Service) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """Whose view the plan is from: this node (traffic policy Local) and the
-    proxy name this uproxy answers to (--service-proxy-name)."""
+    """Whose view the plan is from: this node (traffic policy Local, node
+    hints), its zone (zone hints) and the proxy name this uproxy answers to
+    (--service-proxy-name)."""
 
     node_name: str | None = None
     proxy_name: str | None = None
+    zone: str = ""  # this node's topology.kubernetes.io/zone, for topology hints
 
 
 def service_ports(
@@ -224,7 +272,6 @@ def service_ports(
     """Add one service's desired ports to `ports` (or why it is skipped to
     `skipped`); what is wrong but served goes to `warnings`."""
     key = service.key
-    node_name = scope.node_name
     reason = skip_reason(service, scope.proxy_name)
     if reason is not None:
         skipped[key] = reason
@@ -252,7 +299,7 @@ def service_ports(
             proxy_protocol=proxy_version if spec.protocol == "TCP" else 0,
         )
         endpoints, external = port_endpoints(
-            service, spec.name, spec.protocol, service_slices, node_name
+            service, spec.name, spec.protocol, service_slices, scope
         )
         ports[name] = DesiredPort(frontend, endpoints, affinity, external)
 
@@ -263,13 +310,14 @@ def desired_state(
     *,
     node_name: str | None = None,
     proxy_name: str | None = None,
+    zone: str = "",
 ) -> DesiredState:
     by_service = slices_by_service(slices.values())
     ports: dict[ServicePortName, DesiredPort] = {}
     skipped: dict[ObjectName, str] = {}
     names: dict[ObjectName, tuple[ServicePortName, ...]] = {}
     warnings: dict[ObjectName, str] = {}
-    scope = Scope(node_name, proxy_name)
+    scope = Scope(node_name, proxy_name, zone)
     for key, service in services.items():
         _plan_service(key, service, by_service.get(key, ()), scope, ports, skipped, names,
                       warnings)
@@ -308,6 +356,7 @@ def update_state(
     *,
     node_name: str | None = None,
     proxy_name: str | None = None,
+    zone: str = "",
 ) -> DesiredState:
     """`previous` with the services in `touched` planned again.
 
@@ -322,7 +371,7 @@ def update_state(
             del ports[name]
     skipped = {key: why for key, why in previous.skipped.items() if key not in touched}
     warnings = {key: why for key, why in previous.warnings.items() if key not in touched}
-    scope = Scope(node_name, proxy_name)
+    scope = Scope(node_name, proxy_name, zone)
     for key in touched:
         service = services.get(key)
         if service is not None:

@@ -28,6 +28,7 @@ from uproxy.applying import Endpoints, Listeners
 from uproxy.model import (
     DesiredPort,
     EndpointSlice,
+    Node,
     ObjectName,
     Service,
     ServicePortName,
@@ -72,6 +73,8 @@ class Proxier:
         self.chain_prefix = chain_prefix
         self.services: dict[ObjectName, Service] = {}
         self.slices: dict[ObjectName, EndpointSlice] = {}
+        self.nodes: dict[ObjectName, Node] = {}  # this node's, when a source reports it
+        self._planned_zone = ""  # the zone the current state was planned for
         self.applied: dict[ServicePortName, DesiredPort] = {}
         self.desired: Mapping[ServicePortName, DesiredPort] = {}
         self._state: DesiredState | None = None
@@ -138,6 +141,19 @@ class Proxier:
     # -- the sync ------------------------------------------------------------
 
     @property
+    def node(self) -> Node | None:
+        """This node's Node object, once a source reported it (kube source in
+        rules mode, or a Node in the services file)."""
+        if self.node_name is None:
+            return None
+        return self.nodes.get(ObjectName("", self.node_name))
+
+    @property
+    def zone(self) -> str:
+        node = self.node
+        return node.zone if node is not None else ""
+
+    @property
     def ready(self) -> bool:
         return self.tracker.synced(*self.required_sources)
 
@@ -146,14 +162,15 @@ class Proxier:
             return Plan()
         started = time.monotonic()
         changes = self.tracker.take()
-        changes.apply_to(self.services, self.slices)
+        changes.apply_to(self.services, self.slices, self.nodes)
         self._index_slices(changes)
-        if changes.empty or self._state is None:
+        if changes.empty or self._state is None or self.zone != self._planned_zone:
             # The periodic pass (or the first): plan everything from scratch, in
             # a worker thread. At 10k services that is ~0.5 s of Python which
             # on the loop would stall every connection; the thread hands the
             # GIL back every few ms. Nothing else writes these objects meanwhile
-            # (this sync is their only writer, and syncs never overlap).
+            # (this sync is their only writer, and syncs never overlap). A new
+            # zone for this node may change any service's endpoints (hints).
             state, plan = await asyncio.to_thread(self._plan_everything)
         else:
             # Plan only what changed, and the ports that failed to open, so
@@ -163,6 +180,7 @@ class Proxier:
                 self._state, self.services,
                 {key: list(self._slice_index.get(key, {}).values()) for key in touched},
                 touched, node_name=self.node_name, proxy_name=self.proxy_name,
+                zone=self._planned_zone,
             )
             plan = diff(self.applied, state.ports, only=touched)
         self._state = state
@@ -229,8 +247,9 @@ class Proxier:
         return plan
 
     def _plan_everything(self) -> tuple[DesiredState, Plan]:
+        self._planned_zone = zone = self.zone
         state = desired_state(self.services, self.slices, node_name=self.node_name,
-                              proxy_name=self.proxy_name)
+                              proxy_name=self.proxy_name, zone=zone)
         previous = self._state
         if previous is not None and state == previous:
             # The incremental state was right (as it should be): keep its

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Generic, TypeVar
 
-from uproxy.model import EndpointSlice, ObjectName, Service
+from uproxy.model import EndpointSlice, Node, ObjectName, Service
 
-T = TypeVar("T", Service, EndpointSlice)
+T = TypeVar("T", Service, EndpointSlice, Node)
 
 Change = tuple[T | None, T | None]  # (as last applied, as now); None: absent
 
@@ -35,10 +35,13 @@ class Changes:
     slices: Mapping[ObjectName, Change[EndpointSlice]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    nodes: Mapping[ObjectName, Change[Node]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     @property
     def empty(self) -> bool:
-        return not (self.services or self.slices)
+        return not (self.services or self.slices or self.nodes)
 
     def touched_services(self) -> frozenset[ObjectName]:
         """Services whose own object or any of whose slices changed."""
@@ -53,10 +56,13 @@ class Changes:
         self,
         services: dict[ObjectName, Service],
         slices: dict[ObjectName, EndpointSlice],
+        nodes: dict[ObjectName, Node] | None = None,
     ) -> None:
         """Bring the proxier's current maps up to date with these changes."""
         _apply(self.services, services)
         _apply(self.slices, slices)
+        if nodes is not None:
+            _apply(self.nodes, nodes)
 
 
 def _apply(changes: Mapping[ObjectName, Change[T]], known: dict[ObjectName, T]) -> None:
@@ -113,6 +119,7 @@ class ChangeTracker:
         self.notify = notify
         self._services: _Fold[Service] = _Fold()
         self._slices: _Fold[EndpointSlice] = _Fold()
+        self._nodes: _Fold[Node] = _Fold()
         self._synced: set[str] = set()
         self._errors: dict[str, SourceError] = {}
 
@@ -124,6 +131,10 @@ class ChangeTracker:
 
     def on_slice(self, previous: EndpointSlice | None, current: EndpointSlice | None) -> None:
         if self._slices.record(previous, current):
+            self.notify()
+
+    def on_node(self, previous: Node | None, current: Node | None) -> None:
+        if self._nodes.record(previous, current):
             self.notify()
 
     def on_synced(self, source: str) -> None:
@@ -140,11 +151,12 @@ class ChangeTracker:
 
     @property
     def pending(self) -> bool:
-        return bool(self._services.pending or self._slices.pending)
+        return bool(self._services.pending or self._slices.pending or self._nodes.pending)
 
     def take(self) -> Changes:
         """The net changes since the last call; the tracker starts empty again."""
-        return Changes(services=self._services.take(), slices=self._slices.take())
+        return Changes(services=self._services.take(), slices=self._slices.take(),
+                       nodes=self._nodes.take())
 
     @property
     def synced_sources(self) -> frozenset[str]:

@@ -10,11 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from uproxy.model import EndpointPort, Service, ServicePortSpec, SliceEndpoint
+from uproxy.model import EndpointPort, Node, Service, ServicePortSpec, SliceEndpoint
 from uproxy.planner import desired_state
 from uproxy.sources.objects import (
     ObjectError,
     format_path,
+    node_from_dict,
     parse_endpoint,
     service_from_dict,
     short_form_from_dict,
@@ -619,3 +620,57 @@ def test_the_proxy_protocol_annotation_is_read_as_written() -> None:
     d["metadata"]["annotations"] = {"uproxy/proxy-protocol": "v2", "other": "x"}
     assert service_from_dict(d, "here").proxy_protocol == "v2"
     assert service_from_dict(service_dict(), "here").proxy_protocol == ""
+
+
+# -- topology hints, Nodes, health check node ports --------------------------------------
+
+
+def test_slice_hints_are_read_per_endpoint() -> None:
+    d = slice_dict()
+    d["endpoints"][0]["hints"] = {"forZones": [{"name": "zone-a"}, {"name": "zone-b"}],
+                                  "forNodes": [{"name": "node-1"}]}
+    d["endpoints"].append({"addresses": ["10.244.1.8"], "hints": None})
+    first, second = slice_from_dict(d, "test").endpoints
+    assert (first.zone_hints, first.node_hints) == (("zone-a", "zone-b"), ("node-1",))
+    assert (second.zone_hints, second.node_hints) == ((), ())
+
+
+def test_a_bad_hint_is_one_line_naming_it() -> None:
+    d = slice_dict()
+    d["endpoints"][0]["hints"] = {"forZones": [{"name": 3}]}
+    with pytest.raises(ObjectError, match=r"endpoints\[0\]\.hints\.forZones\[0\]\.name: "
+                                          "must be a string"):
+        slice_from_dict(d, "test")
+
+
+def node_dict(**spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-1",
+                         "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+            "spec": spec}
+
+
+def test_a_node_has_a_zone_and_is_terminating_when_deleted_or_drained() -> None:
+    assert node_from_dict(node_dict(), "n") == Node("node-1", "zone-a", False)
+    deleted = node_dict()
+    deleted["metadata"]["deletionTimestamp"] = "2026-12-04T00:00:00Z"
+    assert node_from_dict(deleted, "n").terminating
+    drained = node_dict(taints=[{"key": "ToBeDeletedByClusterAutoscaler",
+                                 "value": "1733270400", "effect": "NoSchedule"}])
+    assert node_from_dict(drained, "n").terminating
+    other = node_dict(taints=[{"key": "node.kubernetes.io/unschedulable",
+                               "effect": "NoSchedule"}])
+    assert not node_from_dict(other, "n").terminating
+    bare = {"metadata": {"name": "node-2"}}
+    assert node_from_dict(bare, "n") == Node("node-2")
+
+
+def test_a_health_check_node_port_is_read() -> None:
+    d = service_dict()
+    d["spec"].update(type="LoadBalancer", externalTrafficPolicy="Local",
+                     healthCheckNodePort=32000)
+    assert service_from_dict(d, "here").health_check_node_port == 32000
+    assert service_from_dict(service_dict(), "here").health_check_node_port is None
+    d["spec"]["healthCheckNodePort"] = 70000
+    with pytest.raises(ObjectError, match=r"spec\.healthCheckNodePort"):
+        service_from_dict(d, "here")

@@ -1,4 +1,4 @@
-"""What a source is: something that reports Services and EndpointSlices.
+"""What a source is: something that reports Services, EndpointSlices and Nodes.
 
 Sources produce model objects and nothing else. They report changes as
 (previous, current) pairs to a `SourceSink` (the proxier's change tracker);
@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from uproxy.model import EndpointSlice, ObjectName, Service
+from uproxy.model import EndpointSlice, Node, ObjectName, Service
 
 
 class SourceSink(Protocol):
@@ -20,6 +20,9 @@ class SourceSink(Protocol):
     def on_slice(
         self, previous: EndpointSlice | None, current: EndpointSlice | None
     ) -> None: ...
+
+    def on_node(self, previous: Node | None, current: Node | None) -> None:
+        """A Node (this node's zone and whether it is going away)."""
 
     def on_synced(self, source: str) -> None:
         """The source has delivered one complete view (first list, first file load)."""
@@ -65,7 +68,7 @@ class Source(Protocol):
         return SourceCounters()
 
 
-T = TypeVar("T", Service, EndpointSlice)
+T = TypeVar("T", Service, EndpointSlice, Node)
 
 
 def replace_all(

@@ -26,6 +26,7 @@ from uproxy.model import (
     PROXY_PROTOCOL_ANNOTATION,
     EndpointPort,
     EndpointSlice,
+    Node,
     Service,
     ServicePortSpec,
     SliceEndpoint,
@@ -292,6 +293,8 @@ def service_from_dict(d: Mapping[str, Any], where: str) -> Service:
         ),
         labels=labels,
         proxy_protocol=annotations.get(PROXY_PROTOCOL_ANNOTATION, ""),
+        health_check_node_port=None if spec.get("healthCheckNodePort") is None
+        else read.port(spec["healthCheckNodePort"], ("spec", "healthCheckNodePort")),
     )
 
 
@@ -319,6 +322,37 @@ def _cluster_ips(read: _Reader, spec: Mapping[str, Any]) -> tuple[str, ...]:
             )
         return listed
     return (single,) if single else ()
+
+
+def _hint_names(read: _Reader, entry: Mapping[str, Any], at: FieldPath,
+                which: str) -> tuple[str, ...]:
+    """hints.forZones[].name or hints.forNodes[].name of a slice endpoint."""
+    hints_at: FieldPath = (*at, "hints")
+    hints = read.mapping(entry.get("hints"), hints_at)
+    names = []
+    for index, raw in enumerate(read.list(hints.get(which), (*hints_at, which))):
+        item = read.mapping(raw, (*hints_at, which, index))
+        names.append(read.string(item.get("name"), (*hints_at, which, index, "name")))
+    return tuple(names)
+
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+
+
+def node_from_dict(d: Mapping[str, Any], where: str) -> Node:
+    """A v1 Node: its name, zone, and whether it is going away."""
+    read = _Reader(where)
+    d = read.mapping(d, ())
+    meta = read.mapping(d.get("metadata"), ("metadata",))
+    name = read.name(meta.get("name"), ("metadata", "name"))
+    labels = read.labels(meta.get("labels"), ("metadata", "labels"))
+    spec = read.mapping(d.get("spec"), ("spec",))
+    taints = [read.mapping(t, ("spec", "taints", i))
+              for i, t in enumerate(read.list(spec.get("taints"), ("spec", "taints")))]
+    terminating = meta.get("deletionTimestamp") is not None or any(
+        taint.get("key") == TO_BE_DELETED_TAINT for taint in taints)
+    return Node(name, labels.get(ZONE_LABEL, ""), terminating)
 
 
 def _pod_of(read: _Reader, value: object, path: FieldPath, namespace: str) -> str:
@@ -388,6 +422,8 @@ def slice_from_dict(d: Mapping[str, Any], where: str) -> EndpointSlice:
                 node_name=None if node_name is None
                 else read.string(node_name, (*at, "nodeName")),
                 pod=_pod_of(read, entry.get("targetRef"), (*at, "targetRef"), namespace),
+                zone_hints=_hint_names(read, entry, at, "forZones"),
+                node_hints=_hint_names(read, entry, at, "forNodes"),
             )
         )
 
