@@ -61,7 +61,10 @@ RESOURCES: dict[str, tuple[str, str, str]] = {
     "services": ("/api/v1", "v1", "Service"),
     "pods": ("/api/v1", "v1", "Pod"),
     "endpointslices": ("/apis/discovery.k8s.io/v1", "discovery.k8s.io/v1", "EndpointSlice"),
+    "nodes": ("/api/v1", "v1", "Node"),
 }
+CLUSTER_SCOPED = {"nodes"}  # no namespace: stored and addressed under ""
+FIELDS = ("metadata.name", "metadata.namespace")  # what fieldSelector may name
 RESOURCE_OF_KIND = {kind: resource for resource, (_, _, kind) in RESOURCES.items()}
 
 DEFAULT_WATCH_TIMEOUT = 1800.0  # seconds, when the client sends no timeoutSeconds
@@ -109,6 +112,20 @@ def service(
         },
     }
     return body
+
+
+def node(name: str, zone: str | None = None, *, taints: Iterable[Mapping[str, str]] = (),
+         deleting: bool = False) -> Obj:
+    """A v1 Node (cluster-scoped) with a zone label, taints, a deletionTimestamp."""
+    labels = {"kubernetes.io/hostname": name}
+    if zone is not None:
+        labels["topology.kubernetes.io/zone"] = zone
+    meta: Obj = {"name": name, "labels": labels}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-12-04T00:00:00Z"
+    return {"apiVersion": "v1", "kind": "Node", "metadata": meta,
+            "spec": {"taints": [dict(t) for t in taints]},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
 
 
 def endpoint_slice(
@@ -178,6 +195,33 @@ class LabelSelector:
     """The equality-based label selector grammar: `k`, `!k`, `k=v`, `k==v`, `k!=v`."""
 
     terms: tuple[tuple[str, str, str], ...] = ()  # (op, key, value)
+    # fieldSelector terms, ("eq" | "ne", field, value); only the FIELDS every
+    # resource supports (metadata.name, metadata.namespace)
+    fields: tuple[tuple[str, str, str], ...] = ()
+
+    def with_fields(self, text: str | None) -> LabelSelector:
+        """This selector and a fieldSelector (`f=v`, `f==v`, `f!=v`, comma-joined)."""
+        fields = []
+        for raw in (text or "").split(","):
+            term = raw.strip()
+            if not term:
+                continue
+            op = "ne" if "!=" in term else "eq"
+            key, value = term.replace("!=", "=").replace("==", "=").split("=", 1) \
+                if "=" in term else (term, "")
+            if key.strip() not in FIELDS:
+                raise ValueError(f"field label not supported: {key.strip()}")
+            fields.append((op, key.strip(), value.strip()))
+        return LabelSelector(self.terms, tuple(fields))
+
+    def selects(self, obj: Obj) -> bool:
+        """Whether the object's labels and fields match."""
+        meta = obj.get("metadata", {})
+        for op, key, value in self.fields:
+            actual = meta.get(key.removeprefix("metadata."), "")
+            if (actual == value) != (op == "eq"):
+                return False
+        return self.matches(meta.get("labels"))
 
     @classmethod
     def parse(cls, text: str | None) -> LabelSelector:
@@ -244,7 +288,7 @@ class Watcher:
         return (
             resource == self.resource
             and (self.namespace is None or meta.get("namespace") == self.namespace)
-            and self.selector.matches(meta.get("labels"))
+            and self.selector.selects(obj)
         )
 
 
@@ -292,6 +336,7 @@ class FakeKubeAPI:
         self.watchers: set[Watcher] = set()
         self.failures: deque[Failure] = deque()
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, query)
+        self.forbidden: set[str] = set()  # resources RBAC would refuse (403)
         self.hang_new_watches = False
         self.in_outage = False
         self.list_log: list[ListCall] = []
@@ -353,6 +398,8 @@ class FakeKubeAPI:
     def _key(obj: Obj) -> tuple[str, str, str]:
         resource = RESOURCE_OF_KIND[obj["kind"]]
         meta = obj["metadata"]
+        if resource in CLUSTER_SCOPED:
+            return resource, "", meta["name"]
         return resource, meta.get("namespace", "default"), meta["name"]
 
     def create(self, obj: Obj) -> Obj:
@@ -375,7 +422,8 @@ class FakeKubeAPI:
     def _store(self, key: tuple[str, str, str], obj: Obj, previous: Obj | None) -> Obj:
         stored = copy.deepcopy(obj)
         meta = stored.setdefault("metadata", {})
-        meta.setdefault("namespace", key[1])
+        if key[0] not in CLUSTER_SCOPED:
+            meta.setdefault("namespace", key[1])
         meta["resourceVersion"] = str(self._next_rv())
         meta.setdefault("uid", f"uid-{key[0]}-{key[1]}-{key[2]}")
         self.objects[key] = stored
@@ -430,6 +478,10 @@ class FakeKubeAPI:
     def list_calls(self, resource: str | None = None) -> list[ListCall]:
         """The LIST requests so far (watches excluded), oldest first."""
         return [c for c in self.list_log if resource is None or c.resource == resource]
+
+    def forbid(self, resource: str) -> None:
+        """Answer 403 for `resource` from now on, as RBAC without that rule would."""
+        self.forbidden.add(resource)
 
     def fail_next(self, count: int, status: int = 500, retry_after: float | None = None) -> None:
         """Answer the next `count` resource requests with `status`."""
@@ -495,7 +547,10 @@ class FakeKubeAPI:
         if path == "/apis":
             return web.json_response(_API_GROUPS)
         if path == "/api/v1":
-            return web.json_response(_resource_list("v1", "services", "Service", "svc"))
+            core = _resource_list("v1", "services", "Service", "svc")
+            nodes = _resource_list("v1", "nodes", "Node", "no")["resources"][0]
+            core["resources"].append(dict(nodes, namespaced=False))
+            return web.json_response(core)
         if path == "/apis/discovery.k8s.io/v1":
             return web.json_response(
                 _resource_list("discovery.k8s.io/v1", "endpointslices", "EndpointSlice", None)
@@ -504,6 +559,11 @@ class FakeKubeAPI:
         if route is None:
             return _error(404, "NotFound", f"the server could not find {path}")
         resource, namespace, name = route
+        if resource in self.forbidden:
+            verb = "watch" if _truthy(query.get("watch")) else "list" if name is None else "get"
+            return _error(403, "Forbidden",
+                          f'{resource} is forbidden: User "test" cannot {verb} resource '
+                          f'"{resource}" in API group "" at the cluster scope')
         if self.failures:
             failure = self.failures.popleft()
             headers = {}
@@ -512,7 +572,8 @@ class FakeKubeAPI:
             reason = "TooManyRequests" if failure.status == 429 else "InternalError"
             return _error(failure.status, reason, f"injected {failure.status}", headers)
         try:
-            selector = LabelSelector.parse(query.get("labelSelector"))
+            selector = LabelSelector.parse(query.get("labelSelector")).with_fields(
+                query.get("fieldSelector"))
         except ValueError as e:
             return _error(400, "BadRequest", str(e))
         if request.method == "GET":
@@ -561,7 +622,7 @@ class FakeKubeAPI:
         for (res, ns, _), obj in sorted(self.objects.items()):
             if res != resource or (namespace is not None and ns != namespace):
                 continue
-            if selector.matches(obj["metadata"].get("labels")):
+            if selector.selects(obj):
                 found.append(obj)
         return found
 
@@ -588,7 +649,7 @@ class FakeKubeAPI:
         if limit < 0:
             return _error(400, "BadRequest", f"invalid limit {query.get('limit')!r}")
         wanted = query.get("resourceVersion", "")
-        selector_text = query.get("labelSelector", "")
+        selector_text = query.get("labelSelector", "") + "|" + query.get("fieldSelector", "")
         if call.continue_ is not None:
             if wanted:
                 return _error(400, "BadRequest",
@@ -622,7 +683,7 @@ class FakeKubeAPI:
             self._next_snapshot += 1
             snapshot = Snapshot(
                 resource, namespace, selector_text, self.rv,
-                [(o["metadata"]["namespace"], o["metadata"]["name"]) for o in matching],
+                [(o["metadata"].get("namespace", ""), o["metadata"]["name"]) for o in matching],
                 matching,  # stored objects are replaced on change, never edited
             )
             first = 0
@@ -631,7 +692,7 @@ class FakeKubeAPI:
         if end < len(snapshot.objects):
             last = snapshot.keys[end - 1]
             metadata["continue"] = _encode_continue(snapshot_id, snapshot.rv, last)
-            if not selector_text:  # as the real server: only for unfiltered lists
+            if selector_text == "|":  # as the real server: only for unfiltered lists
                 metadata["remainingItemCount"] = len(snapshot.objects) - end
             self._snapshots[snapshot_id] = snapshot
             self._snapshots.move_to_end(snapshot_id)
@@ -931,6 +992,8 @@ def _parse_path(path: str) -> tuple[str, str | None, str | None] | None:
         parts = path[len(prefix) + 1:].split("/")
         if parts == [resource]:
             return resource, None, None
+        if resource in CLUSTER_SCOPED and len(parts) == 2 and parts[0] == resource:
+            return resource, None, parts[1]
         if len(parts) in (3, 4) and parts[0] == "namespaces" and parts[2] == resource:
             return resource, parts[1], parts[3] if len(parts) == 4 else None
     return None

@@ -93,6 +93,8 @@ def make_source(settings: Settings) -> Source:
         context=settings.source.context,
         namespaces=settings.source.namespaces,
         label_selector=label_selector(settings.source.service_proxy_name),
+        # A laptop is no node: its own Node matters on a node only.
+        node_name=None if settings.listeners.laptop_mode else settings.source.node_name,
     )
 
 

@@ -20,8 +20,8 @@ import pytest
 from kubernetes_asyncio import client as kube_client
 
 from tests.integration.apphelpers import running
-from tests.kubeapi import FakeKubeAPI, ListCall, endpoint_slice, service
-from uproxy.model import Endpoint, EndpointSlice, ObjectName, Service, ServicePortName
+from tests.kubeapi import FakeKubeAPI, ListCall, endpoint_slice, node, service
+from uproxy.model import Endpoint, EndpointSlice, Node, ObjectName, Service, ServicePortName
 from uproxy.planner import desired_state
 from uproxy.sources.base import Source
 from uproxy.sources.kube import LIST_PAGE_SIZE, KubeSource
@@ -33,6 +33,7 @@ class RecordingSink:
 
     services: dict[ObjectName, Service] = field(default_factory=dict)
     slices: dict[ObjectName, EndpointSlice] = field(default_factory=dict)
+    nodes: dict[ObjectName, Node] = field(default_factory=dict)
     timeline: list[tuple[str, str, str]] = field(default_factory=list)  # (what, change, key)
     synced: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -53,6 +54,9 @@ class RecordingSink:
             known[key] = current
             change = "add" if previous is None else "update"
         self.timeline.append((what, change, str(key)))
+
+    def on_node(self, previous: Node | None, current: Node | None) -> None:
+        self._fold(self.nodes, "node", previous, current)
 
     def on_synced(self, source: str) -> None:
         self.synced.append(source)
@@ -606,3 +610,50 @@ async def test_relist_after_410_on_the_watch_pages_too(api: FakeKubeAPI) -> None
         assert {c.resource_version for c in relist} == {str(api.rv - 1)}
     assert source.list_pages == {"services": 6, "endpointslices": 6}
     assert sink.timeline[before:] == [("service", "add", "big/after-relist")]
+
+
+async def test_on_a_node_only_that_node_is_watched_for_its_zone_and_going_away(
+        api: FakeKubeAPI) -> None:
+    api.create(node("node-1", "zone-a"))
+    api.create(node("node-2", "zone-b"))
+    api.create(web())
+    sink = RecordingSink()
+    source = make_source(api, node_name="node-1")
+    async with running(source, sink):
+        await wait_until(lambda: sink.synced == ["kube"], what="first sync")
+        assert sink.nodes == {ObjectName("", "node-1"): Node("node-1", "zone-a")}
+        api.update(node("node-2", "zone-c"))  # another node: never heard of
+        api.update(node("node-1", "zone-a", taints=[
+            {"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]))
+        await wait_until(lambda: sink.nodes[ObjectName("", "node-1")].terminating,
+                         what="the drain taint")
+        api.delete("Node", "", "node-1")
+        await wait_until(lambda: not sink.nodes, what="the node deleted")
+    assert [entry for entry in sink.timeline if entry[0] == "node"] == [
+        ("node", "add", "/node-1"), ("node", "update", "/node-1"),
+        ("node", "delete", "/node-1")]
+    node_calls = [c for c in api.requests if c[1] == "/api/v1/nodes"]
+    assert node_calls and all(q.get("fieldSelector") == "metadata.name=node-1"
+                              and "labelSelector" not in q for _, _, q in node_calls)
+
+
+async def test_without_a_node_name_no_node_is_asked_for(api: FakeKubeAPI) -> None:
+    api.create(node("node-1", "zone-a"))
+    sink = RecordingSink()
+    async with running(make_source(api), sink):
+        await wait_until(lambda: sink.synced == ["kube"], what="first sync")
+    assert not sink.nodes
+    assert not [c for c in api.requests if c[1].startswith("/api/v1/nodes")]
+
+
+async def test_a_forbidden_node_watch_costs_hints_not_the_sync(api: FakeKubeAPI) -> None:
+    """A ClusterRole from before nodes were watched: 403 on nodes, services still serve."""
+    api.forbid("nodes")
+    api.create(web())
+    sink = RecordingSink()
+    source = make_source(api, node_name="node-1")
+    async with running(source, sink):
+        await wait_until(lambda: sink.synced == ["kube"], what="first sync")
+        assert ObjectName("default", "web") in sink.services
+        assert source.errors["nodes"] >= 1
+    assert any("nodes: HTTP 403" in error for error in sink.errors)

@@ -1,4 +1,4 @@
-"""The Kubernetes source: list+watch Services and EndpointSlices.
+"""The Kubernetes source: list+watch Services, EndpointSlices and this Node.
 
 One loop per resource (and per namespace when namespaces are given) lists,
 in pages of LIST_PAGE_SIZE as client-go's pager does, so one LIST does not
@@ -12,6 +12,11 @@ means the history is gone: relist and report only what differs from what
 was known, so unchanged services do not flap. Every other fault (refused,
 5xx, 429, a dropped or silent stream) is retried with capped exponential
 backoff and jitter; the sink keeps serving the last known state meanwhile.
+
+On a node (rules mode) a third loop watches this node's own Node object
+(`fieldSelector=metadata.name=NODE`), for its zone (topology hints) and
+whether it is going away (health checks): only that one object, never the
+cluster's nodes.
 
 kubernetes-asyncio provides configuration (kubeconfig, in-cluster), auth,
 TLS and the list/watch calls; objects are read as raw JSON and converted by
@@ -36,15 +41,22 @@ import aiohttp
 from kubernetes_asyncio import client as kube_client
 from kubernetes_asyncio import config as kube_config
 
-from uproxy.model import EndpointSlice, ObjectName, Service
+from uproxy.model import EndpointSlice, Node, ObjectName, Service
 from uproxy.sources.base import Source, SourceCounters, SourceSink, replace_all
-from uproxy.sources.objects import ObjectError, service_from_dict, slice_from_dict
+from uproxy.sources.objects import (
+    ObjectError,
+    node_from_dict,
+    service_from_dict,
+    slice_from_dict,
+)
 
 log = logging.getLogger("uproxy.kube")
 
 SERVICES = "services"
 ENDPOINT_SLICES = "endpointslices"
-RESOURCES = (SERVICES, ENDPOINT_SLICES)
+NODES = "nodes"
+RESOURCES = (SERVICES, ENDPOINT_SLICES, NODES)
+_KIND = {SERVICES: "Service", ENDPOINT_SLICES: "EndpointSlice", NODES: "Node"}
 
 # kube-proxy's selector: services handed to another proxy, and headless ones,
 # are not even fetched. EndpointSlices carry the same labels (the controller
@@ -71,7 +83,7 @@ MIN_HEALTHY_WATCH = 1.0
 # A server's Retry-After is honoured even past the backoff cap, up to this.
 RETRY_AFTER_LIMIT = 300.0
 
-Model = Service | EndpointSlice
+Model = Service | EndpointSlice | Node
 
 
 class KubeConfigError(Exception):
@@ -215,7 +227,9 @@ class KubeSource(Source):
         label_selector: str = DEFAULT_LABEL_SELECTOR,
         configuration: kube_client.Configuration | None = None,
         environ: Mapping[str, str] | None = None,
+        node_name: str | None = None,
     ) -> None:
+        """`node_name`: watch this Node too (its zone, whether it is going away)."""
         if watch_timeout < 1:
             raise ValueError("watch_timeout must be at least 1 second")
         if read_timeout is None:
@@ -232,17 +246,19 @@ class KubeSource(Source):
         self.backoff_initial = backoff_initial
         self.backoff_cap = backoff_cap
         self.label_selector = label_selector
+        self.node_name = node_name or None
         self._configuration = configuration
         self._environ = environ
+        resources = RESOURCES if self.node_name is not None else (SERVICES, ENDPOINT_SLICES)
         # Counters, per resource, for metrics and tests.
-        self.watches: dict[str, int] = dict.fromkeys(RESOURCES, 0)  # watch requests made
-        self.watch_restarts: dict[str, int] = dict.fromkeys(RESOURCES, 0)  # broke, reopened
-        self.relists: dict[str, int] = dict.fromkeys(RESOURCES, 0)  # lists after the first
-        self.list_pages: dict[str, int] = dict.fromkeys(RESOURCES, 0)  # LIST requests answered
-        self.expired_lists: dict[str, int] = dict.fromkeys(RESOURCES, 0)  # continue got 410
-        self.errors: dict[str, int] = dict.fromkeys(RESOURCES, 0)  # faults retried
-        self.events: dict[str, int] = dict.fromkeys(RESOURCES, 0)  # watch events applied
-        self.bad_objects: dict[str, int] = dict.fromkeys(RESOURCES, 0)
+        self.watches: dict[str, int] = dict.fromkeys(resources, 0)  # watch requests made
+        self.watch_restarts: dict[str, int] = dict.fromkeys(resources, 0)  # broke, reopened
+        self.relists: dict[str, int] = dict.fromkeys(resources, 0)  # lists after the first
+        self.list_pages: dict[str, int] = dict.fromkeys(resources, 0)  # LIST requests answered
+        self.expired_lists: dict[str, int] = dict.fromkeys(resources, 0)  # continue got 410
+        self.errors: dict[str, int] = dict.fromkeys(resources, 0)  # faults retried
+        self.events: dict[str, int] = dict.fromkeys(resources, 0)  # watch events applied
+        self.bad_objects: dict[str, int] = dict.fromkeys(resources, 0)
         self.synced = False
         self.last_error: str | None = None
         self._loops: list[_Loop] = []
@@ -295,12 +311,16 @@ class KubeSource(Source):
             core = kube_client.CoreV1Api(api_client)
             discovery = kube_client.DiscoveryV1Api(api_client)
             scopes: Sequence[str | None] = self.namespaces or (None,)
-            self._loops = [_Loop(resource, ns) for resource in RESOURCES for ns in scopes]
+            self._loops = [_Loop(resource, ns) for resource in (SERVICES, ENDPOINT_SLICES)
+                           for ns in scopes]
+            if self.node_name is not None:
+                self._loops.append(_Loop(NODES, None))
             log.info(
-                "kube: watching services and endpointslices on %s (%s)",
+                "kube: watching services and endpointslices on %s (%s)%s",
                 configuration.host,
                 "namespaces " + ", ".join(self.namespaces) if self.namespaces
                 else "all namespaces",
+                f", and node {self.node_name}" if self.node_name is not None else "",
             )
             async with asyncio.TaskGroup() as tasks:
                 for loop_state in self._loops:
@@ -309,11 +329,15 @@ class KubeSource(Source):
         finally:
             await api_client.close()
 
-    @staticmethod
     def _caller(
-        core: Any, discovery: Any, loop_state: _Loop
+        self, core: Any, discovery: Any, loop_state: _Loop
     ) -> Callable[..., Awaitable[aiohttp.ClientResponse]]:
         ns = loop_state.namespace
+        if loop_state.resource == NODES:
+            # One object by name: the services' label selector does not apply.
+            field_selector = f"metadata.name={self.node_name}"
+            return lambda label_selector=None, **kw: core.list_node(
+                field_selector=field_selector, **kw)
         if loop_state.resource == SERVICES:
             if ns is None:
                 return core.list_service_for_all_namespaces  # type: ignore[no-any-return]
@@ -340,10 +364,7 @@ class KubeSource(Source):
                     self._recovered(state, backoff)
                     if not state.listed:
                         state.listed = True
-                        if all(lp.listed for lp in self._loops):
-                            self.synced = True
-                            log.info("kube: first full list of services and endpointslices done")
-                            sink.on_synced(self.name)
+                        self._check_synced(sink)
                 watching = True
                 started = time.monotonic()
                 delivered = await self._watch(state, call, sink, backoff)
@@ -363,7 +384,20 @@ class KubeSource(Source):
                     self.watch_restarts[state.resource] += 1
                 self.errors[state.resource] += 1
                 self._failed(state, fault.reason, sink)
+                self._check_synced(sink)
                 await asyncio.sleep(backoff.next(fault.retry_after))
+
+    def _check_synced(self, sink: SourceSink) -> None:
+        """Synced once services and slices are listed. The Node is awaited
+        only while it lists without fault: a ClusterRole from before uproxy
+        watched nodes (403) costs topology hints, not the service proxy."""
+        if self.synced:
+            return
+        if all(lp.listed or (lp.resource == NODES and lp.failing is not None)
+               for lp in self._loops):
+            self.synced = True
+            log.info("kube: first full list of services and endpointslices done")
+            sink.on_synced(self.name)
 
     def _request_timeout(self) -> tuple[float, float]:
         return (self.connect_timeout, self.read_timeout)
@@ -490,7 +524,7 @@ class KubeSource(Source):
             raise _Fault(f"malformed list response ({error})") from error
 
     def _collect(self, state: _Loop, item: Any, listing: _Listing) -> None:
-        key = _object_key(item)
+        key = _object_key(item, state.resource != NODES)
         converted = self._converted(state, item)
         if isinstance(converted, str):
             listing.errors.append(converted)
@@ -560,7 +594,7 @@ class KubeSource(Source):
             return
         self.events[state.resource] += 1
         if kind == "DELETED":
-            key = _object_key(obj)
+            key = _object_key(obj, state.resource != NODES)
             if key is not None and key in state.known:
                 report(state.known.pop(key), None)
         elif kind in ("ADDED", "MODIFIED"):
@@ -587,12 +621,14 @@ class KubeSource(Source):
     @staticmethod
     def _converted(state: _Loop, obj: Any) -> Model | str:
         """The model object, or the one-line message saying why it is bad."""
-        key = _object_key(obj)
-        kind = "Service" if state.resource == SERVICES else "EndpointSlice"
+        key = _object_key(obj, state.resource != NODES)
+        kind = _KIND[state.resource]
         where = f"kube {kind} {key}" if key is not None else f"kube {kind}"
         try:
             if state.resource == SERVICES:
                 return service_from_dict(obj, where)
+            if state.resource == NODES:
+                return node_from_dict(obj, where)
             return slice_from_dict(obj, where)
         except ObjectError as error:
             return str(error)
@@ -604,6 +640,8 @@ class KubeSource(Source):
 
     @staticmethod
     def _reporter(state: _Loop, sink: SourceSink) -> Callable[[Any, Any], None]:
+        if state.resource == NODES:
+            return sink.on_node
         return sink.on_service if state.resource == SERVICES else sink.on_slice
 
     def _failed(self, state: _Loop, reason: str, sink: SourceSink) -> None:
@@ -628,12 +666,12 @@ class KubeSource(Source):
             state.failing = None
 
 
-def _object_key(obj: Mapping[str, Any]) -> ObjectName | None:
+def _object_key(obj: Mapping[str, Any], namespaced: bool = True) -> ObjectName | None:
     meta = obj.get("metadata") if isinstance(obj, Mapping) else None
     if not isinstance(meta, Mapping):
         return None
     name = meta.get("name")
-    namespace = meta.get("namespace") or "default"
+    namespace = (meta.get("namespace") or "default") if namespaced else ""
     if not isinstance(name, str) or not isinstance(namespace, str):
         return None
     return ObjectName(namespace, name)
