@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.kubeapi import FakeKubeAPI, endpoint_slice, service
+from tests.kubeapi import FakeKubeAPI, endpoint_slice, node, service
 from uproxy import __version__
 from uproxy.cli import parse_settings
 from uproxy.sources.kube import KubeSource
@@ -115,8 +115,9 @@ async def _calls_of_a_run(api: FakeKubeAPI, namespaces: tuple[str, ...]) -> set[
         api.create(service("default", f"s{i}", ports=[{"name": "p", "port": 80}]))
         api.create(endpoint_slice("default", f"s{i}-x", f"s{i}", addresses=["127.0.0.1"],
                                   ports=[{"name": "p", "port": 80}]))
+    api.create(node("node-1", "zone-a"))
     source = KubeSource(master=api.url, namespaces=namespaces, watch_timeout=2,
-                        backoff_initial=0.05, backoff_cap=0.2)
+                        backoff_initial=0.05, backoff_cap=0.2, node_name="node-1")
     sink = RecordingSink()
     async with running(source, sink):
         await sink.wait_until(lambda: any(e[0] == "synced" for e in sink.events))
@@ -144,8 +145,11 @@ async def test_the_node_role_allows_every_call_and_grants_nothing_unused(
     assert granted <= calls, f"granted, never used: {sorted(granted - calls)}"
 
 
-def test_the_laptop_role_adds_only_port_forward_to_the_node_role() -> None:
-    node, laptop = grants(DEPLOY / "clusterrole.yaml"), grants(DEPLOY / "laptop" /
-                                                              "clusterrole.yaml")
-    assert laptop - node == {("get", "", "pods/portforward"), ("create", "", "pods/portforward")}
-    assert node <= laptop
+def test_the_laptop_role_trades_the_node_watch_for_port_forward() -> None:
+    """A laptop is no node (it never asks for its Node) and reaches pods through
+    the API server."""
+    on_node, laptop = grants(DEPLOY / "clusterrole.yaml"), grants(DEPLOY / "laptop" /
+                                                                 "clusterrole.yaml")
+    assert laptop - on_node == {("get", "", "pods/portforward"),
+                                ("create", "", "pods/portforward")}
+    assert on_node - laptop == {("list", "", "nodes"), ("watch", "", "nodes")}

@@ -49,6 +49,9 @@ class RecordingSink:
     def on_slice(self, previous: EndpointSlice | None, current: EndpointSlice | None) -> None:
         self._record("slice", previous, current)
 
+    def on_node(self, previous: object, current: object) -> None:
+        self._record("node", previous, current)
+
     def on_synced(self, source: str) -> None:
         self._record("synced", source, None)
 
