@@ -111,7 +111,8 @@ def uproxy_command(args: argparse.Namespace) -> tuple[list[str], str, str]:
 
 
 def make_netns() -> str | None:
-    """A namespace for REDIRECT mode, with the VIP route DESIGN.md describes."""
+    """A namespace for REDIRECT mode, with a route for the VIP (locally sent
+    traffic needs one before nat OUTPUT sees it)."""
     if os.geteuid() != 0 or not shutil.which("ip"):
         return None
     name = f"ubench-{uuid.uuid4().hex[:6]}"

@@ -31,7 +31,7 @@ VIP = "198.18.1.10"
 NS_ADDR = "198.18.0.1"
 BIND_RANGE = "127.77.0.0/16"
 
-# `namespace/name  port/proto  ->  IP:port  (N endpoints)` (DESIGN.md laptop table)
+# `namespace/name  port/proto  ->  IP:port  (N endpoints)` (the laptop table uproxy prints)
 TABLE_LINE = re.compile(
     r"(?P<svc>[\w.-]+/[\w.-]+)\s+(?P<port>\d+)/(?P<proto>TCP|UDP|SCTP)\s+(?:->|→)\s+"
     r"(?P<ip>[\d.]+):(?P<fport>\d+)\s+\((?P<n>\d+) endpoints?\)", re.IGNORECASE)

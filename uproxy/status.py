@@ -5,7 +5,7 @@ the proxier's read-only state.
 told, so tests build it from small fakes and the page renders exactly this.
 For each service port it explains "how a packet gets here": the nat chain and
 rule that steer a connection to the listener, the listener, and the balancer's
-next decision, in the words and chain names of DESIGN.md.
+next decision, in the words and chain names of docs/architecture.md.
 """
 
 from __future__ import annotations

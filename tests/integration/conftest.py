@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.integration.apphelpers import Backends
 from tests.kubeapi import FakeKubeAPI
 
 
@@ -18,3 +19,13 @@ async def api() -> AsyncIterator[FakeKubeAPI]:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[Backends]:
+    """Tagged TCP/UDP backends on 127.0.0.1, closed after the test."""
+    made = Backends()
+    try:
+        yield made
+    finally:
+        made.close()

@@ -27,12 +27,6 @@ async def api() -> AsyncIterator[FakeKubeAPI]:
     await server.stop()
 
 
-@pytest.fixture
-async def backends() -> AsyncIterator[Backends]:
-    made = Backends()
-    yield made
-    made.close()
-
 
 def _source(api: FakeKubeAPI) -> KubeSource:
     return KubeSource(master=api.url, watch_timeout=5, backoff_initial=0.1, backoff_cap=0.5)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
 
 from tests.integration.apphelpers import Backends, tcp_exchange
@@ -76,14 +75,6 @@ async def child(*argv: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, O
         with contextlib.suppress(asyncio.CancelledError):
             await output.task
 
-
-@pytest.fixture
-async def backends() -> AsyncIterator[Backends]:
-    made = Backends()
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 async def answer_from(address: tuple[str, int], tag: str, timeout: float = 8) -> None:

@@ -22,12 +22,6 @@ from uproxy.model import ObjectName
 LAPTOP = ("--bind-range", "127.77.0.0/16")
 
 
-@pytest.fixture
-async def backends() -> Backends:
-    made = Backends()
-    yield made  # type: ignore[misc]
-    made.close()
-
 
 async def test_several_services_get_distinct_ips_and_real_ports(
     tmp_path: Path, backends: Backends

@@ -25,13 +25,6 @@ from tests.integration.apphelpers import (
 )
 
 
-@pytest.fixture
-async def backends() -> Backends:
-    made = Backends()
-    yield made  # type: ignore[misc]
-    made.close()
-
-
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 

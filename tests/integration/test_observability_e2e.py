@@ -28,12 +28,6 @@ from uproxy.picking import DIAL_TIMEOUTS
 WEB = ("--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", "127.0.0.1:0")
 
 
-@pytest.fixture
-async def backends() -> Backends:
-    made = Backends()
-    yield made  # type: ignore[misc]
-    made.close()
-
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     found = {}

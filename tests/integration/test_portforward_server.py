@@ -25,12 +25,6 @@ async def api() -> AsyncIterator[FakeKubeAPI]:
     await server.stop()
 
 
-@pytest.fixture
-async def backends() -> AsyncIterator[Backends]:
-    made = Backends()
-    yield made
-    made.close()
-
 
 def _core(url: str) -> kubernetes.client.CoreV1Api:
     configuration = kubernetes.client.Configuration()

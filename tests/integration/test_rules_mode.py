@@ -7,8 +7,6 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
-
 from tests.integration.apphelpers import Backends, running_uproxy, tcp_exchange, write_services
 from uproxy.rules.base import Portal, PortalDelta
 from uproxy.rules.fake import FakeRules
@@ -41,12 +39,6 @@ class OrderCheckingRules(FakeRules):
         await super().apply(portals, verify=verify, delta=delta)
         self.previous = tuple(portals)
 
-
-@pytest.fixture
-async def backends() -> Backends:
-    made = Backends()
-    yield made  # type: ignore[misc]
-    made.close()
 
 
 def _service(name: str, vip: str, port: int) -> dict[str, object]:

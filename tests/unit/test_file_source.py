@@ -295,9 +295,9 @@ def test_short_form_slice_colliding_with_a_written_slice(tmp_path: Path) -> None
         ("s.yaml", "just text\n", "{p}:1: expected a Kubernetes object or a 'services:' "
          "mapping, got 'just text'"),
         ("k.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n",
-         "{p}:2: kind: must be Service, EndpointSlice or List, got 'Pod'"),
+         "{p}:2: kind: must be Service, EndpointSlice, Node or List, got 'Pod'"),
         ("k.yaml", "apiVersion: v1\nmetadata: {name: p}\n",
-         "{p}:1: kind: is required (Service, EndpointSlice or List), or use the short form "
+         "{p}:1: kind: is required (Service, EndpointSlice, Node or List), or use the short form "
          "'services:'"),
         ("i.yaml", "kind: List\nitems: {a: 1}\n", "{p}:2: items: must be a list, got a mapping"),
         ("i.yaml", "kind: List\nitems:\n- 3\n", "{p}:3: items[0]: must be a mapping, got 3"),

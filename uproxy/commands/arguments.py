@@ -143,7 +143,8 @@ def add_run_arguments(parser: argparse.ArgumentParser,
         source.add_argument("--namespace", metavar="NS", action="append", default=[],
                             help="watch only this namespace (repeatable; default: all)")
         source.add_argument("--hostname-override", metavar="NAME",
-                            help="this node's name, for traffic policy Local (default: hostname)")
+                            help="this node's name: traffic policy Local, topology hints, "
+                                 "and the Node whose zone they use (default: hostname)")
         source.add_argument("--hosts-file", metavar="PATH", type=Path,
                             help="laptop mode: write a hosts-file fragment naming each service")
         source.add_argument("--service-proxy-name", metavar="NAME",

@@ -71,14 +71,18 @@ def run(args: argparse.Namespace) -> int:
     from uproxy.explain import explain
     from uproxy.planner import desired_state
     from uproxy.rules.select import make_rules
-    from uproxy.sources.file import SourceFileError, load_services_file
+    from uproxy.model import ObjectName
+    from uproxy.sources.file import SourceFileError, load_objects
 
     try:
-        services, slices = load_services_file(args.services)
+        loaded = load_objects(args.services)
     except SourceFileError as error:
         print(f"uproxy explain: error: {error}", file=sys.stderr)
         return 1
-    state = desired_state(services, slices, node_name=args.hostname_override or None)
+    node_name = args.hostname_override or None
+    node = loaded.nodes.get(ObjectName("", node_name)) if node_name else None
+    state = desired_state(loaded.services, loaded.slices, node_name=node_name,
+                          zone=node.zone if node is not None else "")
     ports = sorted(state.ports.values(), key=lambda p: p.name)
     portals = assign_portals(ports, args.bind_address, args.proxy_port_range)
     rules = make_rules(args.rules, args.chain_prefix, laptop_mode=args.rules == "none",

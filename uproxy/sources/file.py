@@ -1,8 +1,9 @@
-"""The services file source: Services and EndpointSlices from a YAML/JSON file or folder.
+"""The services file source: Services, EndpointSlices and Nodes from YAML/JSON.
 
 A file holds Kubernetes objects (multi-document YAML, a `kind: List`, or the
 JSON of either, exactly as `kubectl get svc,endpointslices -A -o yaml|json`
-prints them) or the short form (`services: [...]`, see DESIGN.md). A folder
+prints them) or the short form (`services: [...]`, see the README). A Node
+named as this node (--hostname-override) gives its zone to topology hints. A folder
 loads every *.yaml, *.yml and *.json in it, in name order, as one set.
 
 `FileSource` reloads when the file changes (polled: inode, size, mtime;
@@ -28,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from uproxy.model import EndpointSlice, ObjectName, Service
+from uproxy.model import EndpointSlice, Node, ObjectName, Service
 from uproxy.sources.base import Source, SourceSink, replace_all
 from uproxy.sources.objects import (
     FieldPath,
@@ -36,6 +37,7 @@ from uproxy.sources.objects import (
     describe,
     family_mismatch,
     format_path,
+    node_from_dict,
     service_from_dict,
     short_form_from_dict,
     slice_from_dict,
@@ -45,7 +47,8 @@ log = logging.getLogger(__name__)
 
 SOURCE_NAME = "file"
 FILE_SUFFIXES = (".yaml", ".yml", ".json")
-LIST_KINDS = {"List": None, "ServiceList": "Service", "EndpointSliceList": "EndpointSlice"}
+LIST_KINDS = {"List": None, "ServiceList": "Service", "EndpointSliceList": "EndpointSlice",
+              "NodeList": "Node"}
 _NONE_HINT = "write 'services: []' for no services"
 _MAX_SETTLE_ROUNDS = 25  # debounce gives up waiting for quiet after this many rounds
 _RACY_NS = 100_000_000  # file timestamps tick coarsely (a jiffy); 100 ms is well past one
@@ -66,6 +69,7 @@ _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 Services = dict[ObjectName, Service]
 Slices = dict[ObjectName, EndpointSlice]
+Nodes = dict[ObjectName, Node]
 
 
 class SourceFileError(Exception):
@@ -75,7 +79,20 @@ class SourceFileError(Exception):
 def load_services_file(
     path: Path, warn: Callable[[str], None] | None = None
 ) -> tuple[Services, Slices]:
-    """Every Service and EndpointSlice in the file or folder at `path`.
+    """Every Service and EndpointSlice in the file or folder at `path` (see `load_objects`)."""
+    loaded = load_objects(path, warn)
+    return loaded.services, loaded.slices
+
+
+@dataclass(frozen=True)
+class Loaded:
+    services: Services
+    slices: Slices
+    nodes: Nodes  # a node's zone (topology hints) is read from its Node here
+
+
+def load_objects(path: Path, warn: Callable[[str], None] | None = None) -> Loaded:
+    """Every Service, EndpointSlice and Node in the file or folder at `path`.
 
     Raises SourceFileError naming the file, line and field of the first problem.
     Something that loads but will not do what it seems to (a short-form
@@ -92,7 +109,7 @@ def load_services_file(
             log.warning("%s", warning)
         else:
             warn(warning)
-    return collected.services, collected.slices
+    return Loaded(collected.services, collected.slices, collected.nodes)
 
 
 def _files_of(path: Path) -> list[Path]:
@@ -319,13 +336,15 @@ def _line_of(node: yaml.Node | None, path: FieldPath) -> int | None:
 class _Collected:
     services: Services = field(default_factory=dict)
     slices: Slices = field(default_factory=dict)
+    nodes: Nodes = field(default_factory=dict)
     # where each object was read, turned into file:line only for an error message
     origins: dict[tuple[str, ObjectName], tuple[_Document, FieldPath]] = field(
         default_factory=dict
     )
     warnings: list[str] = field(default_factory=list)  # one line each, file:line first
 
-    def add(self, obj: Service | EndpointSlice, document: _Document, path: FieldPath) -> None:
+    def add(self, obj: Service | EndpointSlice | Node, document: _Document,
+            path: FieldPath) -> None:
         """Keep `obj`; raise if an object of the same kind and name came earlier."""
         kind = type(obj).__name__
         first = self.origins.get((kind, obj.key))
@@ -337,6 +356,8 @@ class _Collected:
         self.origins[kind, obj.key] = (document, path)
         if isinstance(obj, Service):
             self.services[obj.key] = obj
+        elif isinstance(obj, Node):
+            self.nodes[obj.key] = obj
         else:
             self.slices[obj.key] = obj
 
@@ -368,17 +389,19 @@ def _load_object(
     if not isinstance(data, Mapping):
         raise document.fail(prefix, f"must be a mapping, got {describe(data)}")
     kind = data.get("kind", default_kind)
-    obj: Service | EndpointSlice
+    obj: Service | EndpointSlice | Node
     try:
         if kind == "Service":
             obj = service_from_dict(data, "")
         elif kind == "EndpointSlice":
             obj = slice_from_dict(data, "")
+        elif kind == "Node":
+            obj = node_from_dict(data, "")
         elif kind is None:
-            raise ObjectError("", "kind", "is required (Service, EndpointSlice or List), "
+            raise ObjectError("", "kind", "is required (Service, EndpointSlice, Node or List), "
                               "or use the short form 'services:'", ("kind",))
         else:
-            raise ObjectError("", "kind", f"must be Service, EndpointSlice or List, "
+            raise ObjectError("", "kind", f"must be Service, EndpointSlice, Node or List, "
                               f"got {describe(kind)}", ("kind",))
     except ObjectError as error:
         raise document.fail((*prefix, *error.path), error.reason) from None
@@ -454,7 +477,8 @@ class FileSource(Source):
         self.poll_interval = poll_interval
         self._reported_services: Services = {}
         self._reported_slices: Slices = {}
-        self._initial: tuple[Services, Slices] | None = None
+        self._reported_nodes: Nodes = {}
+        self._initial: Loaded | None = None
         self._seen: Fingerprint | None = None  # fingerprint before the last load attempt
         self._recheck = False  # the last load was racy: load once more at the next poll
         self._last_error: str | None = None
@@ -466,7 +490,7 @@ class FileSource(Source):
         """Load the file once before running; a bad file raises SourceFileError (fatal at start)."""
         seen = fingerprint(self.path)
         warnings: list[str] = []
-        self._initial = load_services_file(self.path, warnings.append)
+        self._initial = load_objects(self.path, warnings.append)
         self._seen, self._recheck = seen, _racy(seen)
         self._warn(warnings, recheck=False)
 
@@ -477,7 +501,7 @@ class FileSource(Source):
     async def run(self, sink: SourceSink) -> None:
         synced = False
         if self._initial is not None:
-            self._report(sink, *self._initial)
+            self._report(sink, self._initial)
             self._initial = None
             sink.on_synced(SOURCE_NAME)
             synced = True
@@ -513,8 +537,7 @@ class FileSource(Source):
         self._seen, self._recheck = seen, _racy(seen)
         warnings: list[str] = []
         try:
-            services, slices = await asyncio.to_thread(
-                load_services_file, self.path, warnings.append)
+            loaded = await asyncio.to_thread(load_objects, self.path, warnings.append)
         except SourceFileError as error:
             message = str(error)
             if message == self._last_error and seen == self._failed_at:
@@ -530,7 +553,7 @@ class FileSource(Source):
         recovered = self._last_error is not None
         self._last_error = self._failed_at = None
         self._warn(warnings, recheck=recheck)
-        changes = self._report(sink, services, slices)
+        changes = self._report(sink, loaded)
         if synced:
             if changes or recovered:
                 log.info("services file %s %s: %s", self.path,
@@ -547,7 +570,7 @@ class FileSource(Source):
                 log.warning("%s", warning)
         self._last_warnings = warnings
 
-    def _report(self, sink: SourceSink, services: Services, slices: Slices) -> ServiceChanges:
+    def _report(self, sink: SourceSink, loaded: Loaded) -> ServiceChanges:
         """Report what differs; what happened to each service, by name."""
         changes: ServiceChanges = {}
 
@@ -564,8 +587,9 @@ class FileSource(Source):
             assert known is not None
             changes.setdefault(known.service, "changed")
 
-        replace_all(self._reported_services, services, on_service)
-        replace_all(self._reported_slices, slices, on_slice)
+        replace_all(self._reported_services, loaded.services, on_service)
+        replace_all(self._reported_slices, loaded.slices, on_slice)
+        replace_all(self._reported_nodes, loaded.nodes, sink.on_node)
         return changes
 
 
