@@ -69,9 +69,9 @@ def assign_portals(ports: Sequence[DesiredPort], bind_address: str,
 
 def run(args: argparse.Namespace) -> int:
     from uproxy.explain import explain
+    from uproxy.model import ObjectName
     from uproxy.planner import desired_state
     from uproxy.rules.select import make_rules
-    from uproxy.model import ObjectName
     from uproxy.sources.file import SourceFileError, load_objects
 
     try:
