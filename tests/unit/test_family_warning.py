@@ -150,6 +150,9 @@ class _Sink:
     def on_slice(self, previous: EndpointSlice | None, current: EndpointSlice | None) -> None:
         pass
 
+    def on_node(self, previous: object, current: object) -> None:
+        pass
+
     def on_synced(self, source: str) -> None:
         self.synced.set()
 
