@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from uproxy.balancer import Balancer
+from uproxy.healthchecks import HealthCheckServer
 from uproxy.hostsfile import render_hosts, write_hosts
 from uproxy.listeners import ListenerPool
 from uproxy.logs import AccessLog
@@ -42,7 +43,7 @@ from uproxy.settings import Settings
 from uproxy.sources.base import Source
 from uproxy.stats import PortStats
 from uproxy.tracking import ChangeTracker
-from uproxy.web import WebBindError, WebServer, WebState, start_web
+from uproxy.web import WebBindError, WebServer, WebState, health, start_web
 from uproxy.workers import WorkerGroup
 
 log = logging.getLogger("uproxy")
@@ -114,6 +115,8 @@ class Parts:
     access_log: AccessLog | None = None
     workers: WorkerGroup | None = None  # --workers N > 1
     forward: Relay | None = None  # --dial portforward|auto
+    web_state: WebState | None = None
+    health_checks: HealthCheckServer | None = None  # rules mode: healthCheckNodePorts
     web_servers: list[WebServer] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     started: float = field(default_factory=time.monotonic)
@@ -173,6 +176,9 @@ def build(
         except RulesError:
             metrics.sync.rules_apply_failed()
             raise
+        finally:
+            if health_checks is not None and proxier.ready:
+                await health_checks.update(proxier.health_checks)
         if forward is not None:  # --dial auto: probe the pod networks new endpoints are in
             forward.routes.observe(e for port in plan.added + plan.updated
                                    for e in port.endpoints)
@@ -195,6 +201,15 @@ def build(
     runner = SyncRunner(sync, settings.sync.min_sync_period, settings.sync.sync_period,
                         transient=(RulesError,))
     tracker.notify = runner.request
+    web_state = WebState(
+        proxier=proxier, runner=runner, tracker=tracker,
+        required_sources=frozenset(proxier.required_sources),
+        sync_period=settings.sync.sync_period, metrics=metrics,
+        node_terminating=lambda: proxier.node_terminating,
+    )
+    # A laptop is no node: no load balancer probes it.
+    health_checks = None if settings.listeners.laptop_mode else HealthCheckServer(
+        lambda: health(web_state)[0])
     return Parts(
         settings=settings,
         source=source,
@@ -203,6 +218,8 @@ def build(
         access_log=access_log if isinstance(access_log, AccessLog) else None,
         workers=workers,
         forward=forward,
+        web_state=web_state,
+        health_checks=health_checks,
     )
 
 
@@ -240,11 +257,8 @@ async def housekeeping(parts: Parts, interval: float = 1.0) -> None:
 
 async def start_web_servers(parts: Parts) -> list[WebServer]:
     settings = parts.settings
-    state = WebState(
-        proxier=parts.proxier, runner=parts.runner, tracker=parts.tracker,
-        required_sources=frozenset(parts.proxier.required_sources),
-        sync_period=settings.sync.sync_period, metrics=parts.metrics,
-    )
+    state = parts.web_state
+    assert state is not None
     servers: list[WebServer] = []
     try:
         for bind, kind in ((settings.web.healthz_bind, "healthz"),
@@ -288,6 +302,8 @@ async def run(parts: Parts) -> None:
             await parts.workers.stop(0.0)
         for server in parts.web_servers:
             await server.close()
+        if parts.health_checks is not None:
+            await parts.health_checks.close()
     log.info("stopped")
 
 

@@ -212,5 +212,15 @@ class DesiredPort:
         return self.frontend.name
 
 
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """A LoadBalancer service with externalTrafficPolicy Local: the node port
+    its load balancer probes, and this node's ready endpoints (counted as
+    kube-proxy does: once per service port)."""
+
+    node_port: int
+    local_endpoints: int
+
+
 def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -19,6 +19,7 @@ from uproxy.model import (
     Endpoint,
     EndpointSlice,
     Frontend,
+    HealthCheck,
     ObjectName,
     Service,
     ServicePortName,
@@ -38,6 +39,8 @@ class DesiredState:
     # service -> what is wrong with a served service (said once, e.g. an unknown
     # uproxy/proxy-protocol value)
     warnings: Mapping[ObjectName, str] = field(default_factory=dict)
+    # service -> its healthCheckNodePort and local endpoint count
+    health_checks: Mapping[ObjectName, HealthCheck] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -223,6 +226,26 @@ def port_endpoints(
     return cluster, (None if external == cluster else external)
 
 
+def health_check(service: Service, slices: Iterable[EndpointSlice],
+                 node_name: str | None) -> HealthCheck | None:
+    """The health check node port of a LoadBalancer service with
+    externalTrafficPolicy Local (the API server allocates one only then), and
+    how many ready endpoints it has on this node, summed over its ports as
+    kube-proxy's LocalReadyEndpoints counts them."""
+    port = service.health_check_node_port
+    if (port is None or service.type != "LoadBalancer"
+            or service.external_traffic_policy != "Local"):
+        return None
+    listed = list(slices)
+    count = 0
+    for spec in service.ports:
+        if spec.protocol not in PROTOCOLS:
+            continue
+        found = _local(_slice_endpoints(service, spec.name, spec.protocol, listed), node_name)
+        count += len({endpoint for endpoint, condition in found if condition.ready})
+    return HealthCheck(port, count)
+
+
 def slices_by_service(
     slices: Iterable[EndpointSlice],
 ) -> dict[ObjectName, list[EndpointSlice]]:
@@ -317,11 +340,23 @@ def desired_state(
     skipped: dict[ObjectName, str] = {}
     names: dict[ObjectName, tuple[ServicePortName, ...]] = {}
     warnings: dict[ObjectName, str] = {}
+    checks: dict[ObjectName, HealthCheck] = {}
     scope = Scope(node_name, proxy_name, zone)
     for key, service in services.items():
-        _plan_service(key, service, by_service.get(key, ()), scope, ports, skipped, names,
-                      warnings)
-    return DesiredState(ports, skipped, names, warnings)
+        _plan_service(key, service, by_service.get(key, ()), scope,
+                      _Planned(ports, skipped, names, warnings, checks))
+    return DesiredState(ports, skipped, names, warnings, checks)
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """What planning services fills in."""
+
+    ports: dict[ServicePortName, DesiredPort]
+    skipped: dict[ObjectName, str]
+    names: dict[ObjectName, tuple[ServicePortName, ...]]
+    warnings: dict[ObjectName, str]
+    health_checks: dict[ObjectName, HealthCheck]
 
 
 def _plan_service(
@@ -329,17 +364,18 @@ def _plan_service(
     service: Service,
     slices: Iterable[EndpointSlice],
     scope: Scope,
-    ports: dict[ServicePortName, DesiredPort],
-    skipped: dict[ObjectName, str],
-    names: dict[ObjectName, tuple[ServicePortName, ...]],
-    warnings: dict[ObjectName, str],
+    into: _Planned,
 ) -> None:
-    """One service's ports into `ports`, and their names into `names`."""
+    """One service's ports into `into.ports`, their names into `into.names`."""
     mine: dict[ServicePortName, DesiredPort] = {}
-    service_ports(service, slices, scope, mine, skipped, warnings)
+    slices = list(slices)
+    service_ports(service, slices, scope, mine, into.skipped, into.warnings)
     if mine:
-        ports.update(mine)
-        names[key] = tuple(mine)
+        into.ports.update(mine)
+        into.names[key] = tuple(mine)
+        check = health_check(service, slices, scope.node_name)
+        if check is not None:
+            into.health_checks[key] = check
 
 
 def _pairs(services: Collection[ObjectName]) -> set[tuple[str, str]]:
@@ -371,13 +407,14 @@ def update_state(
             del ports[name]
     skipped = {key: why for key, why in previous.skipped.items() if key not in touched}
     warnings = {key: why for key, why in previous.warnings.items() if key not in touched}
+    checks = {key: check for key, check in previous.health_checks.items() if key not in touched}
     scope = Scope(node_name, proxy_name, zone)
+    into = _Planned(ports, skipped, names, warnings, checks)
     for key in touched:
         service = services.get(key)
         if service is not None:
-            _plan_service(key, service, slices.get(key, ()), scope, ports, skipped, names,
-                          warnings)
-    return DesiredState(ports, skipped, names, warnings)
+            _plan_service(key, service, slices.get(key, ()), scope, into)
+    return DesiredState(ports, skipped, names, warnings, checks)
 
 
 def diff(

@@ -28,6 +28,7 @@ from uproxy.applying import Endpoints, Listeners
 from uproxy.model import (
     DesiredPort,
     EndpointSlice,
+    HealthCheck,
     Node,
     ObjectName,
     Service,
@@ -147,6 +148,17 @@ class Proxier:
         if self.node_name is None:
             return None
         return self.nodes.get(ObjectName("", self.node_name))
+
+    @property
+    def node_terminating(self) -> bool:
+        node = self.node
+        return node is not None and node.terminating
+
+    @property
+    def health_checks(self) -> Mapping[ObjectName, HealthCheck]:
+        """Health check node ports (LoadBalancer, externalTrafficPolicy Local)
+        as last planned."""
+        return self._state.health_checks if self._state is not None else {}
 
     @property
     def zone(self) -> str:

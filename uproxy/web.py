@@ -2,7 +2,11 @@
 
 healthz (`--healthz-bind-address`, default 0.0.0.0:10256, as kube-proxy):
   /healthz  200 while the last successful sync is younger than
-            2 x sync period + margin, else 503; JSON like kube-proxy's.
+            2 x sync period + margin, else 503; JSON like kube-proxy's. Also
+            503 while this node is being deleted or drained, so load
+            balancers that probe it move traffic away (kube-proxy since 1.28).
+  /livez    the same without the node's state: for a liveness probe, which
+            must not restart uproxy because its node is draining.
   /readyz   503 until every required source delivered its first full view
             and one sync ran, then 200.
 metrics (`--metrics-bind-address`, default 127.0.0.1:10249):
@@ -59,6 +63,8 @@ class WebState:
     sync_period: float
     metrics: Metrics | None = None
     healthz_margin: float = HEALTHZ_MARGIN
+    # Whether this node is going away (deletionTimestamp, drain taint).
+    node_terminating: Callable[[], bool] = lambda: False
     monotonic: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
     started: float = field(default=-1.0)
@@ -133,8 +139,9 @@ def _rfc3339(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def health(state: WebState) -> tuple[bool, dict[str, Any]]:
-    """kube-proxy's rule: healthy while the last sync (or startup) is recent."""
+def health(state: WebState, *, node: bool = True) -> tuple[bool, dict[str, Any]]:
+    """kube-proxy's rule: healthy while the last sync (or startup) is recent
+    and (with `node`) this node is not being deleted or drained."""
     now = state.monotonic()
     wall = state.wall()
     last = state.runner.last_success
@@ -153,6 +160,9 @@ def health(state: WebState) -> tuple[bool, dict[str, Any]]:
     if not healthy:
         what = "last successful sync" if last is not None else "startup without a sync"
         body["reason"] = f"{what} was {age:.1f}s ago (threshold {threshold:g}s)"
+    elif node and state.node_terminating():
+        healthy = body["nodeHealthy"] = False
+        body["reason"] = "this node is being deleted or drained"
     return healthy, body
 
 
@@ -183,12 +193,17 @@ def healthz_app(state: WebState) -> web.Application:
         healthy, body = health(state)
         return _json(body, healthy)
 
+    async def livez(request: web.Request) -> web.Response:
+        healthy, body = health(state, node=False)
+        return _json(body, healthy)
+
     async def readyz(request: web.Request) -> web.Response:
         ready, body = readiness(state)
         return _json(body, ready)
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     return app
 
