@@ -50,7 +50,7 @@ def test_the_daemonset_is_a_least_privilege_node_proxy() -> None:
     assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 10256}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": 10256}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 10256}
     (node_name,) = [e for e in container["env"] if e["name"] == "NODE_NAME"]
     assert node_name["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
