@@ -101,7 +101,7 @@ def explain(
     ]
     if compare:
         parts += ["", how_they_compare(ports).rstrip("\n"),
-                  "", kube_proxy_iptables(ports).rstrip("\n"),
+                  "", kube_proxy_iptables(ports, services).rstrip("\n"),
                   "", kube_proxy_ipvs(ports).rstrip("\n"),
                   "", kube_proxy_nftables(ports, services).rstrip("\n")]
     return "\n".join(parts) + "\n"

@@ -53,8 +53,113 @@ def probability(n: int) -> str:
     return f"{1.0 / n:0.10f}"
 
 
-def kube_proxy_iptables(ports: Sequence[DesiredPort]) -> str:
-    """What kube-proxy's iptables mode would program (nat table, IPv4 and IPv6 alike)."""
+def ext_chain(port_name: str, protocol: str) -> str:
+    """KUBE-EXT-<hash>: where traffic from outside (node port, external and LB IPs) goes."""
+    return "KUBE-EXT-" + kube_hash(port_name + protocol.lower())
+
+
+def svl_chain(port_name: str, protocol: str) -> str:
+    """KUBE-SVL-<hash>: the endpoints of traffic policy Local."""
+    return "KUBE-SVL-" + kube_hash(port_name + protocol.lower())
+
+
+def _balance(chain: str, name: str, proto: str, endpoints: Sequence[Endpoint],
+             timeout: float | None) -> list[str]:
+    """A KUBE-SVC/KUBE-SVL chain's picks: affinity checks, then the statistic ladder."""
+    lines = []
+    if timeout is not None:  # a pinned client goes back to its endpoint first
+        for endpoint in endpoints:
+            sep = sep_chain(name, proto, str(endpoint))
+            lines.append(f'-A {chain} -m comment --comment "{name} -> {endpoint}" -m recent '
+                         f"--name {sep} --rcheck --seconds {timeout:g} --reap -j {sep}")
+    total = len(endpoints)
+    for index, endpoint in enumerate(endpoints):
+        sep = sep_chain(name, proto, str(endpoint))
+        left = total - index
+        chance = (f"-m statistic --mode random --probability {probability(left)} "
+                  if left > 1 else "")
+        lines.append(f'-A {chain} -m comment --comment "{name} -> {endpoint}" {chance}-j {sep}')
+    return lines
+
+
+def _iptables_port(port: DesiredPort, services: Services) -> list[str]:
+    frontend = port.frontend
+    name = str(frontend.name)
+    proto = frontend.protocol.lower()
+    svc, ext, svl = (svc_chain(name, proto), ext_chain(name, proto), svl_chain(name, proto))
+    internal_local, external_local = _policies(port, services)
+    local = list(port.external_endpoints if port.external_endpoints is not None
+                 else port.endpoints)
+    every = sorted(set(port.endpoints) | set(local))
+    dport = f"-m {proto} --dport {frontend.port}"
+    lines: list[str] = []
+    if not every:
+        for address in frontend.addresses:
+            bits = 128 if ":" in address else 32
+            chain = ("KUBE-SERVICES" if address in frontend.cluster_ips
+                     else "KUBE-EXTERNAL-SERVICES")
+            lines.append(f"-A {chain} -d {address}/{bits} -p {proto} -m comment --comment "
+                         f'"{name} has no endpoints" {dport} -j REJECT  (filter table)')
+        if frontend.node_port:
+            lines.append(f'-A KUBE-EXTERNAL-SERVICES -p {proto} -m comment --comment "{name} has '
+                         f'no endpoints" -m addrtype --dst-type LOCAL -m {proto} --dport '
+                         f"{frontend.node_port} -j REJECT  (filter table)")
+        return lines
+    internal = svl if internal_local else svc
+    for address in frontend.cluster_ips:
+        bits = 128 if ":" in address else 32
+        lines.append(f"-A KUBE-SERVICES -d {address}/{bits} -p {proto} -m comment --comment "
+                     f'"{name} cluster IP" {dport} -j {internal}')
+        lines.append(f"-A {internal} ! -s {POD_CIDR} -d {address}/{bits} -p {proto} -m comment "
+                     f'--comment "{name} cluster IP" {dport} -j KUBE-MARK-MASQ')
+    outside = ([(a, "external IP") for a in frontend.external_ips]
+               + [(a, "loadbalancer IP") for a in frontend.load_balancer_ips])
+    for address, kind in outside:
+        bits = 128 if ":" in address else 32
+        lines.append(f"-A KUBE-SERVICES -d {address}/{bits} -p {proto} -m comment --comment "
+                     f'"{name} {kind}" {dport} -j {ext}')
+    if frontend.node_port:
+        lines.append(f'-A KUBE-NODEPORTS -p {proto} -m comment --comment "{name}" -m {proto} '
+                     f"--dport {frontend.node_port} -j {ext}")
+    if outside or frontend.node_port:
+        if external_local:
+            short = svl if internal_local else svc
+            lines += [
+                f'-A {ext} -s {POD_CIDR} -m comment --comment "pod traffic for {name} external '
+                f'destinations" -j {short}',
+                f'-A {ext} -m comment --comment "masquerade LOCAL traffic for {name} external '
+                'destinations" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ',
+                f'-A {ext} -m comment --comment "route LOCAL traffic for {name} external '
+                f'destinations" -m addrtype --src-type LOCAL -j {short}',
+            ]
+            if local:
+                lines.append(f"-A {ext} -j {svl}")
+            else:  # outside traffic that was not short-circuited is dropped
+                why = f'-m comment --comment "{name} has no local endpoints"'
+                for address, _ in outside:
+                    bits = 128 if ":" in address else 32
+                    lines.append(f"-A KUBE-EXTERNAL-SERVICES -d {address}/{bits} -p {proto} "
+                                 f"{why} {dport} -j DROP  (filter table)")
+                if frontend.node_port:
+                    lines.append(f"-A KUBE-EXTERNAL-SERVICES -p {proto} {why} -m addrtype "
+                                 f"--dst-type LOCAL -m {proto} --dport {frontend.node_port} "
+                                 "-j DROP  (filter table)")
+        else:
+            lines += [f'-A {ext} -m comment --comment "masquerade traffic for {name} external '
+                      'destinations" -j KUBE-MARK-MASQ', f"-A {ext} -j {svc}"]
+    if not internal_local or not external_local:
+        lines += _balance(svc, name, proto, port.endpoints, port.affinity_timeout)
+    if (internal_local or external_local) and local:
+        lines += _balance(svl, name, proto, local, port.affinity_timeout)
+    for endpoint in every:
+        lines += _sep_rules(sep_chain(name, proto, str(endpoint)), name, proto, endpoint,
+                            pinned=port.affinity_timeout is not None)
+    return lines
+
+
+def kube_proxy_iptables(ports: Sequence[DesiredPort], services: Services | None = None) -> str:
+    """What kube-proxy's iptables mode would program (nat table, IPv4 and IPv6 alike,
+    as iptables-save prints it; `(filter table)` marks the rules that live there)."""
     lines = [
         "# kube-proxy --proxy-mode=iptables (nat table)",
         "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
@@ -68,38 +173,10 @@ def kube_proxy_iptables(ports: Sequence[DesiredPort]) -> str:
         "SNAT\" -j MASQUERADE --random-fully",
     ]
     for port in sorted(ports, key=lambda p: p.name):
-        frontend = port.frontend
-        name = str(frontend.name)
-        proto = frontend.protocol.lower()
-        svc = svc_chain(name, proto)
-        match = f"-p {proto} -m {proto} --dport {frontend.port}"
-        for address in frontend.addresses:
-            bits = 128 if ":" in address else 32
-            lines.append(f'-A KUBE-SERVICES -d {address}/{bits} {match} '
-                         f'-m comment --comment "{name}" -j {svc}')
-        if frontend.node_port:
-            lines.append(f'-A KUBE-NODEPORTS -p {proto} -m {proto} --dport {frontend.node_port} '
-                         f'-m comment --comment "{name}" -j KUBE-MARK-MASQ')
-            lines.append(f'-A KUBE-NODEPORTS -p {proto} -m {proto} --dport {frontend.node_port} '
-                         f'-m comment --comment "{name}" -j {svc}')
-        if not port.endpoints:
-            lines.append(f'-A KUBE-SERVICES {match} -m comment --comment "{name} has no '
-                         'endpoints" -j REJECT  (filter table)')
-            continue
-        timeout = port.affinity_timeout
-        if timeout is not None:  # a pinned client goes back to its endpoint first
-            for endpoint in port.endpoints:
-                sep = sep_chain(name, proto, str(endpoint))
-                lines.append(f'-A {svc} -m comment --comment "{name} -> {endpoint}" -m recent '
-                             f"--name {sep} --rcheck --seconds {timeout:g} --reap -j {sep}")
-        total = len(port.endpoints)
-        for index, endpoint in enumerate(port.endpoints):
-            sep = sep_chain(name, proto, str(endpoint))
-            left = total - index
-            chance = (f"-m statistic --mode random --probability {probability(left)} "
-                      if left > 1 else "")
-            lines.append(f'-A {svc} -m comment --comment "{name} -> {endpoint}" {chance}-j {sep}')
-            lines += _sep_rules(sep, name, proto, endpoint, pinned=timeout is not None)
+        lines += _iptables_port(port, services or {})
+    lines.append('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: '
+                 'this must be the last rule in this chain" -m addrtype --dst-type LOCAL '
+                 "-j KUBE-NODEPORTS")
     return "\n".join(lines) + "\n"
 
 

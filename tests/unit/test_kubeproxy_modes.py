@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import Counter
 
 from uproxy.kubeproxy import (
+    ext_chain,
+    kube_proxy_iptables,
     kube_proxy_ipvs,
     kube_proxy_nftables,
     nft_chain_base,
@@ -194,3 +196,22 @@ def test_ipvs_keeps_affinity_as_persistence() -> None:
     text = kube_proxy_ipvs([SVC5])
     assert "ipvsadm -A -t 172.30.0.45:80 -s rr -p 10800" in text
     assert "ipvsadm -A -t <node IP>:3002 -s rr -p 10800  (one per node address)" in text
+
+
+def test_iptables_mode_sends_outside_traffic_through_kube_ext() -> None:
+    text = kube_proxy_iptables([SVC2, SVC3], SERVICES)
+    ext2, svc2 = ext_chain("ns2/svc2:p80", "tcp"), svc_chain("ns2/svc2:p80", "tcp")
+    # externalTrafficPolicy Local without local endpoints: pods and the node
+    # short-circuit to the cluster endpoints, everyone else is dropped.
+    assert (f'-A {ext2} -s <pod CIDR> -m comment --comment "pod traffic for ns2/svc2:p80 '
+            f'external destinations" -j {svc2}') in text
+    assert (f'-A {ext2} -m comment --comment "route LOCAL traffic for ns2/svc2:p80 external '
+            f'destinations" -m addrtype --src-type LOCAL -j {svc2}') in text
+    assert ('-A KUBE-EXTERNAL-SERVICES -d 1.2.3.4/32 -p tcp -m comment --comment '
+            '"ns2/svc2:p80 has no local endpoints" -m tcp --dport 80 -j DROP') in text
+    assert f"-A {ext2} -j KUBE-SVL" not in text
+    # Cluster policy: masquerade, then the service's endpoints.
+    ext3, svc3 = ext_chain("ns3/svc3:p80", "tcp"), svc_chain("ns3/svc3:p80", "tcp")
+    assert f'-A KUBE-NODEPORTS -p tcp -m comment --comment "ns3/svc3:p80" -m tcp --dport 3003 -j {ext3}' in text
+    assert f"-A {ext3} -j {svc3}" in text
+    assert text.rstrip().endswith("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS")
