@@ -150,8 +150,12 @@ def build(
     pool = ListenerPool(settings.listeners, make_picker, access_log=access_log,
                         make_server=workers.make_server if workers is not None else None,
                         forward=forward)
+    # A laptop is no node: no load balancer probes it. `web_state` is made below.
+    health_checks = None if settings.listeners.laptop_mode else HealthCheckServer(
+        lambda: health(web_state)[0])
     proxier = Proxier(
         tracker, pool, rules, balancer,
+        health_checks=health_checks,
         required_sources=(source.name,),
         node_ports=NodePortReservations() if rules.name not in ("none", "fake") else None,
         node_name=settings.source.node_name,
@@ -176,9 +180,6 @@ def build(
         except RulesError:
             metrics.sync.rules_apply_failed()
             raise
-        finally:
-            if health_checks is not None and proxier.ready:
-                await health_checks.update(proxier.health_checks)
         if forward is not None:  # --dial auto: probe the pod networks new endpoints are in
             forward.routes.observe(e for port in plan.added + plan.updated
                                    for e in port.endpoints)
@@ -207,9 +208,6 @@ def build(
         sync_period=settings.sync.sync_period, metrics=metrics,
         node_terminating=lambda: proxier.node_terminating,
     )
-    # A laptop is no node: no load balancer probes it.
-    health_checks = None if settings.listeners.laptop_mode else HealthCheckServer(
-        lambda: health(web_state)[0])
     return Parts(
         settings=settings,
         source=source,

@@ -1,4 +1,5 @@
-"""What the proxier applies a plan to: three sides, each a small Protocol.
+"""What the proxier applies a plan to: three sides, each a small Protocol
+(and, on a node, the health check node ports' server).
 
 The proxier, the single writer, drives them in one written order (see
 `uproxy.proxier`): additions open the listener, publish its endpoints, then
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 from typing import Generic, Protocol, TypeVar
 
 from uproxy.balancer import BalancerView
-from uproxy.model import DesiredPort, ServicePortName
+from uproxy.model import DesiredPort, HealthCheck, ObjectName, ServicePortName
 from uproxy.stats import PortStats
 
 Handle = TypeVar("Handle")  # a detached listener, as its pool knows it
@@ -70,3 +71,19 @@ class Endpoints(Protocol):
 
     def snapshot(self, name: ServicePortName) -> BalancerView:
         """A port's state now, for the status page."""
+
+
+class HealthChecks(Protocol):
+    """The health check node ports' server (rules mode), as the proxier uses it:
+    a listener per check, which the rules reach like any node port."""
+
+    @property
+    def bound(self) -> Mapping[ObjectName, tuple[str, int]]:
+        """Where each check's listener listens: (IP, port)."""
+
+    async def update(self, checks: Mapping[ObjectName, HealthCheck]) -> None:
+        """Open the listeners of new checks and answer with these counts from now
+        on; the listeners of gone checks stay open until `retire`."""
+
+    async def retire(self) -> None:
+        """Close the listeners of checks that are gone (after their rules are)."""

@@ -4,7 +4,7 @@ A LoadBalancer service with `externalTrafficPolicy: Local` gets a
 `healthCheckNodePort` from the API server. Its load balancer sends traffic
 only to nodes that answer 200 there, so that traffic is never sent to a node
 without a local endpoint (where policy Local would drop it). As kube-proxy
-does, every node serves, on that port and any path:
+does, every node answers, on that port and any path:
 
     200 (or 503) application/json
     X-Load-Balancing-Endpoint-Weight: N
@@ -16,14 +16,18 @@ healthy; 503 otherwise, and 503 while this node is being deleted or drained
 (deletionTimestamp, or the cluster autoscaler's ToBeDeletedByClusterAutoscaler
 taint), so the load balancer moves traffic away before the node goes.
 
-One aiohttp runner serves every port (a site each); the proxier hands over
-the wanted ports after each sync. A port that cannot be bound is one log
-line and is tried again at the next sync; the others serve.
+The port is a node port like any other: each check gets a listener of its
+own on a free port, and the proxier hands the rules a portal for it (port
+name `healthCheckNodePort`), so the nat node-port rule REDIRECTs the probes
+there and the filter rule that lets redirected traffic through a dropping
+INPUT policy lets them through too; the node port itself is held by the
+node-port reservations, as every node port is. One aiohttp runner serves
+every listener (a site each). The proxier opens new listeners before the
+rules, and retires gone ones after.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import socket
@@ -35,6 +39,8 @@ from uproxy.model import HealthCheck, ObjectName
 
 log = logging.getLogger(__name__)
 
+LISTEN_ADDRESS = "0.0.0.0"  # the node-port rules are IPv4 for a portal without addresses
+
 
 def health_check_body(service: ObjectName, local_endpoints: int, healthy: bool) -> str:
     """The JSON kube-proxy answers with, field for field."""
@@ -45,19 +51,11 @@ def health_check_body(service: ObjectName, local_endpoints: int, healthy: bool) 
     }, indent=2)
 
 
-def _listen(port: int) -> socket.socket:
-    """A listening socket on every address of the node, both families when it can."""
+def _listen(host: str) -> socket.socket:
+    """A listening socket on a free port of `host`."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    except OSError:  # no IPv6 here
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if sock.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(("::", port))
-        else:
-            sock.bind(("0.0.0.0", port))
+        sock.bind((host, 0))
         sock.listen(128)
         sock.setblocking(False)
     except OSError:
@@ -67,62 +65,54 @@ def _listen(port: int) -> socket.socket:
 
 
 class HealthCheckServer:
-    """Serves each wanted health check node port until it is no longer wanted.
+    """A listener per health check, answering from the counts of the last update.
 
     `healthy()` is the proxy's own health (recent syncs) and this node not
     going away; it is asked at each request.
     """
 
-    def __init__(self, healthy: Callable[[], bool], *,
-                 listen: Callable[[int], socket.socket] = _listen) -> None:
+    def __init__(self, healthy: Callable[[], bool], *, host: str = LISTEN_ADDRESS,
+                 listen: Callable[[str], socket.socket] = _listen) -> None:
         self._healthy = healthy
+        self._host = host
         self._listen = listen
-        self._checks: dict[int, tuple[ObjectName, int]] = {}  # port -> service, count
-        self._sites: dict[int, web.SockSite] = {}
-        self._failed: dict[int, str] = {}  # port -> why it is not served (said once)
+        self._checks: dict[ObjectName, HealthCheck] = {}
+        self._sites: dict[ObjectName, tuple[web.SockSite, tuple[str, int]]] = {}
+        self._by_port: dict[int, ObjectName] = {}  # a listener's port -> whose it is
         self._runner: web.AppRunner | None = None
 
     @property
-    def served(self) -> Mapping[int, ObjectName]:
-        """The ports served now, and whose they are."""
-        return {port: self._checks[port][0] for port in self._sites}
-
-    @property
-    def unserved(self) -> Mapping[int, str]:
-        return dict(self._failed)
+    def bound(self) -> Mapping[ObjectName, tuple[str, int]]:
+        return {service: address for service, (_, address) in self._sites.items()
+                if service in self._checks}
 
     async def update(self, checks: Mapping[ObjectName, HealthCheck]) -> None:
-        """Serve exactly these checks: open new ports, close gone ones, and
-        answer with the new counts from now on."""
-        wanted = {check.node_port: (service, check.local_endpoints)
-                  for service, check in sorted(checks.items())}
-        self._checks = wanted
-        for port in [p for p in self._sites if p not in wanted]:
-            await self._sites.pop(port).stop()
-            log.info("health check node port %d closed", port)
-        for port in [p for p in self._failed if p not in wanted]:
-            del self._failed[port]
-        for port, (service, _) in wanted.items():
-            if port not in self._sites:
-                await self._open(port, service)
+        self._checks = dict(checks)
+        for service in sorted(checks):
+            if service not in self._sites:
+                await self._open(service)
 
-    async def _open(self, port: int, service: ObjectName) -> None:
+    async def retire(self) -> None:
+        for service in [s for s in self._sites if s not in self._checks]:
+            site, (_, port) = self._sites.pop(service)
+            self._by_port.pop(port, None)
+            await site.stop()
+            log.info("%s: health check listener closed", service)
+
+    async def _open(self, service: ObjectName) -> None:
         runner = await self._runner_started()
         try:
-            sock = self._listen(port)
-        except OSError as error:
-            reason = ("address already in use" if error.errno == errno.EADDRINUSE
-                      else (error.strerror or str(error)).lower())
-            if self._failed.get(port) != reason:
-                log.warning("%s: health check node port %d not served: %s (retried at "
-                            "each sync)", service, port, reason)
-            self._failed[port] = reason
+            sock = self._listen(self._host)
+        except OSError as error:  # out of descriptors: the next sync tries again
+            log.warning("%s: no health check listener: %s", service, error)
             return
+        address = sock.getsockname()
         site = web.SockSite(runner, sock)
         await site.start()
-        self._sites[port] = site
-        self._failed.pop(port, None)
-        log.info("%s: health check node port %d serving", service, port)
+        self._sites[service] = (site, (str(address[0]), int(address[1])))
+        self._by_port[int(address[1])] = service
+        log.info("%s: health check node port %d served on %s:%d", service,
+                 self._checks[service].node_port, address[0], address[1])
 
     async def _runner_started(self) -> web.AppRunner:
         if self._runner is None:
@@ -135,10 +125,11 @@ class HealthCheckServer:
 
     async def _answer(self, request: web.Request) -> web.Response:
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        check = self._checks.get(sockname[1]) if sockname else None
-        if check is None:  # closed between accept and request
-            return web.Response(status=503, text="no health check on this port\n")
-        service, count = check
+        service = self._by_port.get(sockname[1]) if sockname else None
+        check = self._checks.get(service) if service is not None else None
+        if service is None or check is None:  # retired between accept and request
+            return web.Response(status=503, text="no health check here\n")
+        count = check.local_endpoints
         healthy = self._healthy()
         return web.Response(
             status=200 if count > 0 and healthy else 503,
@@ -153,3 +144,4 @@ class HealthCheckServer:
             await self._runner.cleanup()  # stops every site
         self._runner = None
         self._sites.clear()
+        self._by_port.clear()

@@ -212,6 +212,16 @@ class DesiredPort:
         return self.frontend.name
 
 
+# The port name under which a health check node port reaches the rules: port
+# names are lower-case DNS labels, so it is never a real port's.
+HEALTH_CHECK_PORT = "healthCheckNodePort"
+
+
+def health_check_name(service: ObjectName) -> ServicePortName:
+    """The rules' name of a service's health check node port."""
+    return ServicePortName(service.namespace, service.name, HEALTH_CHECK_PORT, "TCP")
+
+
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
     """A LoadBalancer service with externalTrafficPolicy Local: the node port

@@ -24,16 +24,19 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from uproxy.applying import Endpoints, Listeners
+from uproxy.applying import Endpoints, HealthChecks, Listeners
 from uproxy.model import (
+    HEALTH_CHECK_PORT,
     DesiredPort,
     EndpointSlice,
+    Frontend,
     HealthCheck,
     Node,
     ObjectName,
     Service,
     ServicePortName,
     format_hostport,
+    health_check_name,
 )
 from uproxy.planner import DesiredState, Plan, desired_state, diff, update_state
 from uproxy.rules.base import Portal, PortalDelta, Rules, RulesError
@@ -64,11 +67,15 @@ class Proxier:
         node_ports: NodePortReservations | None = None,
         routes: RouteView | None = None,
         portforward_streams: Callable[[], int] = lambda: 0,
+        health_checks: HealthChecks | None = None,
     ) -> None:
         self.tracker = tracker
         self.listeners = listeners
         self.rules = rules
         self.endpoints = endpoints
+        # On a node: the health check node ports' listeners, which the rules
+        # reach as node ports (portals named `health_check_name`).
+        self.health_check_server = health_checks
         self.node_name = node_name or None
         self.proxy_name = proxy_name
         self.chain_prefix = chain_prefix
@@ -195,6 +202,7 @@ class Proxier:
                 zone=self._planned_zone,
             )
             plan = diff(self.applied, state.ports, only=touched)
+        previous_checks = self.health_checks
         self._state = state
         self.skipped = state.skipped
         self.desired = state.ports
@@ -213,12 +221,17 @@ class Proxier:
         replaced = [listeners.detach(port.name) for port in plan.removed]
         failed = [port for port in plan.added if not self._open(port)]
         self._publish(plan.added + plan.updated)
+        if self.health_check_server is not None:  # new checks listen before their rules
+            await self.health_check_server.update(state.health_checks)
 
         # A sync without changes is the periodic pass: have the backend compare
         # with the kernel and repair; a sync with changes may send just those.
         moved = {port.name for port in plan.added + plan.removed}
+        moved |= _moved_checks(previous_checks, state.health_checks)
         rules_error = await self._apply_rules(verify=plan.empty,
                                               names=None if plan.empty else moved)
+        if self.health_check_server is not None:  # gone checks close after their rules
+            await self.health_check_server.retire()
 
         added = {port.name for port in plan.added}
         for port, listener in zip(plan.removed, replaced, strict=True):
@@ -335,15 +348,13 @@ class Proxier:
         """
         current = self._offered
         if names is None:
-            names = set(current) | set(self.applied)
+            names = (set(current) | set(self.applied)
+                     | {health_check_name(service) for service in self.health_checks})
         gone: list[Portal] = []
         new: list[Portal] = []
         for name in names:
             old = current.get(name)
-            port = self.applied.get(name)
-            listener = self.listeners.bound.get(name)
-            portal = (Portal(port.frontend, *listener)
-                      if port is not None and listener is not None else None)
+            portal = self._portal_of(name)
             if portal == old:
                 continue
             if old is not None:
@@ -353,6 +364,21 @@ class Proxier:
                 new.append(portal)
                 current[name] = portal
         return list(current.values()), PortalDelta(tuple(gone), tuple(new))
+
+    def _portal_of(self, name: ServicePortName) -> Portal | None:
+        """A port's portal: its frontend and its listener; None without either."""
+        if name.port == HEALTH_CHECK_PORT and self.health_check_server is not None:
+            check = self.health_checks.get(name.service)
+            address = self.health_check_server.bound.get(name.service)
+            if check is None or address is None:
+                return None
+            # A node port and nothing else: the node-port rules REDIRECT it.
+            frontend = Frontend(name, check.node_port, "TCP", node_port=check.node_port)
+            return Portal(frontend, *address)
+        port = self.applied.get(name)
+        listener = self.listeners.bound.get(name)
+        return Portal(port.frontend, *listener) if port is not None and listener is not None \
+            else None
 
     # -- the table users read ------------------------------------------------
 
@@ -439,3 +465,14 @@ class Proxier:
             await self.rules.cleanup()
         except RulesError as error:
             log.error("rules (%s) cleanup failed: %s", self.rules.name, error)
+
+
+def _moved_checks(before: Mapping[ObjectName, HealthCheck],
+                  after: Mapping[ObjectName, HealthCheck]) -> set[ServicePortName]:
+    """The health checks whose node port came, went or changed: their portals move."""
+    def port_of(checks: Mapping[ObjectName, HealthCheck], service: ObjectName) -> int | None:
+        check = checks.get(service)
+        return None if check is None else check.node_port
+
+    return {health_check_name(service) for service in set(before) | set(after)
+            if port_of(before, service) != port_of(after, service)}

@@ -5,13 +5,11 @@ node and whether the node is being drained."""
 from __future__ import annotations
 
 import json
-import logging
 import socket
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
 
 from tests.integration.apphelpers import Backends, running_uproxy
@@ -45,10 +43,11 @@ def refused(port: int) -> bool:
 
 async def test_the_server_answers_as_kube_proxy_does_and_follows_each_update() -> None:
     healthy = True
-    server = HealthCheckServer(lambda: healthy)
-    port, other = free_port(), free_port()
+    server = HealthCheckServer(lambda: healthy, host="127.0.0.1")
+    db = ObjectName("shop", "db")
     try:
-        await server.update({WEB: HealthCheck(port, 2)})
+        await server.update({WEB: HealthCheck(32000, 2)})
+        port = server.bound[WEB][1]
         status, body, headers = await probe(port, "/any/path")
         assert status == 200
         assert body == {"service": {"namespace": "shop", "name": "web"},
@@ -57,45 +56,28 @@ async def test_the_server_answers_as_kube_proxy_does_and_follows_each_update() -
         assert headers["X-Load-Balancing-Endpoint-Weight"] == "2"
         assert headers["X-Content-Type-Options"] == "nosniff"
 
-        await server.update({WEB: HealthCheck(port, 0)})  # no endpoint left on this node
+        await server.update({WEB: HealthCheck(32000, 0)})  # no endpoint left on this node
         status, body, headers = await probe(port)
         assert (status, body["localEndpoints"], headers["X-Load-Balancing-Endpoint-Weight"]) \
             == (503, 0, "0")
 
-        await server.update({WEB: HealthCheck(port, 1)})
+        await server.update({WEB: HealthCheck(32000, 1)})
         healthy = False  # the proxy stopped syncing, or the node is draining
         status, body, _ = await probe(port)
         assert (status, body["serviceProxyHealthy"]) == (503, False)
         healthy = True
 
-        await server.update({ObjectName("shop", "db"): HealthCheck(other, 1)})
-        assert refused(port)  # gone with its service
+        # The written order: a new check listens at once; a gone one until retired.
+        await server.update({db: HealthCheck(32001, 1)})
+        assert set(server.bound) == {db}
+        other = server.bound[db][1]
         assert (await probe(other))[1]["service"]["name"] == "db"
+        assert not refused(port)
+        await server.retire()
+        assert refused(port)
     finally:
         await server.close()
     assert refused(other)
-
-
-async def test_a_port_in_use_is_said_once_and_taken_when_free(
-        caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "uproxy.healthchecks")
-    taken = socket.create_server(("0.0.0.0", 0))
-    port = taken.getsockname()[1]
-    server = HealthCheckServer(lambda: True)
-    try:
-        await server.update({WEB: HealthCheck(port, 1)})
-        await server.update({WEB: HealthCheck(port, 1)})
-        assert server.unserved == {port: "address already in use"}
-        said = [r.getMessage() for r in caplog.records if "not served" in r.getMessage()]
-        assert said == [f"shop/web: health check node port {port} not served: address "
-                        "already in use (retried at each sync)"]
-        taken.close()
-        await server.update({WEB: HealthCheck(port, 1)})
-        assert server.served == {port: WEB} and not server.unserved
-        assert (await probe(port))[0] == 200
-    finally:
-        taken.close()
-        await server.close()
 
 
 # --- a whole uproxy ---------------------------------------------------------------------
@@ -135,31 +117,40 @@ async def test_uproxy_serves_the_health_check_from_its_node_and_endpoints(
     hc_port, node_port, healthz = free_port(), free_port(), free_port()
     services = tmp_path / "services.yaml"
     write(services, objects(hc_port, node_port, backend, on_this_node=True))
+    rules = FakeRules()
     async with running_uproxy(services, "--bind-address", "127.0.0.1",
                               "--hostname-override", "node-1",
                               "--healthz-bind-address", f"127.0.0.1:{healthz}",
-                              rules=FakeRules()) as up:
-        await up.wait_for(lambda: up.parts.health_checks is not None
-                          and hc_port in up.parts.health_checks.served)
-        status, body, _ = await probe(hc_port)
+                              rules=rules) as up:
+        server = up.parts.health_checks
+        assert server is not None
+        await up.wait_for(lambda: WEB in server.bound)
+        listener = server.bound[WEB]
+        # The rules reach the check's listener as a node port, like any other.
+        (portal,) = [p for p in rules.portals if p.frontend.name.port == "healthCheckNodePort"]
+        assert (portal.frontend.node_port, portal.frontend.addresses) == (hc_port, ())
+        assert (portal.proxy_ip, portal.proxy_port) == listener
+        served = listener[1]
+        status, body, _ = await probe(served)
         assert (status, body["localEndpoints"]) == (200, 1)
 
         write(services, objects(hc_port, node_port, backend, on_this_node=False))
         await up.reload()
-        status, body, _ = await probe(hc_port)
+        status, body, _ = await probe(served)
         assert (status, body["localEndpoints"]) == (503, 0)
 
         write(services, objects(hc_port, node_port, backend, on_this_node=True, draining=True))
         await up.reload()
-        status, body, _ = await probe(hc_port)
+        status, body, _ = await probe(served)
         assert (status, body["localEndpoints"], body["serviceProxyHealthy"]) == (503, 1, False)
         status, body, _ = await probe(healthz, "/healthz")
         assert (status, body["reason"]) == (503, "this node is being deleted or drained")
         assert (await probe(healthz, "/livez"))[0] == 200  # no restart for draining
 
         write(services, objects(hc_port, node_port, backend, on_this_node=True)[1:])
-        await up.reload()  # the service is gone: so is its health check
-        assert refused(hc_port)
+        await up.reload()  # the service is gone: so are its health check and its rule
+        assert refused(served)
+        assert not [p for p in rules.portals if p.frontend.name.port == "healthCheckNodePort"]
 
 
 async def test_a_laptop_serves_no_health_check(tmp_path: Path, backends: Backends) -> None:
@@ -170,4 +161,4 @@ async def test_a_laptop_serves_no_health_check(tmp_path: Path, backends: Backend
     async with running_uproxy(services, "--bind-range", "127.77.0.0/16",
                               "--hostname-override", "node-1") as up:
         assert up.parts.health_checks is None
-        assert refused(hc_port)
+        assert up.parts.proxier.health_checks  # planned, but a laptop serves none
