@@ -6,9 +6,10 @@ prints them) or the short form (`services: [...]`, see the README). A Node
 named as this node (--hostname-override) gives its zone to topology hints. A folder
 loads every *.yaml, *.yml and *.json in it, in name order, as one set.
 
-`FileSource` reloads when the file changes (polled: inode, size, mtime;
-debounced so a half-written file is not read) and when `reload()` is called
-(the app's SIGHUP handler). A bad file is one `file:line: field: reason`
+`FileSource` reloads when the file changes (inotify on its folder wakes it,
+`uproxy.sources.watch`, else a poll; either way the file's inode, size and
+mtime say whether it did; a file still being written is waited for) and when
+`reload()` is called (the app's SIGHUP handler). A bad file is one `file:line: field: reason`
 line; the last good state keeps serving. A file that loads but will not do
 what it seems to (a short-form service whose endpoints are all of the other
 IP family, so it has none) is logged as one warning line at each load.
@@ -42,6 +43,7 @@ from uproxy.sources.objects import (
     short_form_from_dict,
     slice_from_dict,
 )
+from uproxy.sources.watch import Watch
 
 log = logging.getLogger(__name__)
 
@@ -469,12 +471,16 @@ class FileSource(Source):
 
     name = SOURCE_NAME
 
-    # A stat() of the file (or folder entries) four times a second costs nothing
-    # and keeps an edit's way to the listeners under half a second.
-    def __init__(self, path: Path, *, debounce: float = 0.2, poll_interval: float = 0.25) -> None:
+    # Without inotify, a stat() of the file (or folder entries) four times a
+    # second costs nothing and keeps an edit's way to the listeners under half a
+    # second. With it, a stat() a second is the safety net for missed events.
+    def __init__(self, path: Path, *, debounce: float = 0.2, poll_interval: float = 0.25,
+                 safety_interval: float = 1.0) -> None:
         self.path = path
         self.debounce = debounce
         self.poll_interval = poll_interval
+        self.safety_interval = safety_interval
+        self._watch = Watch(path, poll_interval)
         self._reported_services: Services = {}
         self._reported_slices: Slices = {}
         self._reported_nodes: Nodes = {}
@@ -499,29 +505,48 @@ class FileSource(Source):
         self._reload_requested.set()
 
     async def run(self, sink: SourceSink) -> None:
-        synced = False
-        if self._initial is not None:
-            self._report(sink, self._initial)
-            self._initial = None
-            sink.on_synced(SOURCE_NAME)
-            synced = True
-        else:
-            synced = await self._load(sink, synced, recheck=False)
-        while True:
-            trigger = await self._wait_for_trigger()
-            if trigger is not None:
-                synced = await self._load(sink, synced, recheck=trigger == "recheck")
+        self._watch.start()  # before the first load: a write right after it wakes us
+        try:
+            synced = False
+            if self._initial is not None:
+                self._report(sink, self._initial)
+                self._initial = None
+                sink.on_synced(SOURCE_NAME)
+                synced = True
+            else:
+                synced = await self._load(sink, synced, recheck=False)
+            while True:
+                trigger = await self._wait_for_trigger()
+                if trigger is not None:
+                    synced = await self._load(sink, synced, recheck=trigger == "recheck")
+        finally:
+            self._watch.close()
 
     async def _wait_for_trigger(self) -> str | None:
-        """Wait one poll; say why to load ("reload", "changed", "recheck") or None."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._reload_requested.wait(), self.poll_interval)
+        """Wait for an event, a SIGHUP or one poll; say why to load ("reload",
+        "changed", "recheck") or None."""
+        watching = self._watch.active
+        interval = (self.safety_interval if watching and not self._recheck
+                    else self.poll_interval)
+        reload = asyncio.ensure_future(self._reload_requested.wait())
+        change = asyncio.ensure_future(self._watch.wait(interval))
+        try:
+            await asyncio.wait({reload, change}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (reload, change):
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
         if self._reload_requested.is_set():
             self._reload_requested.clear()
             return "reload"
         now = fingerprint(self.path)
         if now == self._seen:
             return "recheck" if self._recheck else None
+        if watching and change.done() and not change.cancelled() and change.result():
+            # inotify said a write ended; a file still open for writing wakes us
+            # again when it is closed, so there is nothing to wait for.
+            return "changed"
         # Changed: wait until it stays the same for one debounce period, so an
         # editor or `kubectl get > file` that writes in pieces is read once, whole.
         for _ in range(_MAX_SETTLE_ROUNDS):
