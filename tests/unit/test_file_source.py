@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -437,3 +438,67 @@ def test_a_file_over_the_size_limit_is_refused_unread(
     monkeypatch.setattr(file_module, "MAX_FILE_BYTES", 10)
     path = write(tmp_path, "big.yaml", "services: []\n")
     assert load_error(path) == f"{path}: 13 bytes, more than the 10 a services file may have"
+
+
+# -- a reload converts only what changed ------------------------------------------------
+
+
+def test_a_reload_converts_only_the_entries_that_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from uproxy.sources import objects
+    from uproxy.sources.file import load_objects
+    from uproxy.sources.objects import Memo
+
+    path = tmp_path / "services.json"
+    entries = [{"name": f"s{i}", "ports": [{"port": 80}], "endpoints": ["127.0.0.1"]}
+               for i in range(50)]
+    path.write_text(json.dumps({"services": entries}))
+    converted: list[str] = []
+    real = objects._short_service
+
+    def counting(read: Any, entry: Any, at: Any) -> Any:
+        converted.append(entry["name"])
+        return real(read, entry, at)
+
+    monkeypatch.setattr(objects, "_short_service", counting)
+    memo = Memo()
+    first = load_objects(path, memo=memo)
+    assert len(converted) == 50
+    converted.clear()
+
+    entries[7]["endpoints"] = ["127.0.0.2"]
+    path.write_text(json.dumps({"services": entries}))
+    second = load_objects(path, memo=memo)
+    assert converted == ["s7"]
+    key = ObjectName("default", "s3")
+    assert second.services[key] is first.services[key]  # the very same object
+    assert second.slices != first.slices  # s7's endpoint changed
+
+    converted.clear()
+    path.write_text("services: [")  # a bad file: the last good conversions stay
+    with pytest.raises(SourceFileError):
+        load_objects(path, memo=memo)
+    path.write_text(json.dumps({"services": entries}))
+    load_objects(path, memo=memo)
+    assert converted == []
+
+
+def test_kubectl_objects_are_compared_without_managed_fields(tmp_path: Path) -> None:
+    from uproxy.sources.file import load_objects
+    from uproxy.sources.objects import Memo
+
+    service = {"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "web", "namespace": "shop",
+                            "managedFields": [{"manager": "kubectl", "time": "1"}]},
+               "spec": {"clusterIP": "198.18.0.10", "ports": [{"port": 80}]}}
+    path = tmp_path / "objects.json"
+    path.write_text(json.dumps({"kind": "List", "items": [service]}))
+    memo = Memo()
+    first = load_objects(path, memo=memo).services[ObjectName("shop", "web")]
+    service["metadata"]["managedFields"] = [{"manager": "kubectl", "time": "2"}]
+    path.write_text(json.dumps({"kind": "List", "items": [service]}))
+    assert load_objects(path, memo=memo).services[ObjectName("shop", "web")] is first
+    service["spec"]["ports"] = [{"port": 81}]
+    path.write_text(json.dumps({"kind": "List", "items": [service]}))
+    changed = load_objects(path, memo=memo).services[ObjectName("shop", "web")]
+    assert changed is not first and changed.ports[0].port == 81

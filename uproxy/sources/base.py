@@ -89,7 +89,7 @@ def replace_all(
     for key in sorted(fresh):
         current = fresh[key]
         previous = known.get(key)
-        if previous != current:
+        if previous is not current and previous != current:
             known[key] = current
             report(previous, current)
             changes += 1

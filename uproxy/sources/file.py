@@ -34,6 +34,7 @@ from uproxy.model import EndpointSlice, Node, ObjectName, Service
 from uproxy.sources.base import Source, SourceSink, replace_all
 from uproxy.sources.objects import (
     FieldPath,
+    Memo,
     ObjectError,
     describe,
     family_mismatch,
@@ -93,8 +94,12 @@ class Loaded:
     nodes: Nodes  # a node's zone (topology hints) is read from its Node here
 
 
-def load_objects(path: Path, warn: Callable[[str], None] | None = None) -> Loaded:
+def load_objects(path: Path, warn: Callable[[str], None] | None = None,
+                 memo: Memo | None = None) -> Loaded:
     """Every Service, EndpointSlice and Node in the file or folder at `path`.
+
+    With `memo` (the watching source keeps one), entries equal to the last
+    load's are not converted again.
 
     Raises SourceFileError naming the file, line and field of the first problem.
     Something that loads but will not do what it seems to (a short-form
@@ -102,10 +107,17 @@ def load_objects(path: Path, warn: Callable[[str], None] | None = None) -> Loade
     `file:line: ns/name: ...` line passed to `warn` (default: a log warning)
     after the whole file loaded.
     """
-    collected = _Collected()
-    for file in _files_of(path):
-        for document in _documents(file):
-            _load_document(collected, document)
+    collected = _Collected(memo=memo)
+    try:
+        for file in _files_of(path):
+            for document in _documents(file):
+                _load_document(collected, document)
+    except BaseException:
+        if memo is not None:
+            memo.failed()
+        raise
+    if memo is not None:
+        memo.done()
     for warning in collected.warnings:
         if warn is None:
             log.warning("%s", warning)
@@ -344,24 +356,26 @@ class _Collected:
         default_factory=dict
     )
     warnings: list[str] = field(default_factory=list)  # one line each, file:line first
+    memo: Memo | None = None
 
     def add(self, obj: Service | EndpointSlice | Node, document: _Document,
             path: FieldPath) -> None:
         """Keep `obj`; raise if an object of the same kind and name came earlier."""
         kind = type(obj).__name__
-        first = self.origins.get((kind, obj.key))
+        key = obj.key
+        first = self.origins.get((kind, key))
         if first is not None:
             earlier, earlier_path = first
             raise document.fail(
-                path, f"duplicate {kind} {obj.key} (first at {earlier.where(earlier_path)})"
+                path, f"duplicate {kind} {key} (first at {earlier.where(earlier_path)})"
             )
-        self.origins[kind, obj.key] = (document, path)
-        if isinstance(obj, Service):
-            self.services[obj.key] = obj
-        elif isinstance(obj, Node):
-            self.nodes[obj.key] = obj
+        self.origins[kind, key] = (document, path)
+        if kind == "Service":
+            self.services[key] = obj  # type: ignore[assignment]
+        elif kind == "Node":
+            self.nodes[key] = obj  # type: ignore[assignment]
         else:
-            self.slices[obj.key] = obj
+            self.slices[key] = obj  # type: ignore[assignment]
 
 
 def _load_document(collected: _Collected, document: _Document) -> None:
@@ -391,6 +405,11 @@ def _load_object(
     if not isinstance(data, Mapping):
         raise document.fail(prefix, f"must be a mapping, got {describe(data)}")
     kind = data.get("kind", default_kind)
+    memo = collected.memo
+    known = memo.get(kind, data) if memo is not None and isinstance(kind, str) else None
+    if known is not None:
+        collected.add(known, document, (*prefix, "metadata", "name"))
+        return
     obj: Service | EndpointSlice | Node
     try:
         if kind == "Service":
@@ -407,6 +426,8 @@ def _load_object(
                               f"got {describe(kind)}", ("kind",))
     except ObjectError as error:
         raise document.fail((*prefix, *error.path), error.reason) from None
+    if memo is not None:
+        memo.keep(kind, data, obj)
     collected.add(obj, document, (*prefix, "metadata", "name"))
 
 
@@ -414,7 +435,7 @@ def _load_short_form(
     collected: _Collected, document: _Document, data: Mapping[str, Any]
 ) -> None:
     try:
-        services, slices = short_form_from_dict(data, "")
+        services, slices = short_form_from_dict(data, "", collected.memo)
     except ObjectError as error:
         raise document.fail(error.path, error.reason) from None
     index_of = {service.key: index for index, service in enumerate(services)}
@@ -481,6 +502,7 @@ class FileSource(Source):
         self.poll_interval = poll_interval
         self.safety_interval = safety_interval
         self._watch = Watch(path, poll_interval)
+        self._memo = Memo()  # a reload converts only the entries that changed
         self._reported_services: Services = {}
         self._reported_slices: Slices = {}
         self._reported_nodes: Nodes = {}
@@ -496,7 +518,7 @@ class FileSource(Source):
         """Load the file once before running; a bad file raises SourceFileError (fatal at start)."""
         seen = fingerprint(self.path)
         warnings: list[str] = []
-        self._initial = load_objects(self.path, warnings.append)
+        self._initial = load_objects(self.path, warnings.append, self._memo)
         self._seen, self._recheck = seen, _racy(seen)
         self._warn(warnings, recheck=False)
 
@@ -562,7 +584,8 @@ class FileSource(Source):
         self._seen, self._recheck = seen, _racy(seen)
         warnings: list[str] = []
         try:
-            loaded = await asyncio.to_thread(load_objects, self.path, warnings.append)
+            loaded = await asyncio.to_thread(load_objects, self.path, warnings.append,
+                                             self._memo)
         except SourceFileError as error:
             message = str(error)
             if message == self._last_error and seen == self._failed_at:
