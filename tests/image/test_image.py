@@ -1,7 +1,8 @@
 """The container image, built by scripts/image.sh and run with podman here:
 its tools (and no compiler), --version, explain, rules mode with nft and
 iptables serving a backend through a VIP inside `--network none --cap-add
-NET_ADMIN`, and the one-line privilege error without NET_ADMIN. Nothing is
+NET_ADMIN` on a read-only root, and the one-line privilege error without
+NET_ADMIN. Nothing is
 left behind: no containers, no untagged images, no host chains, no sysctl
 changes."""
 
@@ -113,9 +114,10 @@ def image() -> Iterator[str]:
 
 
 def run(image: str, *args: str, caps: tuple[str, ...] = (), entrypoint: str | None = None,
-        mounts: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        mounts: tuple[str, ...] = (), options: tuple[str, ...] = ()
+        ) -> subprocess.CompletedProcess[str]:
     command = ["run", "--rm", "--network", "none", "--name", f"uproxy-test-{uuid.uuid4().hex[:8]}",
-               "--cap-drop", "ALL", *[f"--cap-add={cap}" for cap in caps]]
+               "--cap-drop", "ALL", *[f"--cap-add={cap}" for cap in caps], *options]
     for mount in mounts:
         command += ["--volume", mount]
     if entrypoint is not None:
@@ -152,8 +154,16 @@ def test_explain_runs_on_the_bundled_example(image: str) -> None:
 
 
 @pytest.mark.parametrize("rules", ["nft", "iptables"])
-def test_rules_mode_serves_a_vip_with_only_net_admin(image: str, rules: str) -> None:
-    result = run(image, "-c", RULES_MODE, "sh", rules, caps=("NET_ADMIN",), entrypoint="sh")
+def test_rules_mode_serves_a_vip_with_only_net_admin(
+    image: str, rules: str, tmp_path: Path
+) -> None:
+    # As deploy/daemonset.yaml runs it: a read-only root, /tmp an empty
+    # directory, the xtables lock a file of the host's.
+    lock = tmp_path / "xtables.lock"
+    lock.touch()
+    result = run(image, "-c", RULES_MODE, "sh", rules, caps=("NET_ADMIN",), entrypoint="sh",
+                 mounts=(f"{lock}:/run/xtables.lock",),
+                 options=("--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp"))
     assert result.returncode == 0, result.stderr
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome == {"answer": "pong", "exit": 0, "rules_left": 0}, result.stdout
