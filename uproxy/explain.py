@@ -1,41 +1,24 @@
 """`uproxy explain`: what the classic mode installs, and the path of a packet.
 
 Pure text from the desired ports and their portals; touches nothing. With
-`compare=True` it also prints what kube-proxy's iptables and IPVS modes would
-program for the same services, so the three can be read side by side.
+`compare=True` it also prints what kube-proxy's iptables, IPVS and nftables
+modes would program for the same services (`uproxy.kubeproxy`) and a short
+text that links the four, so they can be read side by side.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from uproxy.model import DesiredPort, Endpoint, format_hostport
+from uproxy.kubeproxy import (
+    how_they_compare,
+    kube_proxy_iptables,
+    kube_proxy_ipvs,
+    kube_proxy_nftables,
+)
+from uproxy.model import DesiredPort, ObjectName, Service, format_hostport
 from uproxy.rules.base import Portal, Rules
 from uproxy.rules.render import portal_entries, portal_hop
-
-MASQ_MARK = "0x4000/0x4000"
-
-
-def kube_hash(text: str) -> str:
-    """kube-proxy's chain-name hash: base32(sha256(text)) cut to 16 characters."""
-    digest = hashlib.sha256(text.encode()).digest()
-    return base64.b32encode(digest).decode()[:16]
-
-
-def svc_chain(port_name: str, protocol: str) -> str:
-    """KUBE-SVC-<hash>, as kube-proxy's servicePortChainName."""
-    return "KUBE-SVC-" + kube_hash(port_name + protocol.lower())
-
-
-def sep_chain(port_name: str, protocol: str, endpoint: str) -> str:
-    """KUBE-SEP-<hash>, as kube-proxy's servicePortEndpointChainName."""
-    return "KUBE-SEP-" + kube_hash(port_name + protocol.lower() + endpoint)
-
-
-def probability(n: int) -> str:
-    return f"{1.0 / n:0.10f}"
 
 
 def _listener(portal: Portal) -> str:
@@ -79,93 +62,6 @@ def explain_paths(ports: Sequence[DesiredPort], portals: Sequence[Portal], rules
     return "\n".join(lines) + "\n"
 
 
-def kube_proxy_iptables(ports: Sequence[DesiredPort]) -> str:
-    """What kube-proxy's iptables mode would program (nat table, IPv4 and IPv6 alike)."""
-    lines = [
-        "# kube-proxy --proxy-mode=iptables (nat table)",
-        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
-        "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
-        "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" "
-        "-j KUBE-POSTROUTING",
-        f"-A KUBE-MARK-MASQ -j MARK --set-xmark {MASQ_MARK}",
-        f"-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK} -j RETURN",
-        "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0",
-        "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring "
-        "SNAT\" -j MASQUERADE --random-fully",
-    ]
-    for port in sorted(ports, key=lambda p: p.name):
-        frontend = port.frontend
-        name = str(frontend.name)
-        proto = frontend.protocol.lower()
-        svc = svc_chain(name, proto)
-        match = f"-p {proto} -m {proto} --dport {frontend.port}"
-        for address in frontend.addresses:
-            bits = 128 if ":" in address else 32
-            lines.append(f'-A KUBE-SERVICES -d {address}/{bits} {match} '
-                         f'-m comment --comment "{name}" -j {svc}')
-        if frontend.node_port:
-            lines.append(f'-A KUBE-NODEPORTS -p {proto} -m {proto} --dport {frontend.node_port} '
-                         f'-m comment --comment "{name}" -j KUBE-MARK-MASQ')
-            lines.append(f'-A KUBE-NODEPORTS -p {proto} -m {proto} --dport {frontend.node_port} '
-                         f'-m comment --comment "{name}" -j {svc}')
-        if not port.endpoints:
-            lines.append(f'-A KUBE-SERVICES {match} -m comment --comment "{name} has no '
-                         'endpoints" -j REJECT  (filter table)')
-            continue
-        total = len(port.endpoints)
-        for index, endpoint in enumerate(port.endpoints):
-            sep = sep_chain(name, proto, str(endpoint))
-            left = total - index
-            chance = (f"-m statistic --mode random --probability {probability(left)} "
-                      if left > 1 else "")
-            lines.append(f'-A {svc} -m comment --comment "{name} -> {endpoint}" {chance}-j {sep}')
-            lines += _sep_rules(sep, name, proto, endpoint)
-    return "\n".join(lines) + "\n"
-
-
-def _sep_rules(sep: str, name: str, proto: str, endpoint: Endpoint) -> list[str]:
-    bits = 128 if ":" in endpoint.ip else 32
-    return [
-        f'-A {sep} -s {endpoint.ip}/{bits} -m comment --comment "{name}" -j KUBE-MARK-MASQ',
-        f'-A {sep} -p {proto} -m comment --comment "{name}" -m {proto} '
-        f"-j DNAT --to-destination {endpoint}",
-    ]
-
-
-def kube_proxy_ipvs(ports: Sequence[DesiredPort]) -> str:
-    """What kube-proxy's IPVS mode would program: addresses, virtual servers, ipsets."""
-    lines = [
-        "# kube-proxy --proxy-mode=ipvs",
-        "ip link add kube-ipvs0 type dummy",
-        "-A KUBE-SERVICES -m set --match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT",
-        "-A KUBE-POSTROUTING -m set --match-set KUBE-LOOP-BACK dst,dst,src -j MASQUERADE",
-    ]
-    for port in sorted(ports, key=lambda p: p.name):
-        frontend = port.frontend
-        proto = frontend.protocol.lower()
-        flag = "-t" if proto == "tcp" else "-u"
-        lines.append(f"# {frontend.name}")
-        for address in frontend.addresses:
-            bits = 128 if ":" in address else 32
-            vip = format_hostport(address, frontend.port)
-            lines.append(f"ip addr add {address}/{bits} dev kube-ipvs0")
-            if address in frontend.cluster_ips:
-                lines.append(f"ipset add KUBE-CLUSTER-IP {address},{proto}:{frontend.port}")
-            else:
-                lines.append(f"ipset add KUBE-EXTERNAL-IP {address},{proto}:{frontend.port}")
-            lines.append(f"ipvsadm -A {flag} {vip} -s rr")
-            for endpoint in port.endpoints:
-                lines.append(f"ipvsadm -a {flag} {vip} -r {endpoint} -m -w 1")
-        if frontend.node_port:
-            lines.append(f"ipset add KUBE-NODE-PORT-{proto.upper()} {frontend.node_port}")
-            lines.append(f"ipvsadm -A {flag} NODEIP:{frontend.node_port} -s rr  "
-                         "(one per node address)")
-        for endpoint in port.endpoints:
-            lines.append(f"ipset add KUBE-LOOP-BACK "
-                         f"{endpoint.ip},{proto}:{endpoint.port},{endpoint.ip}")
-    return "\n".join(lines) + "\n"
-
-
 def explain(
     ports: Sequence[DesiredPort],
     portals: Sequence[Portal],
@@ -173,12 +69,30 @@ def explain(
     *,
     prefix: str = "UPROXY",
     compare: bool = False,
+    services: Mapping[ObjectName, Service] | None = None,
+    examples: Mapping[ObjectName, str] | None = None,
 ) -> str:
-    """The rules `rules` would install, the path per service port, and optionally kube-proxy's."""
+    """The rules `rules` would install, the path per service port, and optionally
+    kube-proxy's. `examples`: services that have no clusterIP, and the example
+    address they were given here; `services` gives traffic policies to --compare."""
     unaddressed = sorted({str(p.name.service) for p in ports if not p.frontend.cluster_ips})
     parts = [f"# No clusterIP: {', '.join(unaddressed)} (rules mode installs no portal for "
              "a service without one; laptop mode gives each service an IP from --bind-range)",
              ""] if unaddressed else []
+    if examples:
+        width = max(len(str(name)) for name in examples)
+        parts += ["# Example addresses: these services have no clusterIP (laptop mode gives "
+                  "each one an IP", "# from --bind-range); to show what rules mode would do, "
+                  "they get made-up ones here:"]
+        parts += [f"#   {name!s:<{width}}  {ip}" for name, ip in sorted(examples.items())]
+        parts.append("")
+    if portals and rules.name != "none":
+        ports_used = sorted(p.proxy_port for p in portals)
+        shown = (f"{ports_used[0]}" if len(ports_used) == 1
+                 else f"{ports_used[0]}-{ports_used[-1]}")
+        parts += [f"# Placeholder ports: the proxy ports here ({shown}) are placeholders; a "
+                  "running uproxy", "# takes free ones from --proxy-port-range, and /status "
+                  "shows the real ones.", ""]
     parts += [
         f"# Rules the {rules.name} backend installs",
         rules.render(portals).rstrip("\n"),
@@ -186,6 +100,8 @@ def explain(
         explain_paths(ports, portals, rules, prefix).rstrip("\n"),
     ]
     if compare:
-        parts += ["", kube_proxy_iptables(ports).rstrip("\n"),
-                  "", kube_proxy_ipvs(ports).rstrip("\n")]
+        parts += ["", how_they_compare(ports).rstrip("\n"),
+                  "", kube_proxy_iptables(ports, services).rstrip("\n"),
+                  "", kube_proxy_ipvs(ports).rstrip("\n"),
+                  "", kube_proxy_nftables(ports, services).rstrip("\n")]
     return "\n".join(parts) + "\n"

@@ -17,6 +17,8 @@ from uproxy.model import (
     DesiredPort,
     Endpoint,
     Frontend,
+    HealthCheck,
+    Node,
     ObjectName,
     ServicePortName,
     format_hostport,
@@ -92,6 +94,15 @@ class StatusInputs(Protocol):
     @property
     def skipped(self) -> Mapping[ObjectName, str]: ...
 
+    @property
+    def node_name(self) -> str | None: ...
+
+    @property
+    def node(self) -> Node | None: ...
+
+    @property
+    def health_checks(self) -> Mapping[ObjectName, HealthCheck]: ...
+
 
 class RunnerView(Protocol):
     @property
@@ -152,7 +163,21 @@ def build_status(
             {"service": str(key), "reason": reason}
             for key, reason in sorted(proxier.skipped.items())
         ],
+        "node": _node_status(proxier),
+        "health_checks": [
+            {"service": str(key), "node_port": check.node_port,
+             "local_endpoints": check.local_endpoints}
+            for key, check in sorted(proxier.health_checks.items())
+        ],
     }
+
+
+def _node_status(proxier: StatusInputs) -> dict[str, Any]:
+    """This node as uproxy sees it: its name, and its Node's zone and state once known."""
+    node = proxier.node
+    return {"name": proxier.node_name, "known": node is not None,
+            "zone": node.zone if node is not None else "",
+            "terminating": node is not None and node.terminating}
 
 
 def _sync_status(

@@ -9,6 +9,7 @@ import sys
 import urllib.request
 
 from tests.integration.apphelpers import Lines
+from tests.unit.test_tutorial import checked_blocks
 
 
 def test_demo_serves_its_services_and_stops_cleanly() -> None:
@@ -41,6 +42,10 @@ def test_demo_serves_its_services_and_stops_cleanly() -> None:
             assert (reply, source) == (b"question", (dns_ip, dns_port))
 
         assert any("curl http://" in line for line in output.lines)
+        # docs/tutorial.md quotes this table: the addresses are a hash of the names.
+        printed = {line.rstrip("\n") for line in output.lines}
+        for _, quoted in checked_blocks("uproxy demo"):
+            assert set(quoted) <= printed, (quoted, output.lines)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=10) == 0
     finally:

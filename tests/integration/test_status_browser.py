@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 from collections.abc import AsyncIterator
 from html.parser import HTMLParser
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REQUIRE_SYSTEM
+from tests.integration.apphelpers import Backends, running_uproxy, tcp_exchange, write_services
 from tests.unit.test_status import DNS, WEB, Clock, FakeProxier, FakeRunner, FakeTracker
 from uproxy.web import WebServer, WebState, start_web
 
@@ -156,3 +158,41 @@ async def test_status_page_renders_ports_and_follows_traffic(
 
     screenshot = (output_dir / "status.png").read_bytes()
     assert screenshot.startswith(b"\x89PNG") and len(screenshot) > 20_000
+
+
+DOCS_SCREENSHOT = Path(__file__).parent.parent.parent / "docs" / "images" / "status-page.png"
+
+
+async def test_the_tutorials_screenshot_is_of_a_real_uproxy(
+    chromium: str, tmp_path: Path, output_dir: Path, backends: Backends,
+) -> None:
+    """docs/tutorial.md shows the status page of a real uproxy in laptop mode: three
+    nginx-like pods behind one service, DNS with no pod, after a few requests.
+    UPROXY_UPDATE_DOCS=1 copies the screenshot into docs/images/."""
+    pods = [await backends.tcp(f"nginx-{n}") for n in range(3)]
+    services = tmp_path / "services.yaml"
+    write_services(services, [
+        {"name": "nginx-service", "ports": [{"port": 80}],
+         "endpoints": [f"127.0.0.1:{port}" for port in pods]},
+        {"name": "kube-dns", "namespace": "kube-system",
+         "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}], "endpoints": []},
+    ])
+    async with running_uproxy(services, "--bind-range", "127.77.0.0/16",
+                              "--metrics-bind-address", "127.0.0.1:0") as up:
+        nginx = up.address("default/nginx-service")
+        for _ in range(7):
+            await tcp_exchange(nginx, b"GET / HTTP/1.0\r\n\r\n")
+        status_url = up.parts.web_servers[-1].url + "/status"
+        dom = StatusDom(await run_chromium(chromium, tmp_path / "profile",
+                                           "--virtual-time-budget=2500", "--dump-dom",
+                                           status_url))
+        await run_chromium(chromium, tmp_path / "profile", "--virtual-time-budget=2500",
+                           f"--screenshot={output_dir / 'status-page.png'}", status_url)
+    assert set(dom.ports) == {"default/nginx-service", "kube-system/kube-dns:dns"}
+    assert dom.ports["default/nginx-service"]["data-endpoints"] == "3"
+    assert sum(dom.picks["default/nginx-service"].values()) == 7
+    screenshot = (output_dir / "status-page.png").read_bytes()
+    assert screenshot.startswith(b"\x89PNG") and len(screenshot) > 20_000
+    if os.environ.get("UPROXY_UPDATE_DOCS") == "1":
+        DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        DOCS_SCREENSHOT.write_bytes(screenshot)

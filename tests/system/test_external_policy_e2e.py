@@ -13,6 +13,9 @@ service is a NodePort with an external IP and externalTrafficPolicy: Local.
 - With no endpoint on this node (the file changes), node-port and
   external-IP connections are reset, and the cluster IP still serves.
 
+A UDP port of the same service follows the same policy: each new session's
+original destination is looked up in the connection tracker.
+
 Variants: `--rules iptables` and `--rules nft`, and `--workers 2` (the
 external endpoints travel to worker processes). Also: the original
 destination the relay asks the kernel for, of an IPv4 client of a dual-stack
@@ -37,7 +40,7 @@ from tests.system.topology import NODE_IP, TAGGED_SERVERS, node_and_client, runn
 
 pytestmark = pytest.mark.system
 
-VIP, EXTERNAL_IP, NODE_PORT = "198.18.1.20", "198.18.2.20", 30081
+VIP, EXTERNAL_IP, NODE_PORT, UDP_NODE_PORT = "198.18.1.20", "198.18.2.20", 30081, 30082
 HERE, ELSEWHERE = "node-a", "node-b"
 
 # One line per attempt: the tag the endpoint sent, or the error's type.
@@ -52,6 +55,20 @@ for _ in range(count):
         print("error", type(e).__name__)
 """
 
+# The same over UDP: a new socket (a new session) per attempt.
+UDP_CLIENT = """
+import socket, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(count):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(1)
+        try:
+            s.sendto(b"x", (host, port))
+            print(s.recv(100).decode().split(":")[0])
+        except OSError as e:
+            print("error", type(e).__name__)
+"""
+
 
 def objects(endpoints: list[tuple[str, str]]) -> str:
     """The service and its slice as `kubectl get -o json` prints them."""
@@ -62,7 +79,9 @@ def objects(endpoints: list[tuple[str, str]]) -> str:
             "type": "NodePort", "clusterIP": VIP, "clusterIPs": [VIP],
             "externalIPs": [EXTERNAL_IP], "externalTrafficPolicy": "Local",
             "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP",
-                       "nodePort": NODE_PORT}],
+                       "nodePort": NODE_PORT},
+                      {"name": "dns", "port": 53, "targetPort": 8080, "protocol": "UDP",
+                       "nodePort": UDP_NODE_PORT}],
         },
     }
     endpoint_slice = {
@@ -70,7 +89,8 @@ def objects(endpoints: list[tuple[str, str]]) -> str:
         "metadata": {"name": "web-x1", "namespace": "default",
                      "labels": {"kubernetes.io/service-name": "web"}},
         "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                  {"name": "dns", "port": 8080, "protocol": "UDP"}],
         "endpoints": [{"addresses": [ip], "conditions": {"ready": True}, "nodeName": node}
                       for ip, node in endpoints],
     }
@@ -90,8 +110,9 @@ def topology() -> Iterator[tuple[Netns, Netns]]:
         yield node, client
 
 
-def replies(ns: Netns, host: str, port: int, count: int) -> list[str]:
-    out = ns.run(sys.executable, "-c", CLIENT, host, str(port), str(count)).stdout
+def replies(ns: Netns, host: str, port: int, count: int, *, udp: bool = False) -> list[str]:
+    out = ns.run(sys.executable, "-c", UDP_CLIENT if udp else CLIENT, host, str(port),
+                 str(count)).stdout
     return out.splitlines()
 
 
@@ -133,12 +154,21 @@ def test_external_traffic_reaches_only_this_nodes_endpoints(
         assert replies(client, EXTERNAL_IP, 80, 6) == ["here"] * 6
         # Cluster traffic kept its own round-robin turn meanwhile.
         assert sorted(replies(client, VIP, 80, 2)) == ["elsewhere", "here"]
+        # UDP likewise: each new session's original destination comes from conntrack.
+        assert sorted(replies(client, VIP, 53, 4, udp=True)) == ["elsewhere", "elsewhere",
+                                                                  "here", "here"]
+        assert replies(client, NODE_IP, UDP_NODE_PORT, 6, udp=True) == ["here"] * 6
+        assert replies(client, EXTERNAL_IP, 53, 6, udp=True) == ["here"] * 6
+        assert sorted(replies(node, VIP, 53, 2, udp=True)) == ["elsewhere", "here"]
 
         # No endpoint on this node: external connections are reset, the cluster IP serves.
         services.write_text(objects(ONLY_ELSEWHERE))
         assert eventually_replies(client, VIP, 80, {"elsewhere"}) == ["elsewhere"] * 4
         refused = replies(client, NODE_IP, NODE_PORT, 3) + replies(client, EXTERNAL_IP, 80, 3)
         assert all(r.startswith("error") for r in refused), refused
+        dropped = replies(client, NODE_IP, UDP_NODE_PORT, 2, udp=True)
+        assert dropped == ["error TimeoutError"] * 2, dropped
+        assert replies(client, VIP, 53, 2, udp=True) == ["elsewhere"] * 2
         assert replies(node, VIP, 80, 2) == ["elsewhere"] * 2
 
         # The endpoint comes back: external traffic is served again.
@@ -186,3 +216,70 @@ def test_original_destination_of_ipv4_mapped_and_ipv6_connections(netns: Netns) 
     assert result["v6"] == [socket.inet_pton(socket.AF_INET6, "fd00:198:18:2::30").hex(), 80]
     # Not NATed: no entry, or the listener's own port (which the server counts as cluster).
     assert result["direct"] is None or result["direct"][1] == result["port"]
+
+
+# UDP has no SO_ORIGINAL_DST. In a namespace, nat OUTPUT REDIRECTs datagrams
+# for an IPv4 and an IPv6 address's port 53 to a dual-stack listener; prints
+# what the kernel tells the listener (IP_PKTINFO / IPV6_PKTINFO,
+# IP_RECVORIGDSTADDR) and what the conntrack lookup finds, for each, and for
+# a datagram sent to the listener's own port.
+UDP_ORIGINAL = """
+import json, socket, subprocess, sys, time
+from uproxy.conntrack import Conntrack
+listener = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+listener.setsockopt(socket.IPPROTO_IP, 8, 1)    # IP_PKTINFO
+listener.setsockopt(socket.IPPROTO_IP, 20, 1)   # IP_RECVORIGDSTADDR
+listener.setsockopt(socket.IPPROTO_IPV6, 49, 1)  # IPV6_RECVPKTINFO
+listener.setsockopt(socket.IPPROTO_IPV6, 74, 1)  # IPV6_RECVORIGDSTADDR
+listener.bind(("::", 0))
+port = listener.getsockname()[1]
+for tool, vip in (("iptables", "198.18.2.31"), ("ip6tables", "fd00:198:18:2::31")):
+    subprocess.run([tool, "-t", "nat", "-A", "OUTPUT", "-d", vip, "-p", "udp", "--dport", "53",
+                    "-j", "REDIRECT", "--to-ports", str(port)], check=True)
+conntrack = Conntrack()
+result = {"port": port}
+for label, address in (("v4", ("198.18.2.31", 53)), ("v6", ("fd00:198:18:2::31", 53)),
+                       ("direct", ("127.0.0.1", port))):
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as client:
+        client.sendto(b"x", address)
+        _, ancillary, _, peer = listener.recvmsg(64, 256)
+    seen = {}
+    for level, kind, data in ancillary:
+        if (level, kind) == (socket.IPPROTO_IP, 8):
+            seen["pktinfo"] = socket.inet_ntop(socket.AF_INET, data[8:12])
+        elif (level, kind) == (socket.IPPROTO_IPV6, 50):
+            seen["pktinfo"] = socket.inet_ntop(socket.AF_INET6, data[:16])
+        elif (level, kind) == (socket.IPPROTO_IP, 20):
+            seen["origdstaddr_port"] = int.from_bytes(data[2:4], "big")
+        elif (level, kind) == (socket.IPPROTO_IPV6, 74):
+            seen["origdstaddr_port"] = int.from_bytes(data[2:4], "big")
+    local = seen["pktinfo"]
+    found = conntrack.udp_original_destination((local, port), (peer[0], peer[1]))
+    seen["conntrack"] = None if found is None else [found[0].hex(), found[1]]
+    started = time.perf_counter()
+    for _ in range(1000):
+        conntrack.udp_original_destination((local, port), (peer[0], peer[1]))
+    seen["lookup_us"] = (time.perf_counter() - started) * 1000
+    result[label] = seen
+print(json.dumps(result))
+"""
+
+
+def test_udp_needs_conntrack_for_its_original_destination(netns: Netns) -> None:
+    """The measured reason for `uproxy.conntrack`: what the socket is told
+    after REDIRECT is the listener's own port; the tracker knows better."""
+    require_system("iptables", "ip6tables")
+    netns.run("ip", "addr", "add", "198.18.2.31/32", "dev", "lo")
+    netns.run("ip", "-6", "addr", "add", "fd00:198:18:2::31/128", "dev", "lo", "nodad")
+    result = json.loads(netns.run(sys.executable, "-c", UDP_ORIGINAL).stdout)
+    port = result["port"]
+    for label, vip in (("v4", "198.18.2.31"), ("v6", "fd00:198:18:2::31")):
+        seen = result[label]
+        assert seen["origdstaddr_port"] == port  # after NAT: the socket cannot tell
+        family = socket.AF_INET6 if ":" in vip else socket.AF_INET
+        assert seen["conntrack"] == [socket.inet_pton(family, vip).hex(), 53]
+    direct = result["direct"]["conntrack"]  # not NATed: no entry, or the listener's own port
+    assert direct is None or direct[1] == port
+    print({label: round(result[label]["lookup_us"], 1) for label in ("v4", "v6")}, "µs/lookup")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.test_render import DNS, V6, WEB, check_golden, sample_portals
-from uproxy.explain import explain, probability, sep_chain, svc_chain
+from uproxy.explain import explain
+from uproxy.kubeproxy import probability, sep_chain, svc_chain
 from uproxy.model import DesiredPort, Endpoint
 from uproxy.rules.base import NoRules, Rules
 from uproxy.rules.iptables import IptablesRules

@@ -82,8 +82,25 @@ def test_services_without_a_cluster_ip_are_named(
     path = tmp_path / "services.yaml"
     path.write_text("services:\n  - name: web\n    ports: [{port: 80}]\n"
                     "    endpoints: [127.0.0.1]\n")
-    assert explain_main(["--services", str(path), "--rules", "nft"]) == 0
+    assert explain_main(["--services", str(path), "--rules", "none"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# No clusterIP: default/web (rules mode installs no portal")
-    assert "# no portals: nothing is installed" in out
-    assert "default/web 80/TCP -> listener 0.0.0.0:30000\n  no clusterIP, node port" in out
+    assert "clients connect to 0.0.0.0:30000 directly" in out
+
+
+def test_services_without_a_cluster_ip_get_example_addresses_said_plainly(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "services.yaml"
+    path.write_text("services:\n  - name: web\n    ports: [{name: http, port: 80}, "
+                    "{name: https, port: 443}]\n"
+                    "    endpoints: [127.0.0.1]\n  - name: db\n    ports: [{port: 5432}]\n")
+    assert explain_main(["--services", str(path), "--rules", "nft", "--compare"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# Example addresses: these services have no clusterIP")
+    assert "#   default/db   10.96.0.100\n#   default/web  10.96.0.101\n" in out
+    # Both ports of a service share its example address, in every dump.
+    assert '10.96.0.101 . tcp . 80 comment "default/web:http" : 30001' in out
+    assert '10.96.0.101 . tcp . 443 comment "default/web:https" : 30002' in out
+    assert "ipvsadm -A -t 10.96.0.101:443 -s rr" in out
+    assert "# Placeholder ports: the proxy ports here (30000-30002) are placeholders" in out
+    assert "No clusterIP" not in out

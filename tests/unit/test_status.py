@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from uproxy.balancer import Balancer
-from uproxy.model import DesiredPort, Endpoint, Frontend, ObjectName, ServicePortName
+from uproxy.model import (
+    DesiredPort,
+    Endpoint,
+    Frontend,
+    HealthCheck,
+    Node,
+    ObjectName,
+    ServicePortName,
+)
 from uproxy.stats import PortStats
 from uproxy.status import RouteView, build_status
 
@@ -43,6 +51,9 @@ class FakeProxier:
     skipped: dict[ObjectName, str] = field(default_factory=dict)
     routes: RouteView | None = None  # --dial direct
     portforward_streams: int = 0
+    node_name: str | None = "node-1"
+    node: Node | None = None
+    health_checks: dict[ObjectName, HealthCheck] = field(default_factory=dict)
     balancer: Balancer = field(init=False)
 
     def __post_init__(self) -> None:
@@ -287,3 +298,18 @@ def test_status_is_json_and_groups_ports_by_service() -> None:
                                 "endpoints": 3, "connections_active": 0,
                                 "udp_sessions_active": 0}
     assert status["skipped"] == [{"service": "default/db", "reason": "headless service"}]
+
+
+def test_the_node_and_its_health_checks_are_in_the_document() -> None:
+    proxier = FakeProxier()
+    status = build_status(proxier, now=proxier.clock.now)
+    assert status["node"] == {"name": "node-1", "known": False, "zone": "",
+                              "terminating": False}
+    assert status["health_checks"] == []
+    proxier.node = Node("node-1", "zone-a", terminating=True)
+    proxier.health_checks = {ObjectName("shop", "web"): HealthCheck(32000, 2)}
+    status = build_status(proxier, now=proxier.clock.now)
+    assert status["node"] == {"name": "node-1", "known": True, "zone": "zone-a",
+                              "terminating": True}
+    assert status["health_checks"] == [{"service": "shop/web", "node_port": 32000,
+                                        "local_endpoints": 2}]

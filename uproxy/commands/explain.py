@@ -2,12 +2,17 @@
 would do for a services file, without root and without touching the kernel.
 
 Proxy ports are assigned in order from the start of --proxy-port-range (or
-from 30000), so the output is the same on every run.
+from 30000), so the output is the same on every run; the output says they
+are placeholders. A service without a clusterIP (the short form's default,
+for laptop mode) gets an example address from EXAMPLE_ADDRESSES so the rules
+and --compare have something to show; the output says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import ipaddress
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,10 +26,13 @@ from uproxy.commands.arguments import (
     typed,
 )
 from uproxy.durations import PortRange, parse_port_range
-from uproxy.model import DesiredPort
+from uproxy.model import DesiredPort, ObjectName
 from uproxy.rules.base import Portal
 
 DEFAULT_PORTS = PortRange(30000, 32767)
+# Example cluster IPs for services without one: kubeadm's default service CIDR.
+EXAMPLE_ADDRESSES = ipaddress.ip_network("10.96.0.0/12")
+EXAMPLE_FIRST = 100  # 10.96.0.100 onwards: clear of .1 (kubernetes) and .10 (DNS)
 DESCRIPTION = ("Print the rules a backend would install for a services file and the path a "
                "packet takes to each service port. Needs no root; touches nothing.")
 
@@ -48,11 +56,27 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
                         help="proxy ports are given out in order from its start "
                              "(default 30000-32767)")
     parser.add_argument("--hostname-override", metavar="NAME", default="",
-                        help="this node's name, for traffic policy Local")
+                        help="this node's name: traffic policy Local and topology hints")
     parser.add_argument("--compare", action="store_true",
-                        help="also print what kube-proxy's iptables and IPVS modes would program")
+                        help="also print what kube-proxy's iptables, IPVS and nftables modes "
+                             "would program, and how the four modes differ")
     parser.set_defaults(run=run)
     return parser
+
+
+def with_examples(ports: Sequence[DesiredPort]
+                  ) -> tuple[list[DesiredPort], dict[ObjectName, str]]:
+    """Give each service without a clusterIP an example one (the same for all
+    its ports); returns the ports and the addresses given."""
+    given: dict[ObjectName, str] = {}
+    for port in sorted(ports, key=lambda p: p.name):
+        if not port.frontend.cluster_ips and port.name.service not in given:
+            given[port.name.service] = str(EXAMPLE_ADDRESSES[EXAMPLE_FIRST + len(given)])
+    out = [port if port.name.service not in given else dataclasses.replace(
+        port, frontend=dataclasses.replace(port.frontend,
+                                           cluster_ips=(given[port.name.service],)))
+        for port in ports]
+    return out, given
 
 
 def assign_portals(ports: Sequence[DesiredPort], bind_address: str,
@@ -84,9 +108,13 @@ def run(args: argparse.Namespace) -> int:
     state = desired_state(loaded.services, loaded.slices, node_name=node_name,
                           zone=node.zone if node is not None else "")
     ports = sorted(state.ports.values(), key=lambda p: p.name)
+    examples: dict[ObjectName, str] = {}
+    if args.rules != "none" or args.compare:
+        ports, examples = with_examples(ports)
     portals = assign_portals(ports, args.bind_address, args.proxy_port_range)
     rules = make_rules(args.rules, args.chain_prefix, laptop_mode=args.rules == "none",
                        render_only=True)
     sys.stdout.write(explain(ports, portals, rules, prefix=args.chain_prefix,
-                             compare=args.compare))
+                             compare=args.compare, services=loaded.services,
+                             examples=examples))
     return 0

@@ -15,6 +15,13 @@ listener. Two ways in, picked by how the listener is bound:
   client sent to (a REDIRECTed client would otherwise see the wrong source
   and drop it).
 
+A service port whose external traffic has endpoints of its own
+(`externalTrafficPolicy: Local`) looks up each new session's original
+destination in the connection tracker (`uproxy.conntrack`; UDP has no
+SO_ORIGINAL_DST): a cluster IP, or no NAT entry, is cluster traffic;
+a node port, an external IP or a load-balancer IP is external and picks with
+`pick_external`. Other ports never look.
+
 A session's socket is read one datagram per readiness callback (the loop
 polls level-triggered, so more queued datagrams call again), which never pays
 for a recv that fails with EAGAIN.
@@ -35,6 +42,7 @@ import struct
 from collections.abc import Callable
 from typing import cast
 
+from uproxy.conntrack import CONNTRACK
 from uproxy.picking import NoEndpointsError, Picker
 from uproxy.stats import PortStats
 
@@ -137,6 +145,7 @@ class UdpServer:
         self.name = name or f"udp {local[0]}:{local[1]}"
         self.wildcard = local[0] in ("0.0.0.0", "::")
         self.local_ip = str(local[0])
+        self.port = int(local[1])
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sessions: dict[SessionKey, _Session] = {}
         self.draining = False
@@ -291,8 +300,13 @@ class UdpServer:
     def _open(self, key: SessionKey, addr: tuple[object, ...], local_ip: str) -> _Session | None:
         assert self.loop is not None
         stats = self.stats
+        picker = self.picker
+        client_ip = cast(str, addr[0])
         try:
-            endpoint = self.picker.pick(cast(str, addr[0]))
+            if picker.split.active and self._external(addr, local_ip):
+                endpoint = picker.pick_external(client_ip)
+            else:
+                endpoint = picker.pick(client_ip)
         except NoEndpointsError:
             stats.no_endpoints += 1
             return None
@@ -320,6 +334,15 @@ class UdpServer:
         if self._timer is None:
             self._arm(self.session_timeout)
         return session
+
+    def _external(self, addr: tuple[object, ...], local_ip: str) -> bool:
+        """Whether a new session's first datagram came from outside (a node
+        port, an external IP, a load-balancer IP), by its conntrack entry."""
+        found = CONNTRACK.udp_original_destination(
+            (local_ip, self.port), (cast(str, addr[0]), cast(int, addr[1])))
+        if found is None or found[1] == self.port:
+            return False  # no NAT: sent to the listener itself
+        return self.picker.split.is_external(found[0])
 
     def _evict(self) -> None:
         """Make room: end the least recently used of the oldest few sessions."""
