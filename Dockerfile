@@ -13,6 +13,7 @@ FROM ${BASE_IMAGE} AS build
 ARG PIP_CERT
 # python-iptables builds a small C extension: a compiler, libc headers and,
 # on a base whose Python has none, Python's headers.
+# (DL3008, apt versions unpinned: as in the image's stage below.)
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -32,7 +33,8 @@ FROM ${BASE_IMAGE}
 # other), nftables with libnftables for the in-process nft backend, conntrack
 # and iproute2 for looking around a node.
 # (DL3008, apt versions unpinned: Debian stable's point and security releases
-# replace exact versions, and an image pinned to a gone version cannot build.)
+# replace exact versions, and an image pinned to a version that is gone cannot
+# build; the base image fixes the release.)
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables nftables conntrack iproute2 \

@@ -58,12 +58,26 @@ if [ -f "$CA_BUNDLE" ]; then
 fi
 pull=never
 [ -n "${BASE_IMAGE:-}" ] && pull=missing
+
+# The images these tags name now: a build that moves both tags leaves them
+# untagged, and only they are removed after (nothing else in the store is).
+replaced=()
+for tag in "$IMAGE:$VERSION" "$IMAGE:latest"; do
+  id=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null) && replaced+=("$id")
+done
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-podman build --pull="$pull" --network host --layers \
+# --layers=false: no intermediate images (the build stage's, each step's)
+# stay in the store untagged; a rebuild runs every step again.
+podman build --pull="$pull" --network host --layers=false \
   --build-arg "BASE_IMAGE=$base_image" "${ca_args[@]}" \
   --tag "$IMAGE:$VERSION" --tag "$IMAGE:latest" . >"$log" 2>&1 \
   || { cat "$log" >&2; echo "image.sh: the build failed (its output is above)" >&2; exit 1; }
-# The build's intermediate stage leaves an untagged image: only tagged ones stay.
-podman image prune --force >/dev/null
+for id in $(printf '%s\n' "${replaced[@]}" | sort -u); do
+  if [ "$(podman image inspect --format '{{len .RepoTags}}' "$id" 2>/dev/null)" = 0 ]; then
+    podman image rm "$id" >/dev/null 2>&1 \
+      || echo "image.sh: the replaced image $id is still in use; it stays" >&2
+  fi
+done
 echo "image.sh: built $IMAGE:$VERSION ($(podman image inspect --format '{{.Size}}' "$IMAGE:$VERSION" | awk '{printf "%d MB", $1/1000000}'), base $base_image)"

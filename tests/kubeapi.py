@@ -15,7 +15,9 @@ snapshot's resourceVersion, and objects created, changed or deleted while
 paging do not show in the pages. A token whose snapshot was compacted away,
 evicted or expired on purpose (`expire_continue_tokens`,
 `expire_next_continues`) is answered 410 with a Status `reason: Expired`.
-`list_calls` records each LIST (limit, continue, answer) for tests.
+`list_calls` records each LIST (limit, continue, answer) for tests, and
+`calls` every resource request as RBAC sees it (verb, group, resource,
+subresource, namespace), so a test can hold a role against what was called.
 
 Use it in-process::
 
@@ -312,6 +314,53 @@ class ListCall:
     more: bool = False  # the answer carried a continue token
 
 
+@dataclass(frozen=True)
+class ApiCall:
+    """A request as RBAC sees it (the API server's RequestInfo): what a role
+    must grant for it to pass."""
+
+    verb: str  # get, list, watch, create, update, patch, delete, deletecollection
+    group: str  # "" for the core group
+    resource: str  # plural, e.g. "services"
+    subresource: str = ""  # e.g. "portforward"
+    namespace: str = ""  # "" for cluster-scoped requests and ones across all namespaces
+    websocket: bool = False  # a GET that upgrades to a WebSocket (exec, attach, portforward)
+
+    @property
+    def rule_resource(self) -> str:
+        """The name a role's rule lists: `resource` or `resource/subresource`."""
+        return f"{self.resource}/{self.subresource}" if self.subresource else self.resource
+
+
+# /api/v1/... or /apis/GROUP/VERSION/..., then [namespaces/NS/]RESOURCE[/NAME[/SUBRESOURCE]]
+_API_PATH = re.compile(r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)/(?P<rest>.+)$")
+_WRITE_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+def api_call(method: str, path: str, query: Mapping[str, str], *,
+             websocket: bool = False) -> ApiCall | None:
+    """The RBAC view of a request; None for non-resource paths (/version,
+    discovery, the /_test controls), which roles grant by URL, not resource."""
+    found = _API_PATH.match(path)
+    if found is None:
+        return None
+    parts = found["rest"].split("/")
+    namespace = ""
+    if len(parts) >= 3 and parts[0] == "namespaces":
+        namespace, parts = parts[1], parts[2:]
+    if len(parts) > 3:
+        return None
+    resource, name, subresource = [*parts, "", ""][:3]
+    if method == "GET":
+        verb = "get" if name else "watch" if _truthy(query.get("watch")) else "list"
+    elif method == "DELETE" and not name:
+        verb = "deletecollection"
+    else:
+        verb = _WRITE_VERBS.get(method, method.lower())
+    return ApiCall(verb, found["group"] or "", resource, subresource, namespace,
+                   websocket and method == "GET")
+
+
 @dataclass
 class Snapshot:
     """A list frozen at its first page: what every continue page is served from."""
@@ -336,6 +385,7 @@ class FakeKubeAPI:
         self.watchers: set[Watcher] = set()
         self.failures: deque[Failure] = deque()
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, query)
+        self.calls: list[ApiCall] = []  # every resource request, in RBAC terms
         self.forbidden: set[str] = set()  # resources RBAC would refuse (403)
         self.hang_new_watches = False
         self.in_outage = False
@@ -528,6 +578,10 @@ class FakeKubeAPI:
         path = request.path.rstrip("/") or "/"
         query = dict(request.query)
         self.requests.append((request.method, path, query))
+        call = api_call(request.method, path, query,
+                        websocket=request.headers.get("Upgrade", "").lower() == "websocket")
+        if call is not None:
+            self.calls.append(call)
         if self.in_outage and request.transport is not None:
             request.transport.abort()  # a kept-alive connection from before the outage
             raise web.HTTPServiceUnavailable()

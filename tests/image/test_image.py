@@ -1,8 +1,10 @@
 """The container image, built by scripts/image.sh and run with podman here:
---version, explain, rules mode with nft and iptables serving a backend
-through a VIP inside `--network none --cap-add NET_ADMIN`, and the one-line
-privilege error without NET_ADMIN. Nothing is left behind: no containers,
-no untagged images, no host chains, no sysctl changes."""
+its tools (and no compiler), --version, explain, rules mode with nft and
+iptables serving a backend through a VIP inside `--network none --cap-add
+NET_ADMIN` on a read-only root, and the one-line privilege error without
+NET_ADMIN. Nothing is
+left behind: no containers, no untagged images, no host chains, no sysctl
+changes."""
 
 from __future__ import annotations
 
@@ -72,12 +74,23 @@ def podman(*args: str, check: bool = True,
 
 def host_state() -> dict[str, str]:
     """What the tests must not change on the host."""
+    def output(*command: str) -> str:
+        return subprocess.run(command, capture_output=True, text=True).stdout
+
     return {
-        "iptables": subprocess.run(["iptables-save"], capture_output=True, text=True).stdout,
-        "nft": subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout,
+        "iptables": output("iptables-save"),
+        "ip6tables": output("ip6tables-save"),
+        "nft": output("nft", "list", "ruleset"),
+        # A bridge network would turn forwarding on; the tests use none.
         "ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text(),
+        "ipv6_forwarding": Path("/proc/sys/net/ipv6/conf/all/forwarding").read_text(),
         "containers": podman("ps", "--all", "--quiet").stdout,
-        "untagged": podman("images", "--quiet", "--filter", "dangling=true").stdout,
+        # Every image without a name, a build's intermediate ones too (which
+        # `--filter dangling=true` leaves out while they have a child).
+        "untagged": "\n".join(sorted({
+            line.split()[0] for line in podman(
+                "images", "--all", "--format", "{{.Id}} {{.Names}}").stdout.splitlines()
+            if line.endswith(" []")})),
     }
 
 
@@ -89,7 +102,7 @@ def _comparable(state: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def image() -> Iterator[str]:
-    require_system("podman", "runc", "mmdebstrap", "iptables-save", "nft")
+    require_system("podman", "runc", "mmdebstrap", "iptables-save", "ip6tables-save", "nft")
     before = host_state()
     built = subprocess.run(["bash", str(ROOT / "scripts" / "image.sh")], env=ENV,
                            capture_output=True, text=True, timeout=1200)
@@ -101,9 +114,10 @@ def image() -> Iterator[str]:
 
 
 def run(image: str, *args: str, caps: tuple[str, ...] = (), entrypoint: str | None = None,
-        mounts: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        mounts: tuple[str, ...] = (), options: tuple[str, ...] = ()
+        ) -> subprocess.CompletedProcess[str]:
     command = ["run", "--rm", "--network", "none", "--name", f"uproxy-test-{uuid.uuid4().hex[:8]}",
-               "--cap-drop", "ALL", *[f"--cap-add={cap}" for cap in caps]]
+               "--cap-drop", "ALL", *[f"--cap-add={cap}" for cap in caps], *options]
     for mount in mounts:
         command += ["--volume", mount]
     if entrypoint is not None:
@@ -116,6 +130,21 @@ def test_the_image_says_its_version(image: str) -> None:
     assert (result.returncode, result.stdout.strip()) == (0, f"uproxy {__version__}")
 
 
+# What rules mode may call on a node, both iptables variants among them; and
+# what the build stage had that must not reach the image.
+TOOLS = ("iptables-legacy", "iptables-nft", "ip6tables-legacy", "ip6tables-nft",
+         "iptables-restore", "nft", "conntrack", "ip")
+BUILD_ONLY = ("gcc", "cc", "x86_64-linux-gnu-gcc-12", "pip", "pip3")
+
+
+def test_the_image_holds_the_rule_tools_and_no_compiler(image: str) -> None:
+    names = " ".join((*TOOLS, *BUILD_ONLY))
+    result = run(image, "-c", f"for name in {names}; do command -v $name >/dev/null "
+                              "&& echo $name; done; true", entrypoint="sh")
+    assert result.returncode == 0, result.stderr
+    assert set(result.stdout.split()) == set(TOOLS)
+
+
 def test_explain_runs_on_the_bundled_example(image: str) -> None:
     result = run(image, "explain", "--services", "/example.yaml", "--rules", "nft",
                  mounts=(f"{EXAMPLE}:/example.yaml:ro",))
@@ -125,8 +154,16 @@ def test_explain_runs_on_the_bundled_example(image: str) -> None:
 
 
 @pytest.mark.parametrize("rules", ["nft", "iptables"])
-def test_rules_mode_serves_a_vip_with_only_net_admin(image: str, rules: str) -> None:
-    result = run(image, "-c", RULES_MODE, "sh", rules, caps=("NET_ADMIN",), entrypoint="sh")
+def test_rules_mode_serves_a_vip_with_only_net_admin(
+    image: str, rules: str, tmp_path: Path
+) -> None:
+    # As deploy/daemonset.yaml runs it: a read-only root, /tmp an empty
+    # directory, the xtables lock a file of the host's.
+    lock = tmp_path / "xtables.lock"
+    lock.touch()
+    result = run(image, "-c", RULES_MODE, "sh", rules, caps=("NET_ADMIN",), entrypoint="sh",
+                 mounts=(f"{lock}:/run/xtables.lock",),
+                 options=("--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp"))
     assert result.returncode == 0, result.stderr
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome == {"answer": "pong", "exit": 0, "rules_left": 0}, result.stdout

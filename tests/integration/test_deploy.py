@@ -1,9 +1,10 @@
 """deploy/: valid against a pinned Kubernetes, shaped as a node proxy must be,
-and its ClusterRole grants exactly what uproxy calls on a real (test) API server."""
+and its ClusterRoles (node, laptop) grant exactly what uproxy calls on the test
+API server."""
 
 from __future__ import annotations
 
-import re
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.kubeapi import FakeKubeAPI, endpoint_slice, node, service
+from tests.integration.apphelpers import running
+from tests.integration.test_file_reload import RecordingSink
+from tests.integration.test_portforward import Cluster, ask, uproxy
+from tests.kubeapi import ApiCall, FakeKubeAPI, endpoint_slice, node, service
 from uproxy import __version__
+from uproxy.app import make_source
 from uproxy.cli import parse_settings
-from uproxy.sources.kube import KubeSource
+from uproxy.sources.kube import LIST_PAGE_SIZE, KubeSource
 
 DEPLOY = Path(__file__).parent.parent.parent / "deploy"
 KUBERNETES_VERSION = "1.33.0"  # the schemas kubernetes-validate checks against
@@ -57,8 +62,7 @@ def test_the_daemonset_is_a_least_privilege_node_proxy() -> None:
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["xtables-lock"] == "/run/xtables.lock"
     # The arguments are uproxy's own: they parse, with the node name filled in.
-    args = [re.sub(r"\$\(NODE_NAME\)", "node-1", arg) for arg in container["args"]]
-    settings, cleanup = parse_settings(args)
+    settings, cleanup = parse_settings(daemonset_args())
     assert not cleanup
     assert settings.source.node_name == "node-1"
     assert settings.web.healthz_bind == ("0.0.0.0", 10256)
@@ -67,33 +71,35 @@ def test_the_daemonset_is_a_least_privilege_node_proxy() -> None:
 
 
 # --- RBAC: every call uproxy makes is allowed, and every grant is used ---------------
+#
+# The test API server records every resource request as RBAC sees it
+# (tests/kubeapi.py ApiCall); a run of uproxy as deployed goes through what
+# it ever calls: paged lists (and a list whose continue token expired), watches,
+# a watch event, a relist after 410, its own Node; the laptop, a port-forward.
 
-Call = tuple[str, str, str]  # (verb, apiGroup, resource[/subresource])
-_RESOURCE_PATH = re.compile(
-    r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)(?:/namespaces/[^/]+)?/(?P<resource>[^/]+)"
-    r"(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$")
-
-
-def call_of(method: str, path: str, query: dict[str, str]) -> Call | None:
-    """A request as RBAC sees it; None for non-resource paths (/version, /api)."""
-    found = _RESOURCE_PATH.match(path)
-    if found is None or path.startswith("/_test"):
-        return None
-    group, resource = found["group"] or "", found["resource"]
-    if found["sub"]:
-        resource = f"{resource}/{found['sub']}"
-    if method == "GET" and found["name"] is None:
-        verb = "watch" if query.get("watch", "").lower() in ("1", "true") else "list"
-    else:
-        verb = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch",
-                "DELETE": "delete"}[method]
-    return verb, group, resource
+Grant = tuple[str, str, str]  # (verb, apiGroup, resource or resource/subresource)
 
 
-def grants(path: Path) -> set[Call]:
+def grants(path: Path) -> set[Grant]:
     return {(verb, group, resource) for rule in load(path)["rules"]
             for group in rule["apiGroups"] for resource in rule["resources"]
             for verb in rule["verbs"]}
+
+
+def needed(call: ApiCall) -> set[Grant]:
+    """What a role must grant for `call` to pass on every supported Kubernetes.
+    A WebSocket upgrade is a GET, authorized as `get`; from 1.35 the API
+    server checks `create` too for exec, attach and portforward
+    (AuthorizePodWebsocketUpgradeCreatePermission, on by default)."""
+    grant = {(call.verb, call.group, call.rule_resource)}
+    if call.websocket and call.subresource in ("exec", "attach", "portforward"):
+        grant.add(("create", call.group, call.rule_resource))
+    return grant
+
+
+def daemonset_args() -> list[str]:
+    (container,) = load(DEPLOY / "daemonset.yaml")["spec"]["template"]["spec"]["containers"]
+    return [arg.replace("$(NODE_NAME)", "node-1") for arg in container["args"]]
 
 
 @pytest.fixture
@@ -104,52 +110,83 @@ async def api() -> AsyncIterator[FakeKubeAPI]:
     await server.stop()
 
 
-async def _calls_of_a_run(api: FakeKubeAPI, namespaces: tuple[str, ...]) -> set[Call]:
-    """Run the Kubernetes source through paging, watching and a 410 relist."""
-    import asyncio
+def scopes(namespaces: tuple[str, ...]) -> set[tuple[str, str]]:
+    """(resource, namespace) of every loop: per namespace asked for, or across all
+    (""); its own Node is cluster-scoped."""
+    return {(resource, namespace) for resource in ("services", "endpointslices")
+            for namespace in (namespaces or ("",))} | {("nodes", "")}
 
-    from tests.integration.apphelpers import running
-    from tests.integration.test_file_reload import RecordingSink
 
-    for i in range(3):
+def listed_then_watched(calls: list[ApiCall], scope: tuple[str, str]) -> bool:
+    verbs = [c.verb for c in calls if (c.resource, c.namespace) == scope]
+    return "list" in verbs and "watch" in verbs[verbs.index("list"):]
+
+
+async def _calls_of_a_node_run(api: FakeKubeAPI, namespaces: tuple[str, ...]) -> list[ApiCall]:
+    """The source uproxy builds from the DaemonSet's arguments, through paging,
+    an expired continue token, watching and a 410 relist."""
+    for i in range(LIST_PAGE_SIZE + 1):  # two pages of each
         api.create(service("default", f"s{i}", ports=[{"name": "p", "port": 80}]))
         api.create(endpoint_slice("default", f"s{i}-x", f"s{i}", addresses=["127.0.0.1"],
                                   ports=[{"name": "p", "port": 80}]))
     api.create(node("node-1", "zone-a"))
-    source = KubeSource(master=api.url, namespaces=namespaces, watch_timeout=2,
-                        backoff_initial=0.05, backoff_cap=0.2, node_name="node-1")
+    api.expire_next_continues(1, resource="services")  # then one list without a limit
+    flags = [arg for namespace in namespaces for arg in ("--namespace", namespace)]
+    settings, _ = parse_settings([*daemonset_args(), "--master", api.url, *flags])
+    source = make_source(settings)
+    assert isinstance(source, KubeSource) and source.node_name == "node-1"
     sink = RecordingSink()
     async with running(source, sink):
         await sink.wait_until(lambda: any(e[0] == "synced" for e in sink.events))
         api.create(service("default", "late", ports=[{"name": "p", "port": 80}]))
         await sink.wait_until(lambda: any(e[0] == "service" and getattr(e[2], "name", "")
                                           == "late" for e in sink.events))
-        relists = sum(source.relists.values())
+        restarted = len(api.calls)
         api.restart()  # a new resourceVersion epoch: every watch gets 410, then relists
         deadline = asyncio.get_running_loop().time() + 10
-        while sum(source.relists.values()) <= relists:
+        while not all(listed_then_watched(api.calls[restarted:], scope)
+                      for scope in scopes(namespaces)):
             assert asyncio.get_running_loop().time() < deadline, "no relist after 410"
             await asyncio.sleep(0.05)
-    return {call for method, path, query in api.requests
-            if (call := call_of(method, path, query)) is not None}
+    # The run went where it was meant to: a continue that expired, and one that
+    # served the second page (of the relist).
+    continued = [c.status for c in api.list_calls("services") if c.continue_ is not None]
+    assert 410 in continued and 200 in continued, continued
+    return api.calls
 
 
-@pytest.mark.parametrize("namespaces", [(), ("default",)], ids=["cluster", "namespaced"])
+@pytest.mark.parametrize("namespaces", [(), ("default",), ("default", "team-a")],
+                         ids=["cluster", "namespaced", "two-namespaces"])
 async def test_the_node_role_allows_every_call_and_grants_nothing_unused(
     api: FakeKubeAPI, namespaces: tuple[str, ...]
 ) -> None:
-    calls = await _calls_of_a_run(api, namespaces)
+    calls = await _calls_of_a_node_run(api, namespaces)
+    need = set().union(*map(needed, calls))
     granted = grants(DEPLOY / "clusterrole.yaml")
-    assert calls, "the source made no API call"
-    assert calls <= granted, f"not granted: {sorted(calls - granted)}"
-    assert granted <= calls, f"granted, never used: {sorted(granted - calls)}"
+    assert need <= granted, f"not granted: {sorted(need - granted)}"
+    assert granted <= need, f"granted, never used: {sorted(granted - need)}"
+    # Per-namespace mode asks in those namespaces only (a namespaced Role
+    # would do there); its Node is cluster-scoped.
+    assert {(c.resource, c.namespace) for c in calls} == scopes(namespaces)
 
 
-def test_the_laptop_role_trades_the_node_watch_for_port_forward() -> None:
+async def test_the_laptop_role_allows_a_port_forward_run_and_grants_nothing_unused() -> None:
     """A laptop is no node (it never asks for its Node) and reaches pods through
-    the API server."""
-    on_node, laptop = grants(DEPLOY / "clusterrole.yaml"), grants(DEPLOY / "laptop" /
-                                                                 "clusterrole.yaml")
-    assert laptop - on_node == {("get", "", "pods/portforward"),
-                                ("create", "", "pods/portforward")}
-    assert on_node - laptop == {("list", "", "nodes"), ("watch", "", "nodes")}
+    the API server's port-forward."""
+    api = FakeKubeAPI(bookmark_interval=1.0)
+    await api.start()
+    cluster = Cluster(api)
+    try:
+        await cluster.add_pod("web-1")
+        cluster.publish("web", ["web-1"])
+        async with uproxy(cluster) as up:
+            answer = await ask(up.address("default/web", "p"), b"x", half_close=True)
+        assert answer == b"web-1:xweb-1:bye"
+    finally:
+        cluster.close()
+        await api.stop()
+    need = set().union(*map(needed, api.calls))
+    granted = grants(DEPLOY / "laptop" / "clusterrole.yaml")
+    assert ApiCall("get", "", "pods", "portforward", "default", websocket=True) in api.calls
+    assert need <= granted, f"not granted: {sorted(need - granted)}"
+    assert granted <= need, f"granted, never used: {sorted(granted - need)}"

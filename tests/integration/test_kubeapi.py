@@ -14,7 +14,7 @@ import pytest
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from tests.kubeapi import FakeKubeAPI, LabelSelector, endpoint_slice, service
+from tests.kubeapi import ApiCall, FakeKubeAPI, LabelSelector, api_call, endpoint_slice, service
 
 
 @pytest.fixture
@@ -339,3 +339,29 @@ async def test_bad_continue_and_limit_are_400(
     async with (aiohttp.ClientSession() as session,
                 session.get(f"{api.url}/api/v1/services", params={"limit": "-1"}) as bad):
         assert bad.status == 400
+
+
+# The RBAC view of requests, as the API server's RequestInfo reads them.
+@pytest.mark.parametrize(("method", "path", "query", "websocket", "call"), [
+    ("GET", "/api/v1/services", {}, False, ApiCall("list", "", "services")),
+    ("GET", "/api/v1/services", {"watch": "true"}, False, ApiCall("watch", "", "services")),
+    ("GET", "/apis/discovery.k8s.io/v1/namespaces/a/endpointslices", {"watch": "1"}, False,
+     ApiCall("watch", "discovery.k8s.io", "endpointslices", namespace="a")),
+    ("GET", "/api/v1/nodes", {"fieldSelector": "metadata.name=n"}, False,
+     ApiCall("list", "", "nodes")),
+    ("GET", "/api/v1/nodes/n", {}, False, ApiCall("get", "", "nodes")),
+    ("GET", "/api/v1/namespaces/a/pods/p/portforward", {"ports": "80"}, True,
+     ApiCall("get", "", "pods", "portforward", "a", websocket=True)),
+    ("POST", "/api/v1/namespaces/a/pods/p/portforward", {}, False,
+     ApiCall("create", "", "pods", "portforward", "a")),
+    ("POST", "/api/v1/namespaces/a/events", {}, False, ApiCall("create", "", "events", "", "a")),
+    ("DELETE", "/api/v1/namespaces/a/services", {}, False,
+     ApiCall("deletecollection", "", "services", "", "a")),
+    ("GET", "/version", {}, False, None),
+    ("GET", "/apis/discovery.k8s.io/v1", {}, False, None),
+    ("GET", "/_test/drop", {}, False, None),
+])
+def test_requests_are_recorded_as_rbac_sees_them(
+    method: str, path: str, query: dict[str, str], websocket: bool, call: ApiCall | None
+) -> None:
+    assert api_call(method, path, query, websocket=websocket) == call

@@ -26,18 +26,21 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_the_wheel_and_sdist_carry_the_version_and_the_data(dist: Path) -> None:
+def test_the_wheel_and_sdist_carry_the_version_and_every_package_file(dist: Path) -> None:
     (wheel,) = dist.glob("*.whl")
     (sdist,) = dist.glob("*.tar.gz")
     assert wheel.name == f"uproxy-{__version__}-py3-none-any.whl"
     assert sdist.name == f"uproxy-{__version__}.tar.gz"
-    names = zipfile.ZipFile(wheel).namelist()
-    for needed in ("uproxy/data/example-services.yaml", "uproxy/data/status.html",
-                   "uproxy/py.typed", "uproxy/commands/demo.py"):
-        assert needed in names
+    # Every file of the package in this checkout: modules, uproxy/data/*, py.typed.
+    package = {str(path.relative_to(ROOT)) for path in (ROOT / "uproxy").rglob("*")
+               if path.is_file() and "__pycache__" not in path.parts}
+    assert {"uproxy/data/example-services.yaml", "uproxy/data/status.html",
+            "uproxy/py.typed"} <= package
+    assert package <= set(zipfile.ZipFile(wheel).namelist())
     with tarfile.open(sdist) as archive:
-        members = archive.getnames()
-    assert f"uproxy-{__version__}/uproxy/data/example-services.yaml" in members
+        in_sdist = {name.removeprefix(f"uproxy-{__version__}/") for name in archive.getnames()}
+    # `python -m build` makes the wheel from the sdist, so this is what it had.
+    assert package <= in_sdist
 
 
 def test_the_wheel_installs_into_a_clean_venv_and_runs(dist: Path, tmp_path: Path) -> None:
