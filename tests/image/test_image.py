@@ -109,6 +109,9 @@ def image() -> Iterator[str]:
     assert built.returncode == 0, built.stderr[-3000:]
     yield IMAGE
     after = host_state()
+    # Untagged images that were there before may go (another build's); new ones must not stay.
+    left_untagged = set(after.pop("untagged").split()) - set(before.pop("untagged").split())
+    assert not left_untagged, f"untagged images left behind: {sorted(left_untagged)}"
     # Counters in iptables-save's header comments move with host traffic; rules must not.
     assert _comparable(after) == _comparable(before)
 
