@@ -7,6 +7,7 @@ import pytest
 from uproxy.rules.nft import input_drop_warnings
 from uproxy.rules.privilege import (
     CAP_NET_ADMIN,
+    CAP_NET_RAW,
     CapSets,
     PrivilegeError,
     check_rules_privilege,
@@ -46,6 +47,19 @@ def test_root_or_ambient_capability_passes() -> None:
                           uid=0, caps=CapSets(0, NET_ADMIN, NET_ADMIN, 0))
     check_rules_privilege("--rules iptables", runs_tools=False, takes_xtables_lock=False,
                           uid=1000, caps=held)
+
+
+def test_legacy_xtables_need_cap_net_raw_too() -> None:
+    with pytest.raises(PrivilegeError) as raised:
+        check_rules_privilege("--rules iptc", runs_tools=False, takes_xtables_lock=True,
+                              uid=0, caps=CapSets(0, NET_ADMIN, NET_ADMIN, 0))
+    message = str(raised.value)
+    assert message.startswith("--rules iptc: legacy xtables need CAP_NET_RAW besides "
+                              "CAP_NET_ADMIN")
+    assert "\n" not in message
+    both = NET_ADMIN | 1 << CAP_NET_RAW
+    check_rules_privilege("--rules iptc", runs_tools=True, takes_xtables_lock=True,
+                          uid=0, caps=CapSets(0, both, both, 0))
 
 
 def test_only_dropping_input_chains_of_other_tables_are_warned_about() -> None:

@@ -127,6 +127,7 @@ class IptablesRules:
         self.families = tuple(families)
         self.legacy = legacy
         self.restores = 0  # transactions sent, for tests and metrics
+        self._save_per_table = False  # legacy xtables without root: `-t TABLE` each
         # Per family, our chains' rules as this instance last left them (None:
         # it made no chains there); emptied by a failure, so that the next
         # apply reads the kernel.
@@ -150,10 +151,25 @@ class IptablesRules:
     async def _save(self, family: int) -> SavedTables | None:
         """The kernel's tables, or None when this family has no iptables here."""
         save, _ = self.tools[family]
-        result = await command.run([*self.command_prefix, save])
-        if result.returncode != 0:
-            return None
-        return await asyncio.to_thread(parse_save, result.stdout)  # 20k lines at 10k services
+        texts: list[str] = []
+        if not self._save_per_table:
+            result = await command.run([*self.command_prefix, save])
+            if result.returncode == 0:
+                texts.append(result.stdout)
+            elif "tables_names" in result.stderr:
+                # Legacy xtables list their tables in a file only root may read
+                # (/proc/net/ip_tables_names); named one by one, they need only
+                # CAP_NET_ADMIN and CAP_NET_RAW.
+                self._save_per_table = True
+            else:
+                return None
+        if self._save_per_table:
+            for table in chain_names(self.prefix):
+                result = await command.run([*self.command_prefix, save, "-t", table])
+                if result.returncode != 0:
+                    return None
+                texts.append(result.stdout)
+        return await asyncio.to_thread(parse_save, "".join(texts))  # 20k lines at 10k services
 
     async def _restore(self, family: int, text: str) -> None:
         _, restore = self.tools[family]

@@ -69,7 +69,8 @@ def iptc_unavailable(iptables_cmd: str = "iptables") -> str | None:
 def xtables_lock(timeout: float = XTABLES_LOCK_TIMEOUT) -> Iterator[None]:
     """Hold the lock that iptables and iptables-restore take with -w."""
     path = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    # Read-only, as iptables opens it: a non-root user needs only read access.
+    fd = os.open(path, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, 0o600)
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -11,9 +11,12 @@ tool's cryptic complaint on every sync:
   loaded. So at start, uproxy makes the capabilities it holds ambient
   (which needs them in the inheritable set first; a process may add to that
   set what it already has in its permitted set).
-- iptables-legacy (and python-iptables) take the xtables lock file, which
-  belongs to root with mode 0600: a non-root uid cannot open it however many
-  capabilities it has.
+- Legacy xtables (iptables-legacy, python-iptables) talk to the kernel
+  through a raw socket, so they also need CAP_NET_RAW (measured: without it
+  `iptables-legacy -t nat -S` says "Permission denied (you must be root)",
+  for uid 0 too), and they take the xtables lock file, which iptables makes
+  root's with mode 0600. iptables opens it read-only, so a non-root uid needs
+  to be able to read it (or, when it is missing, to create it).
 
 Python has no binding for capget/capset, and the maintained libcap-ng binding
 is not on PyPI; the two syscalls are declared with ctypes below (as libnft's
@@ -32,7 +35,9 @@ from uproxy.rules.base import RulesError
 
 CAP_NET_BIND_SERVICE = 10
 CAP_NET_ADMIN = 12
-CAP_NAMES = {CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE", CAP_NET_ADMIN: "CAP_NET_ADMIN"}
+CAP_NET_RAW = 13
+CAP_NAMES = {CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE", CAP_NET_ADMIN: "CAP_NET_ADMIN",
+             CAP_NET_RAW: "CAP_NET_RAW"}
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _PR_CAP_AMBIENT = 47
@@ -109,8 +114,9 @@ def check_rules_privilege(flag: str, *, runs_tools: bool, takes_xtables_lock: bo
     """Raise PrivilegeError (one line) unless what `flag` asks for can work here.
 
     `runs_tools`: the backend runs iptables-restore or nft as child
-    processes, which must inherit CAP_NET_ADMIN. `takes_xtables_lock`: it
-    (or its tools) open the legacy xtables lock file.
+    processes, which must inherit its capabilities. `takes_xtables_lock`: it
+    (or its tools) use legacy xtables, which need CAP_NET_RAW as well and
+    open the xtables lock file.
     """
     uid = os.geteuid() if uid is None else uid
     caps = current() if caps is None else caps
@@ -118,13 +124,30 @@ def check_rules_privilege(flag: str, *, runs_tools: bool, takes_xtables_lock: bo
         raise PrivilegeError(
             f"{flag}: needs CAP_NET_ADMIN to write kernel rules, and this process does not "
             f"have it: run as root or grant CAP_NET_ADMIN ({HOW_TO_GRANT})")
-    if uid != 0 and runs_tools and not make_ambient(CAP_NET_ADMIN):
+    needed = [CAP_NET_ADMIN]
+    if takes_xtables_lock:
+        needed.append(CAP_NET_RAW)
+        if not caps.has(CAP_NET_RAW):
+            raise PrivilegeError(
+                f"{flag}: legacy xtables need CAP_NET_RAW besides CAP_NET_ADMIN (libiptc "
+                f"uses a raw socket), and this process does not have it: grant both "
+                f"({HOW_TO_GRANT})")
+    for cap in needed:
+        if uid != 0 and runs_tools and not make_ambient(cap):
+            raise PrivilegeError(
+                f"{flag}: has {CAP_NAMES[cap]} but cannot pass it to the rule tools it runs "
+                f"(uid {uid} is not root and the capability cannot be made ambient): grant "
+                f"{CAP_NAMES[cap]} as an ambient capability ({HOW_TO_GRANT})")
+    if uid != 0 and takes_xtables_lock and not _lock_usable(lock):
         raise PrivilegeError(
-            f"{flag}: has CAP_NET_ADMIN but cannot pass it to the rule tools it runs "
-            f"(uid {uid} is not root and the capability cannot be made ambient): grant "
-            f"CAP_NET_ADMIN as an ambient capability ({HOW_TO_GRANT})")
-    if uid != 0 and takes_xtables_lock and lock.exists() and not os.access(lock, os.W_OK):
-        raise PrivilegeError(
-            f"{flag}: {lock} is not writable by uid {uid}, and legacy iptables takes that "
-            f"lock: make it writable for this uid, or run as uid 0 with only CAP_NET_ADMIN "
-            f"({HOW_TO_GRANT})")
+            f"{flag}: legacy iptables takes the lock {lock}, which uid {uid} cannot "
+            f"{'read' if lock.exists() else 'create'}: let this uid read it (e.g. "
+            f"systemd-tmpfiles `f {lock} 0640 root GROUP`), or run as uid 0 with only "
+            f"CAP_NET_ADMIN and CAP_NET_RAW ({HOW_TO_GRANT})")
+
+
+def _lock_usable(lock: Path) -> bool:
+    """Whether the lock opens as iptables opens it: read-only, made when missing."""
+    if lock.exists():
+        return os.access(lock, os.R_OK)
+    return os.access(lock.parent, os.W_OK | os.X_OK)
