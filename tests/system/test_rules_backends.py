@@ -572,3 +572,12 @@ def test_nft_warns_about_a_dropping_input_hook(topology: tuple[Netns, Netns]) ->
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith("--rules nft: table ip filter chain INPUT drops input")
     assert "ct status dnat accept" in warnings[0]
+
+    # A firewall of its own whose policy accepts but whose last rule rejects.
+    node.run("iptables", "-P", "INPUT", "ACCEPT")
+    node.run("nft", "-f", "-", input="table inet hostfw {\n chain input {\n"
+             "  type filter hook input priority 0; policy accept;\n"
+             "  ct state established,related accept\n  counter reject\n }\n}\n")
+    warnings = asyncio.run(rules.preflight())
+    assert [w.split(",")[0] for w in warnings] == [
+        "--rules nft: table inet hostfw chain input ends in a rule that rejects all input"]

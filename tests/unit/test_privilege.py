@@ -74,3 +74,29 @@ def test_only_dropping_input_chains_of_other_tables_are_warned_about() -> None:
     warnings = input_drop_warnings(listing, "uproxy")
     assert [w.split(" drops")[0] for w in warnings] == [
         "--rules nft: table ip filter chain INPUT", "--rules nft: table inet fw6 chain INPUT"]
+
+
+def test_a_chain_that_ends_in_an_unconditional_drop_or_reject_is_warned_about() -> None:
+    """firewalld's way: policy accept, and a last rule that rejects everything left."""
+    def rules(*exprs: list[dict[str, object]]) -> dict[str, object]:
+        return {"nftables": [{"metainfo": {}}] + [
+            {"rule": {"family": "inet", "table": "firewalld", "chain": "filter_INPUT",
+                      "handle": i, "expr": expr}} for i, expr in enumerate(exprs)]}
+
+    counter = {"counter": {"packets": 0, "bytes": 0}}
+    from_lo = {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "lo"}}
+    listing = {"nftables": [{"metainfo": {}}, {"chain": {
+        "family": "inet", "table": "firewalld", "name": "filter_INPUT", "hook": "input",
+        "policy": "accept", "type": "filter", "prio": 10}}]}
+    key = ("inet", "firewalld", "filter_INPUT")
+
+    rejecting = rules([from_lo, {"accept": None}], [{"reject": {"type": "icmpx"}}])
+    (warning,) = input_drop_warnings(listing, "uproxy", {key: rejecting})
+    assert warning.startswith("--rules nft: table inet firewalld chain filter_INPUT ends in "
+                              "a rule that rejects all input")
+    assert "nft insert rule inet firewalld filter_INPUT ct status dnat accept" in warning
+    iptables_drop = rules([counter, {"xt": {"type": "target", "name": "DROP"}}])
+    assert len(input_drop_warnings(listing, "uproxy", {key: iptables_drop})) == 1
+    only_some = rules([from_lo, counter, {"drop": None}])
+    assert input_drop_warnings(listing, "uproxy", {key: only_some}) == []
+    assert input_drop_warnings(listing, "uproxy") == []

@@ -20,6 +20,7 @@ elements.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import Sequence
@@ -144,28 +145,67 @@ def listed_shape(listing: dict[str, Any]) -> Shape:
     return tuple(sorted(shape))
 
 
-def input_drop_warnings(listing: dict[str, Any], ours: str) -> list[str]:
-    """Warnings for base chains of other tables on the input hook whose policy
-    drops (`nft -j list chains`; iptables-nft's filter INPUT is one of them).
+def input_drop_warnings(listing: dict[str, Any], ours: str,
+                        last_rules: dict[tuple[str, str, str], dict[str, Any]] | None = None,
+                        ) -> list[str]:
+    """Warnings for base chains of other tables on the input hook that drop what
+    they did not accept (`nft -j list chains`; iptables-nft's filter INPUT is
+    one of them): by policy, or by a last rule that drops or rejects every
+    packet reaching it (firewalld's way). `last_rules` holds `nft -j list
+    chain` of the chains with policy accept, by (family, table, chain).
 
     Every base chain on a hook sees the packet and a drop in any of them is
     final, so uproxy's own accept of redirected traffic cannot let it
     through such a firewall: the firewall itself must accept it.
     """
     warnings = []
-    for item in listing.get("nftables", []):
-        chain = item.get("chain")
-        if (not chain or chain.get("hook") != "input" or chain.get("policy") != "drop"
-                or chain.get("table") == ours or chain.get("family") not in ("ip", "ip6", "inet")):
+    for chain in input_chains(listing, ours):
+        key = (chain["family"], chain["table"], chain["name"])
+        if chain.get("policy") == "drop":
+            why = "drops input by default (policy drop)"
+        elif (verdict := final_verdict((last_rules or {}).get(key, {}))) is not None:
+            why = f"ends in a rule that {verdict}s all input"
+        else:
             continue
         where = f"table {chain['family']} {chain['table']} chain {chain['name']}"
         warnings.append(
-            f"--rules nft: {where} drops input by default (policy drop), and an accept in "
+            f"--rules nft: {where} {why}, and an accept in "
             f"uproxy's table cannot override it: redirected service traffic will be dropped "
             f"unless that chain accepts it, e.g. `nft insert rule {chain['family']} "
             f"{chain['table']} {chain['name']} ct status dnat accept` (iptables: "
             f"`iptables -I INPUT -m conntrack --ctstate DNAT -j ACCEPT`)")
     return warnings
+
+
+def input_chains(listing: dict[str, Any], ours: str) -> list[dict[str, Any]]:
+    """Base chains on the input hook of other tables (`nft -j list chains`)."""
+    return [item["chain"] for item in listing.get("nftables", [])
+            if isinstance(item.get("chain"), dict) and item["chain"].get("hook") == "input"
+            and item["chain"].get("table") != ours
+            and item["chain"].get("family") in ("ip", "ip6", "inet")]
+
+
+_QUIET = {"counter", "log", "limit"}  # statements that do not make a rule conditional
+
+
+def final_verdict(listing: dict[str, Any]) -> str | None:
+    """'drop' or 'reject' when a chain's last rule (`nft -j list chain`) drops
+    every packet that reaches it (no match before the verdict), else None."""
+    rules = [item["rule"] for item in listing.get("nftables", []) if "rule" in item]
+    if not rules:
+        return None
+    verdict = None
+    for statement in rules[-1].get("expr", []):
+        (kind, body), = statement.items()
+        if kind in _QUIET:
+            continue
+        if kind in ("drop", "reject"):
+            verdict = kind
+        elif kind == "xt" and isinstance(body, dict) and body.get("name") in ("DROP", "REJECT"):
+            verdict = str(body["name"]).lower()  # iptables-nft's -j DROP / -j REJECT
+        else:
+            return None  # a match: the rule drops only some packets
+    return verdict
 
 
 class NftRules:
@@ -208,7 +248,16 @@ class NftRules:
             listing = json.loads(result.stdout)
         except ValueError as error:
             raise RulesError(f"nft list chains: unreadable JSON: {error}") from error
-        return input_drop_warnings(listing, self.table)
+        last_rules = {}
+        for chain in input_chains(listing, self.table):
+            if chain.get("policy") == "drop":
+                continue
+            key = (chain["family"], chain["table"], chain["name"])
+            rules = await self._nft(f"list chain {' '.join(key)}\n", listing=True)
+            if rules.returncode == 0:
+                with contextlib.suppress(ValueError):
+                    last_rules[key] = json.loads(rules.stdout)
+        return input_drop_warnings(listing, self.table, last_rules)
 
     @property
     def in_process(self) -> bool:
