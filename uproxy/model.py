@@ -76,10 +76,12 @@ class Service:
     proxy_protocol: str = ""
     # spec.healthCheckNodePort (LoadBalancer with externalTrafficPolicy: Local)
     health_check_node_port: int | None = None
+    # namespace/name, made once: every map of services is keyed by it, and a
+    # 10k-service reload looked it up ~40k times (a new tuple each time).
+    key: ObjectName = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> ObjectName:
-        return ObjectName(self.namespace, self.name)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", ObjectName(self.namespace, self.name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,14 +118,13 @@ class EndpointSlice:
     address_type: str = "IPv4"  # IPv4 | IPv6 | FQDN (FQDN is ignored)
     ports: tuple[EndpointPort, ...] = ()
     endpoints: tuple[SliceEndpoint, ...] = ()
+    # Made once, as Service.key: the keys of the slice maps and of their index.
+    key: ObjectName = field(init=False, repr=False, compare=False)
+    service: ObjectName = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> ObjectName:
-        return ObjectName(self.namespace, self.name)
-
-    @property
-    def service(self) -> ObjectName:
-        return ObjectName(self.namespace, self.service_name)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", ObjectName(self.namespace, self.name))
+        object.__setattr__(self, "service", ObjectName(self.namespace, self.service_name))
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +38,10 @@ from uproxy.sources.objects import (
     Memo,
     ObjectError,
     describe,
-    family_mismatch,
     format_path,
     node_from_dict,
     service_from_dict,
-    short_form_from_dict,
+    short_form_entries,
     slice_from_dict,
 )
 from uproxy.sources.watch import Watch
@@ -109,9 +109,10 @@ def load_objects(path: Path, warn: Callable[[str], None] | None = None,
     """
     collected = _Collected(memo=memo)
     try:
-        for file in _files_of(path):
-            for document in _documents(file):
-                _load_document(collected, document)
+        with _collector_paused():
+            for file in _files_of(path):
+                for document in _documents(file):
+                    _load_document(collected, document)
     except BaseException:
         if memo is not None:
             memo.failed()
@@ -124,6 +125,26 @@ def load_objects(path: Path, warn: Callable[[str], None] | None = None,
         else:
             warn(warning)
     return Loaded(collected.services, collected.slices, collected.nodes)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for one load.
+
+    A load makes some ten containers per entry (the parsed document, the
+    converted objects), none in a cycle; the collector's passes over them
+    were half of a 10k-service reload (measured: 232 ms with, 117 ms
+    without). Reference counts free what the load drops; the collector runs
+    again after it.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _files_of(path: Path) -> list[Path]:
@@ -352,7 +373,7 @@ class _Collected:
     slices: Slices = field(default_factory=dict)
     nodes: Nodes = field(default_factory=dict)
     # where each object was read, turned into file:line only for an error message
-    origins: dict[tuple[str, ObjectName], tuple[_Document, FieldPath]] = field(
+    origins: dict[tuple[type, ObjectName], tuple[_Document, FieldPath]] = field(
         default_factory=dict
     )
     warnings: list[str] = field(default_factory=list)  # one line each, file:line first
@@ -361,18 +382,18 @@ class _Collected:
     def add(self, obj: Service | EndpointSlice | Node, document: _Document,
             path: FieldPath) -> None:
         """Keep `obj`; raise if an object of the same kind and name came earlier."""
-        kind = type(obj).__name__
+        kind = type(obj)
         key = obj.key
         first = self.origins.get((kind, key))
         if first is not None:
             earlier, earlier_path = first
             raise document.fail(
-                path, f"duplicate {kind} {key} (first at {earlier.where(earlier_path)})"
+                path, f"duplicate {kind.__name__} {key} (first at {earlier.where(earlier_path)})"
             )
         self.origins[kind, key] = (document, path)
-        if kind == "Service":
+        if kind is Service:
             self.services[key] = obj  # type: ignore[assignment]
-        elif kind == "Node":
+        elif kind is Node:
             self.nodes[key] = obj  # type: ignore[assignment]
         else:
             self.slices[key] = obj  # type: ignore[assignment]
@@ -435,21 +456,15 @@ def _load_short_form(
     collected: _Collected, document: _Document, data: Mapping[str, Any]
 ) -> None:
     try:
-        services, slices = short_form_from_dict(data, "", collected.memo)
+        entries = short_form_entries(data, "", collected.memo)
     except ObjectError as error:
         raise document.fail(error.path, error.reason) from None
-    index_of = {service.key: index for index, service in enumerate(services)}
-    for service in services:
-        collected.add(service, document, ("services", index_of[service.key], "name"))
-    by_service: dict[ObjectName, list[EndpointSlice]] = {}
-    for endpoint_slice in slices:
-        path: FieldPath = ("services", index_of[endpoint_slice.service], "endpoints")
-        collected.add(endpoint_slice, document, path)
-        by_service.setdefault(endpoint_slice.service, []).append(endpoint_slice)
-    for service in services:
-        mismatch = family_mismatch(service, by_service.get(service.key, ()))
+    for index, (service, slices, mismatch) in enumerate(entries):
+        collected.add(service, document, ("services", index, "name"))
+        for endpoint_slice in slices:
+            collected.add(endpoint_slice, document, ("services", index, "endpoints"))
         if mismatch is not None:
-            where = document.where(("services", index_of[service.key], "endpoints"))
+            where = document.where(("services", index, "endpoints"))
             collected.warnings.append(f"{where}: {service.key}: {mismatch}")
 
 

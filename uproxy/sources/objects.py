@@ -19,7 +19,7 @@ import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from uproxy.model import (
     DEFAULT_AFFINITY_TIMEOUT,
@@ -27,6 +27,7 @@ from uproxy.model import (
     EndpointPort,
     EndpointSlice,
     Node,
+    ObjectName,
     Service,
     ServicePortSpec,
     SliceEndpoint,
@@ -544,6 +545,15 @@ class Memo:
         self._current = {}
 
 
+class ShortEntry(NamedTuple):
+    """One entry of the short form, converted: its service, its slices, and why
+    some of its endpoints will never be used (`family_mismatch`), or None."""
+
+    service: Service
+    slices: tuple[EndpointSlice, ...]
+    mismatch: str | None
+
+
 def short_form_from_dict(
     d: Mapping[str, Any], where: str, memo: Memo | None = None,
 ) -> tuple[list[Service], list[EndpointSlice]]:
@@ -551,37 +561,40 @@ def short_form_from_dict(
 
     Each service gets one slice per address family (IPv4, IPv6) for its plain
     `ip` endpoints; `ip:port` endpoints (single-port services only) go to a
-    slice per family and port, named `<service>-ipv4-<port>`. With `memo`, an
-    entry equal to one of the last load is not converted again.
+    slice per family and port, named `<service>-ipv4-<port>`.
     """
+    entries = short_form_entries(d, where, memo)
+    return ([entry.service for entry in entries],
+            [endpoint_slice for entry in entries for endpoint_slice in entry.slices])
+
+
+def short_form_entries(
+    d: Mapping[str, Any], where: str, memo: Memo | None = None,
+) -> list[ShortEntry]:
+    """The short form's entries in order, one per `services[i]`. With `memo`, an
+    entry equal to one of the last load is not converted (nor judged) again."""
     read = _Reader(where)
     d = read.mapping(d, ())
     _check_keys(read, d, frozenset({"services"}), ())
     if d.get("services") is None:
         read.fail(("services",), "is required (write 'services: []' for none)")
-    services: list[Service] = []
-    slices: list[EndpointSlice] = []
-    seen: dict[tuple[str, str], int] = {}
+    entries: list[ShortEntry] = []
+    seen: dict[ObjectName, int] = {}
     for index, raw in enumerate(read.list(d["services"], ("services",))):
-        at: FieldPath = ("services", index)
-        known = memo.get("short", raw) if memo is not None else None
-        if known is not None:
-            service, service_slices = known
-        else:
-            service, service_slices = _short_service(read, read.mapping(raw, at), at)
+        entry: ShortEntry | None = memo.get("short", raw) if memo is not None else None
+        if entry is None:
+            at: FieldPath = ("services", index)
+            service, slices = _short_service(read, read.mapping(raw, at), at)
+            entry = ShortEntry(service, tuple(slices), family_mismatch(service, slices))
             if memo is not None:
-                memo.keep("short", raw, (service, service_slices))
-        key = (service.namespace, service.name)
+                memo.keep("short", raw, entry)
+        key = entry.service.key
         if key in seen:
-            read.fail(
-                (*at, "name"),
-                f"duplicate service {service.namespace}/{service.name} "
-                f"(also services[{seen[key]}])",
-            )
+            read.fail(("services", index, "name"),
+                      f"duplicate service {key} (also services[{seen[key]}])")
         seen[key] = index
-        services.append(service)
-        slices.extend(service_slices)
-    return services, slices
+        entries.append(entry)
+    return entries
 
 
 def _short_service(
