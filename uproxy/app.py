@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from uproxy.balancer import Balancer
 from uproxy.healthchecks import HealthCheckServer
+from uproxy.heap import collector_paused
 from uproxy.hostsfile import render_hosts, write_hosts
 from uproxy.listeners import ListenerPool
 from uproxy.logs import AccessLog
@@ -176,7 +177,8 @@ def build(
         nonlocal heap_to_freeze
         started = time.monotonic()
         try:
-            plan = await proxier.sync()
+            with collector_paused():  # a sync may make objects by the 100k, none in cycles
+                plan = await proxier.sync()
         except RulesError:
             metrics.sync.rules_apply_failed()
             raise
