@@ -1,0 +1,271 @@
+"""Batched UDP receive and send: recvmmsg(2) and sendmmsg(2) through ctypes.
+
+Python's socket module binds neither call, and PyPI has no maintained
+binding (pysockmmsg 0.0.2, 2021, is the only one), so this module calls libc
+itself. Everything the kernel reads or writes lives in buffers allocated once
+(`mmsghdr` and `iovec` arrays, source addresses, ancillary data, payload
+arenas); Python reads and writes them with `struct`, so a batch costs one
+foreign call and no ctypes object per datagram.
+
+`Receiver` fills up to `slots` datagrams per call, each with its source
+address and, when asked, the local address it was sent to (IP_PKTINFO /
+IPV6_PKTINFO). `Sender` queues datagrams, each with its own destination and
+ancillary data, and sends them in order with as few calls as the kernel
+allows. Linux, LP64 only (checked at import).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import socket
+import struct
+
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python 3.11 has no constant
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+MAX_DATAGRAM = 65536  # more than any UDP payload (65,507 over IPv4, 65,527 over IPv6)
+NAME_SIZE = 28  # sizeof(struct sockaddr_in6), the largest address a UDP socket reports
+CONTROL_SIZE = socket.CMSG_SPACE(20)  # one in_pktinfo (12) or in6_pktinfo (20)
+MSG_DONTWAIT = 0x40
+_RETRY = (errno.EAGAIN, errno.EINTR)
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class _Msghdr(ctypes.Structure):
+    _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
+                ("msg_iov", ctypes.c_void_p), ("msg_iovlen", ctypes.c_size_t),
+                ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t),
+                ("msg_flags", ctypes.c_int)]
+
+
+class _Mmsghdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", _Msghdr), ("msg_len", ctypes.c_uint)]
+
+
+# name, namelen, iov, iovlen, control, controllen, flags, len: the LP64 layout,
+# checked against the C one below so a struct call can read and write it.
+HEADER = struct.Struct("=QI4xQQQQi4xI4x")
+IOVEC = struct.Struct("=QQ")
+_CMSG = struct.Struct("=Qii")  # cmsg_len, cmsg_level, cmsg_type; the data follows
+
+
+def _check_layout() -> None:
+    offsets = [getattr(_Msghdr, field[0]).offset for field in _Msghdr._fields_]
+    if (ctypes.sizeof(_Mmsghdr), ctypes.sizeof(_Iovec), offsets, _Mmsghdr.msg_len.offset) != (
+            HEADER.size, IOVEC.size, [0, 8, 16, 24, 32, 40, 48], 56):
+        raise ImportError("uproxy.relay.mmsg: struct mmsghdr is not laid out as on LP64 Linux")
+    if socket.CMSG_LEN(0) != _CMSG.size:
+        raise ImportError("uproxy.relay.mmsg: struct cmsghdr is not laid out as on LP64 Linux")
+
+
+_check_layout()
+# PyDLL keeps the GIL across the call: the sockets are nonblocking (and the
+# flags say so), so the call never waits, and releasing the GIL costs more.
+_libc = ctypes.PyDLL(None, use_errno=True)
+_recvmmsg = _libc.recvmmsg
+_recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int,
+                      ctypes.c_void_p]
+_recvmmsg.restype = ctypes.c_int
+_sendmmsg = _libc.sendmmsg
+_sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+_sendmmsg.restype = ctypes.c_int
+
+
+def address_of(buffer: bytearray | mmap.mmap) -> int:
+    """The address of a writable buffer's first byte (it never moves: bytearrays
+    here are never resized, and an mmap is fixed)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+def _error() -> OSError:
+    code = ctypes.get_errno()
+    return OSError(code, os.strerror(code))
+
+
+class Receiver:
+    """Up to `slots` datagrams per `receive`, each in its own 64 KiB slot.
+
+    The payload arena is an anonymous mapping: only the pages datagrams touch
+    become resident. After a `receive`, `message(i)` describes datagram i until
+    the next `receive`.
+    """
+
+    __slots__ = ("_filled", "_headers", "_headers_at", "_iovecs", "_map", "_pristine", "arena",
+                 "control", "names", "slots")
+
+    def __init__(self, slots: int, *, control: bool) -> None:
+        self.slots = slots
+        self._map = mmap.mmap(-1, slots * MAX_DATAGRAM)
+        self.arena = memoryview(self._map)
+        self.names = bytearray(slots * NAME_SIZE)
+        self.control = bytearray(slots * CONTROL_SIZE if control else 0)
+        iovecs = bytearray(slots * IOVEC.size)
+        self._headers = bytearray(slots * HEADER.size)
+        arena_at = address_of(self._map)
+        names_at, iovecs_at = address_of(self.names), address_of(iovecs)
+        control_at = address_of(self.control) if control else 0
+        control_size = CONTROL_SIZE if control else 0
+        for i in range(slots):
+            IOVEC.pack_into(iovecs, i * IOVEC.size, arena_at + i * MAX_DATAGRAM, MAX_DATAGRAM)
+            HEADER.pack_into(self._headers, i * HEADER.size,
+                             names_at + i * NAME_SIZE, NAME_SIZE, iovecs_at + i * IOVEC.size, 1,
+                             control_at + i * control_size, control_size, 0, 0)
+        self._iovecs = iovecs  # the headers point into it
+        self._pristine = bytes(self._headers)
+        self._headers_at = address_of(self._headers)
+        self._filled = 0  # headers the last receive wrote into (lengths, flags)
+
+    def receive(self, fd: int) -> int:
+        """Datagrams read (0: none waiting). Raises OSError on other errors."""
+        filled = self._filled * HEADER.size
+        self._headers[:filled] = self._pristine[:filled]  # the kernel shrank namelen/controllen
+        count: int = _recvmmsg(fd, self._headers_at, self.slots, MSG_DONTWAIT, None)
+        self._filled = max(count, 0)
+        if count < 0:
+            error = _error()
+            if error.errno in _RETRY:
+                return 0
+            raise error
+        return count
+
+    def message(self, i: int) -> tuple[memoryview, bytes, bytes]:
+        """Datagram i of the last `receive`: its payload (a view into the arena,
+        valid until the next receive), its source address (a raw sockaddr), and
+        the local address it was sent to (4 or 16 raw bytes; empty if unknown)."""
+        _, namelen, _, _, _, controllen, _, length = HEADER.unpack_from(
+            self._headers, i * HEADER.size)
+        start = i * MAX_DATAGRAM
+        name = bytes(self.names[i * NAME_SIZE:i * NAME_SIZE + namelen])
+        local = _pktinfo(self.control, i * CONTROL_SIZE, controllen) if controllen else b""
+        return self.arena[start:start + length], name, local
+
+
+def _pktinfo(control: bytearray, at: int, size: int) -> bytes:
+    """The destination address in IP_PKTINFO / IPV6_PKTINFO ancillary data."""
+    end = at + size
+    while at + _CMSG.size <= end:
+        length, level, kind = _CMSG.unpack_from(control, at)
+        if length < _CMSG.size:
+            break
+        data = at + _CMSG.size
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and length >= _CMSG.size + 12:
+            return bytes(control[data + 8:data + 12])  # in_pktinfo.ipi_addr
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and length >= _CMSG.size + 16:
+            return bytes(control[data:data + 16])  # in6_pktinfo.ipi6_addr
+        at += socket.CMSG_SPACE(length - _CMSG.size)
+    return b""
+
+
+def decode_address(name: bytes) -> tuple[object, ...]:
+    """A raw sockaddr_in / sockaddr_in6 as the socket module writes addresses."""
+    family = int.from_bytes(name[:2], "little")  # sa_family_t is host order (LP64 x86/arm)
+    port = int.from_bytes(name[2:4], "big")
+    if family == socket.AF_INET6:
+        flowinfo = int.from_bytes(name[4:8], "big")
+        scope_id = int.from_bytes(name[24:28], "little")
+        return (socket.inet_ntop(socket.AF_INET6, name[8:24]), port, flowinfo, scope_id)
+    return (socket.inet_ntop(socket.AF_INET, name[4:8]), port)
+
+
+def local_ip(raw: bytes) -> str:
+    """A raw local address from `Receiver.message` as text."""
+    return socket.inet_ntop(socket.AF_INET6 if len(raw) == 16 else socket.AF_INET, raw)
+
+
+class Sender:
+    """Datagrams for one socket, queued and sent in order by `flush`.
+
+    Payloads are written straight into an arena (`space`, then `push` with the
+    length written); each carries the address of its destination sockaddr and
+    of its ancillary data, which the caller keeps alive until the flush. The
+    queue is full when `slots` datagrams wait or less than 64 KiB is left.
+    """
+
+    __slots__ = ("_arena_at", "_headers", "_headers_at", "_iovecs", "_iovecs_at", "_map",
+                 "_used", "arena", "count", "lengths", "size", "slots")
+
+    def __init__(self, slots: int, size: int) -> None:
+        if size < MAX_DATAGRAM:
+            raise ValueError(f"size: must hold one 64 KiB datagram, got {size}")
+        self.slots = slots
+        self.size = size
+        self._map = mmap.mmap(-1, size)
+        self.arena = memoryview(self._map)
+        self._arena_at = address_of(self._map)
+        self._headers = bytearray(slots * HEADER.size)
+        self._headers_at = address_of(self._headers)
+        self._iovecs = bytearray(slots * IOVEC.size)
+        self._iovecs_at = address_of(self._iovecs)
+        self._used = 0
+        self.count = 0
+        self.lengths: list[int] = []
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.slots or self.size - self._used < MAX_DATAGRAM
+
+    def space(self) -> memoryview:
+        """Where the next datagram goes: room for 64 KiB (check `full` first)."""
+        return self.arena[self._used:self._used + MAX_DATAGRAM]
+
+    def push(self, length: int, name_at: int, name_size: int,
+             control_at: int, control_size: int) -> None:
+        """Queue the `length` bytes just written at `space()`."""
+        i = self.count
+        IOVEC.pack_into(self._iovecs, i * IOVEC.size, self._arena_at + self._used, length)
+        HEADER.pack_into(self._headers, i * HEADER.size, name_at, name_size,
+                         self._iovecs_at + i * IOVEC.size, 1, control_at, control_size, 0, 0)
+        self._used += (length + 7) & ~7
+        self.count = i + 1
+        self.lengths.append(length)
+
+    def flush(self, fd: int) -> tuple[int, int, int]:
+        """Send every queued datagram, in order: (sent, bytes sent, dropped).
+
+        A datagram the kernel refuses (a full send buffer, an unreachable
+        destination) is dropped and the rest still go, as separate sendto
+        calls would.
+        """
+        count, lengths = self.count, self.lengths
+        sent = sent_bytes = dropped = 0
+        at = 0
+        while at < count:
+            done: int = _sendmmsg(fd, self._headers_at + at * HEADER.size, count - at,
+                                  MSG_DONTWAIT)
+            if done < 0:
+                if ctypes.get_errno() == errno.EINTR:
+                    continue
+                dropped += 1
+                at += 1
+                continue
+            sent += done
+            sent_bytes += sum(lengths[at:at + done])
+            at += done
+        self.count = self._used = 0
+        self.lengths = []
+        return sent, sent_bytes, dropped
+
+    def discard(self) -> int:
+        """Forget every queued datagram; how many there were."""
+        count = self.count
+        self.count = self._used = 0
+        self.lengths = []
+        return count
+
+
+def bytes_address(data: bytes) -> int:
+    """Where an immutable bytes object keeps its contents (fixed while it lives)."""
+    address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+    assert address is not None
+    return address
+
+
+def control_message(level: int, kind: int, data: bytes) -> bytes:
+    """One cmsghdr with its data, padded as CMSG_SPACE says."""
+    header = _CMSG.pack(socket.CMSG_LEN(len(data)), level, kind)
+    return (header + data).ljust(socket.CMSG_SPACE(len(data)), b"\0")
