@@ -2,18 +2,21 @@
 
 Each (client address, local address) pair gets a session: a socket connected
 to the endpoint picked for the client, whose replies go back through the
-listener. Two ways in, picked by how the listener is bound:
+listener. The listener is read with recvmmsg, up to BATCH datagrams per
+readiness callback (`relay.mmsg`), into one arena the process shares (a
+callback hands every datagram on before it returns); a datagram's raw source
+address is its session key, decoded only when a session opens.
 
-- bound to one address (laptop mode, `--bind-address IP`): the loop's plain
-  datagram transport reads it (uvloop loops recvmsg in C and calls
-  `datagram_received` per datagram; no EAGAIN surfaces in Python), and
-  replies are sent with sendto on the same socket: they leave from that
-  address.
-- bound to a wildcard (0.0.0.0 or ::): recvmsg with IP_PKTINFO /
-  IPV6_RECVPKTINFO learns the local destination of each datagram, and the
-  reply carries the same ancillary data, so it leaves from the address the
-  client sent to (a REDIRECTed client would otherwise see the wrong source
-  and drop it).
+- bound to one address (laptop mode, `--bind-address IP`): replies leave from
+  that address.
+- bound to a wildcard (0.0.0.0 or ::): IP_PKTINFO / IPV6_RECVPKTINFO tells
+  the local destination of each datagram, and the session's replies carry
+  the same ancillary data, so they leave from the address the client sent to
+  (a REDIRECTed client would otherwise see the wrong source and drop it).
+
+Replies are queued in the listener's `Sender` as sessions read them and sent
+with one sendmmsg per loop iteration (or sooner, when the queue is full), in
+the order they were read, so a client's replies keep their order.
 
 A service port whose external traffic has endpoints of its own
 (`externalTrafficPolicy: Local`) looks up each new session's original
@@ -44,75 +47,69 @@ from typing import cast
 
 from uproxy.conntrack import CONNTRACK
 from uproxy.picking import NoEndpointsError, Picker
+from uproxy.relay import mmsg
 from uproxy.stats import PortStats
 
 log = logging.getLogger("uproxy.relay")
 
-IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python 3.11 has no constant
+IP_PKTINFO = mmsg.IP_PKTINFO
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
-IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
-MAX_DATAGRAM = 65536  # more than any UDP payload (65,507 over IPv4, 65,527 over IPv6)
-ANC_SIZE = socket.CMSG_SPACE(20)  # fits in_pktinfo (12) and in6_pktinfo (20)
-BATCH = 64  # datagrams per readiness callback (wildcard listener) before others get a turn
+IPV6_PKTINFO = mmsg.IPV6_PKTINFO
+BATCH = 64  # datagrams per listener readiness callback before others get a turn
+SEND_SLOTS = 64  # replies queued per listener before a sendmmsg, at most
+SEND_ARENA = 256 * 1024  # bytes queued per listener (an anonymous mapping, touched as used)
 DRAIN_IDLE = 1.0  # after stop_accepting, a session idle this long is done
 SOCKET_BUFFER = 1024 * 1024  # a few whole 64 KiB datagrams fit
 EVICT_SCAN = 8  # a full table evicts the least recently used of this many oldest sessions
 
-# The client's address as the socket reports it; on a wildcard listener,
-# (address, local IP).
-SessionKey = tuple[object, ...]
+# The client's raw sockaddr as recvmmsg reports it; on a wildcard listener,
+# followed by the raw local address it sent to.
+SessionKey = bytes
+
+_receiver: mmsg.Receiver | None = None
+
+
+def shared_receiver() -> mmsg.Receiver:
+    """The process's listener read buffers: every listener's callback hands all
+    it read on before returning, so one set serves them all (made on first use)."""
+    global _receiver
+    if _receiver is None:
+        _receiver = mmsg.Receiver(BATCH, control=True)
+    return _receiver
 
 
 class _Session:
-    __slots__ = ("client", "cmsg", "fd", "key", "last", "server", "sock")
+    __slots__ = ("client", "control", "control_at", "fd", "key", "last", "name", "name_at",
+                 "server", "sock")
 
-    def __init__(self, server: UdpServer, key: SessionKey, client: tuple[object, ...],
-                 sock: socket.socket, cmsg: list[tuple[int, int, bytes]], now: float) -> None:
+    def __init__(self, server: UdpServer, key: SessionKey, name: bytes,
+                 client: tuple[object, ...], sock: socket.socket, control: bytes,
+                 now: float) -> None:
         self.server = server
         self.key = key
+        self.name = name  # the client's raw sockaddr: where replies go
+        self.name_at = mmsg.bytes_address(name)
         self.client = client
         self.sock = sock
         self.fd = sock.fileno()
-        self.cmsg = cmsg  # ancillary data that sets the reply's source address
+        self.control = control  # ancillary data that sets the reply's source address
+        self.control_at = mmsg.bytes_address(control) if control else 0
         self.last = now
 
     def on_readable(self) -> None:
-        """One reply from the endpoint: send it back to the client."""
-        server = self.server
+        """One reply from the endpoint: queue it for the client."""
+        sender = self.server.sender()
+        if sender is None:  # the listener is closed: read and forget
+            with contextlib.suppress(OSError):
+                self.sock.recv(mmsg.MAX_DATAGRAM)
+            return
         try:
-            data = self.sock.recv(MAX_DATAGRAM)
+            length = self.sock.recv_into(sender.space())
         except OSError:  # EAGAIN, or an ICMP unreachable from the endpoint reported late
             return
-        listener = server.sock
-        if listener is None:
-            return
-        try:
-            if self.cmsg:
-                listener.sendmsg([data], self.cmsg, 0, self.client)
-            else:
-                listener.sendto(data, self.client)
-        except OSError:
-            server.stats.udp_datagrams_dropped += 1
-            return
-        stats = server.stats
-        stats.udp_datagrams_out += 1
-        stats.bytes_out += len(data)
-        self.last = server.now()
-
-
-class _Listener(asyncio.DatagramProtocol):
-    """The datagram transport's protocol for a listener bound to one address."""
-
-    __slots__ = ("server",)
-
-    def __init__(self, server: UdpServer) -> None:
-        self.server = server
-
-    def datagram_received(self, data: bytes, addr: tuple[object, ...]) -> None:
-        self.server.datagram(data, addr, addr, self.server.local_ip)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("%s: %s", self.server.name, exc)
+        sender.push(length, self.name_at, len(self.name), self.control_at, len(self.control))
+        self.last = self.server.now()
+        self.server.replied()
 
 
 class UdpServer:
@@ -151,8 +148,8 @@ class UdpServer:
         self.draining = False
         self.accepting = False
         self._reading = False
-        self._transport: asyncio.DatagramTransport | None = None
-        self._opening: asyncio.Task[None] | None = None
+        self._sender: mmsg.Sender | None = None  # made with the first session
+        self._flush: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._idle: asyncio.Future[None] | None = None
         self.now: Callable[[], float] = _never  # the loop's clock once started
@@ -172,35 +169,8 @@ class UdpServer:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-            loop.add_reader(self.fd, self._on_readable)
-            self._reading = True
-        else:
-            # Making the transport is a coroutine; datagrams wait in the
-            # socket's buffer meanwhile. One task per listener, at start.
-            self._opening = loop.create_task(self._open_transport(sock))
-
-    async def _open_transport(self, sock: socket.socket) -> None:
-        assert self.loop is not None
-        try:
-            transport, _ = await self.loop.create_datagram_endpoint(
-                lambda: _Listener(self), sock=sock)
-        except OSError as exc:
-            log.error("%s: cannot read the listener: %s", self.name, exc)
-            return
-        finally:
-            self._opening = None
-        self._transport = transport
-        if not self.accepting:
-            self._close_transport()
-
-    def _close_transport(self) -> None:
-        """Stop reading: a duplicate descriptor keeps the address for replies."""
-        transport, self._transport = self._transport, None
-        if transport is None or self.sock is None:
-            return
-        with contextlib.suppress(OSError):
-            self.sock = self.sock.dup()  # the transport closes the original
-        transport.close()
+        loop.add_reader(self.fd, self._on_readable)
+        self._reading = True
 
     def stop_accepting(self) -> None:
         """Stop reading new datagrams; open sessions may still get replies.
@@ -221,7 +191,6 @@ class UdpServer:
         if self._reading and self.loop is not None and not self.loop.is_closed():
             self.loop.remove_reader(self.fd)
         self._reading = False
-        self._close_transport()
 
     async def drain(self, timeout: float) -> None:
         if self.sessions:
@@ -252,38 +221,29 @@ class UdpServer:
     # -- datagrams from clients -------------------------------------------------
 
     def _on_readable(self) -> None:
-        """Wildcard listener: learn each datagram's local address."""
-        sock = self.sock
-        if sock is None:
+        """Read up to BATCH datagrams; each goes on to its session's endpoint."""
+        if self.sock is None:
             return
-        destination = self._destination
-        for _ in range(BATCH):
-            try:
-                data, ancdata, _flags, addr = sock.recvmsg(MAX_DATAGRAM, ANC_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("%s: recv failed: %s", self.name, exc)
-                return
-            local_ip = destination(ancdata)
-            self.datagram(data, (addr, local_ip), addr, local_ip)
+        receiver = shared_receiver()
+        try:
+            count = receiver.receive(self.fd)
+        except OSError as exc:
+            log.debug("%s: recv failed: %s", self.name, exc)
+            return
+        wildcard = self.wildcard
+        for i in range(count):
+            data, source, local = receiver.message(i)
+            self.datagram(data, source + local if wildcard else source, source, local)
 
-    def _destination(self, ancdata: list[tuple[int, int, bytes]]) -> str:
-        for level, kind, payload in ancdata:
-            if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(payload) >= 12:
-                return socket.inet_ntop(socket.AF_INET, payload[8:12])  # ipi_addr
-            if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(payload) >= 16:
-                return socket.inet_ntop(socket.AF_INET6, payload[:16])  # ipi6_addr
-        return self.local_ip
-
-    def datagram(self, data: bytes, key: SessionKey, addr: tuple[object, ...],
-                 local_ip: str) -> None:
+    def datagram(self, data: memoryview, key: SessionKey, source: bytes, local: bytes) -> None:
+        """One datagram from the client at raw address `source`, sent to the
+        raw local address `local` (empty when the listener's own address)."""
         stats = self.stats
         session = self.sessions.get(key)
         if session is None:
             if not self.accepting:
                 return
-            session = self._open(key, addr, local_ip)
+            session = self._open(key, source, local)
             if session is None:
                 stats.udp_datagrams_dropped += 1
                 return
@@ -297,8 +257,10 @@ class UdpServer:
         stats.bytes_in += len(data)
         session.last = self.now()
 
-    def _open(self, key: SessionKey, addr: tuple[object, ...], local_ip: str) -> _Session | None:
+    def _open(self, key: SessionKey, source: bytes, local: bytes) -> _Session | None:
         assert self.loop is not None
+        addr = mmsg.decode_address(source)
+        local_ip = mmsg.local_ip(local) if local else self.local_ip
         stats = self.stats
         picker = self.picker
         client_ip = cast(str, addr[0])
@@ -326,7 +288,10 @@ class UdpServer:
             sock.close()
             log.warning("%s: cannot reach %s: %s", self.name, endpoint, exc)
             return None
-        session = _Session(self, key, addr, sock, self._reply_cmsg(local_ip), self.now())
+        session = _Session(self, key, source, addr, sock, self._reply_control(local_ip),
+                           self.now())
+        if self._sender is None:
+            self._sender = mmsg.Sender(SEND_SLOTS, SEND_ARENA)
         self.sessions[key] = session
         self.loop.add_reader(session.fd, session.on_readable)
         stats.udp_sessions_created += 1
@@ -360,15 +325,53 @@ class UdpServer:
         self._end(victim)
         self.stats.udp_sessions_expired += 1
 
-    def _reply_cmsg(self, local_ip: str) -> list[tuple[int, int, bytes]]:
+    def _reply_control(self, local_ip: str) -> bytes:
+        """Ancillary data that makes a reply leave from `local_ip` (wildcard
+        listeners only; a bound listener's replies leave from its address)."""
         if not self.wildcard:
-            return []
+            return b""
         if self.family == socket.AF_INET6:
             address = socket.inet_pton(socket.AF_INET6, local_ip)
-            return [(socket.IPPROTO_IPV6, IPV6_PKTINFO, struct.pack("=16sI", address, 0))]
+            return mmsg.control_message(socket.IPPROTO_IPV6, IPV6_PKTINFO,
+                                        struct.pack("=16sI", address, 0))
         address = socket.inet_pton(socket.AF_INET, local_ip)
         # in_pktinfo: ifindex 0 (routing decides), spec_dst = source to use.
-        return [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, address, bytes(4)))]
+        return mmsg.control_message(socket.IPPROTO_IP, IP_PKTINFO,
+                                    struct.pack("=i4s4s", 0, address, bytes(4)))
+
+    # -- replies to clients -----------------------------------------------------------
+
+    def sender(self) -> mmsg.Sender | None:
+        """Where a session queues a reply (flushed first if full); None once
+        the listener is closed."""
+        sender = self._sender
+        if sender is None or self.sock is None:
+            return None
+        if sender.full:
+            self.flush()
+        return sender
+
+    def replied(self) -> None:
+        """A reply was queued: send the queue once this round of callbacks is done."""
+        if self._flush is None and self.loop is not None:
+            self._flush = self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send the queued replies, in order, and count them."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        sender = self._sender
+        if sender is None or not sender.count:
+            return
+        if self.sock is None:
+            sender.discard()
+            return
+        sent, sent_bytes, dropped = sender.flush(self.fd)
+        stats = self.stats
+        stats.udp_datagrams_out += sent
+        stats.bytes_out += sent_bytes
+        stats.udp_datagrams_dropped += dropped
 
     # -- session lifetime -----------------------------------------------------------
 
@@ -411,9 +414,8 @@ class UdpServer:
             self._idle.set_result(None)
 
     def _close_listener(self) -> None:
-        if self._opening is not None:
-            self._opening.cancel()
-            self._opening = None
+        self.flush()  # replies already read still go
+        self._sender = None
         if self.sock is not None:
             self.sock.close()
             self.sock = None
