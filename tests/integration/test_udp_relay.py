@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -34,6 +35,7 @@ class UdpEcho:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         self.tag = tag
         self.peers: list[tuple[object, ...]] = []
+        self.received: list[bytes] = []
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_readable)
 
     @property
@@ -47,6 +49,7 @@ class UdpEcho:
             except BlockingIOError:
                 return
             self.peers.append(addr)
+            self.received.append(data)
             self.sock.sendto(self.tag + data, addr)
 
     def close(self) -> None:
@@ -410,5 +413,55 @@ async def test_replies_queued_when_the_listener_stops_still_leave(
     data, _ = await receive(client)
     assert data == b"late"  # a draining session still gets its replies
     assert stats.udp_datagrams_out == 4
+    client.close()
+    echo.close()
+
+
+UDP_SEGMENT, SOL_UDP = 103, 17
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["gso", "one-by-one"])
+async def test_a_run_of_equal_datagrams_reaches_the_endpoint_as_the_same_datagrams(
+        make_server: Callable[..., tuple[UdpServer, PortStats, int]], split: bool) -> None:
+    echo = UdpEcho()
+    server, stats, port = make_server(FixedPicker(echo.endpoint))
+    client = client_socket()
+    client.sendto(b"open", ("127.0.0.1", port))
+    await receive(client)
+    if split:  # as after a route refused UDP_SEGMENT
+        next(iter(server.sessions.values())).gso = False
+    run = [bytes([i]) * 1000 for i in range(40)] + [b"short", b"", b"x" * 1000]
+
+    for payload in run:  # queued together: one read, one run of 40 (+ the short one)
+        client.sendto(payload, ("127.0.0.1", port))
+    got = await receive_all(client, len(run))
+
+    assert echo.received[1:] == run  # the endpoint saw the same datagrams, in order
+    assert [data for data, _ in got] == run
+    assert stats.udp_datagrams_in == stats.udp_datagrams_out == len(run) + 1
+    assert stats.bytes_in == stats.bytes_out == sum(map(len, run)) + 4
+    client.close()
+    echo.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+async def test_a_client_sending_with_gso_is_relayed_datagram_by_datagram(
+        make_server: Callable[..., tuple[UdpServer, PortStats, int]], host: str) -> None:
+    echo = UdpEcho()
+    _, stats, port = make_server(FixedPicker(echo.endpoint), host=host)
+    client = client_socket()
+    segments = [bytes([65 + i]) * 1200 for i in range(20)] + [b"tail" * 100]
+
+    # One buffer the kernel cuts into 21 datagrams; the listener asked for
+    # UDP_GRO, so it may read them back as one.
+    client.sendmsg([b"".join(segments)], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", 1200))],
+                   0, ("127.0.0.1", port))
+    got = await receive_all(client, len(segments))
+
+    assert echo.received == segments
+    assert [data for data, _ in got] == segments
+    assert {addr for _, addr in got} == {("127.0.0.1", port)}
+    assert stats.udp_datagrams_in == stats.udp_datagrams_out == len(segments)
+    assert stats.bytes_in == stats.bytes_out == sum(map(len, segments))
     client.close()
     echo.close()

@@ -1,6 +1,6 @@
-"""recvmmsg/sendmmsg through ctypes: what the kernel hands over, byte for byte,
-with the source address, the local address a datagram was sent to, and the
-datagrams the kernel refuses counted, not lost silently."""
+"""recvmmsg through ctypes: what the kernel hands over, byte for byte, with
+the source address, the local address a datagram was sent to, and the size
+of datagrams it coalesced."""
 
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ def test_a_batch_keeps_every_datagram_whole_and_in_order(host: str) -> None:
         for _ in range(2):  # 5 datagrams, 4 slots: two calls
             count = receiver.receive(listener.fileno())
             for i in range(count):
-                data, source, local = receiver.message(i)
+                data, source, local, segment = receiver.message(i)
                 got.append(bytes(data))
                 assert mmsg.decode_address(source) == client.getsockname()
-                assert local == b""
+                assert (local, segment) == (b"", 0)
 
         assert got == payloads
         assert receiver.receive(listener.fileno()) == 0  # EAGAIN is no error
@@ -68,57 +68,22 @@ def test_the_local_address_a_datagram_was_sent_to(host: str, target: str, level:
         wait_readable(listener)
 
         assert receiver.receive(listener.fileno()) == 1
-        data, _, local = receiver.message(0)
+        data, _, local, _ = receiver.message(0)
 
         assert bytes(data) == b"where"
         assert mmsg.local_ip(local) == target
 
 
-def test_a_send_batch_goes_in_order_with_each_destination_and_source() -> None:
-    sender = mmsg.Sender(4, 4 * mmsg.MAX_DATAGRAM)
-    with udp("0.0.0.0") as listener, udp("127.0.0.1") as first, udp("127.0.0.1") as second:
-        keep = []  # the caller keeps names and control data alive until the flush
-        for payload, peer, source in ((b"1", first, "127.0.0.2"), (b"22", second, "127.0.0.3"),
-                                      (b"", first, "127.0.0.4"), (b"4444", second, "127.0.0.2")):
-            name = struct.pack("=H", socket.AF_INET) + struct.pack(
-                "!H", peer.getsockname()[1]) + socket.inet_aton("127.0.0.1") + bytes(8)
-            control = mmsg.control_message(socket.IPPROTO_IP, mmsg.IP_PKTINFO, struct.pack(
-                "=i4s4s", 0, socket.inet_aton(source), bytes(4)))
-            keep += [name, control]
-            space = sender.space()
-            space[:len(payload)] = payload
-            sender.push(len(payload), mmsg.bytes_address(name), len(name),
-                        mmsg.bytes_address(control), len(control))
-        assert sender.full  # four slots used
+def test_a_coalesced_train_comes_with_its_segment_size() -> None:
+    receiver = mmsg.Receiver(4, control=True)
+    with udp("127.0.0.1") as listener, udp("127.0.0.1") as client:
+        listener.setsockopt(mmsg.SOL_UDP, mmsg.UDP_GRO, 1)
+        train = b"a" * 1000 + b"b" * 1000 + b"c" * 10
+        client.sendmsg([train], [(mmsg.SOL_UDP, mmsg.UDP_SEGMENT, struct.pack("=H", 1000))],
+                       0, listener.getsockname())
+        wait_readable(listener)
 
-        assert sender.flush(listener.fileno()) == (4, 7, 0)
+        assert receiver.receive(listener.fileno()) == 1
+        data, _, _, segment = receiver.message(0)
 
-        port = listener.getsockname()[1]
-        wait_readable(first)
-        assert first.recvfrom(100) == (b"1", ("127.0.0.2", port))
-        assert first.recvfrom(100) == (b"", ("127.0.0.4", port))
-        wait_readable(second)
-        assert second.recvfrom(100) == (b"22", ("127.0.0.3", port))
-        assert second.recvfrom(100) == (b"4444", ("127.0.0.2", port))
-        assert sender.count == 0 and not sender.full
-
-
-def test_a_refused_datagram_is_dropped_and_the_rest_still_go() -> None:
-    sender = mmsg.Sender(8, mmsg.MAX_DATAGRAM * 2)
-    with udp("127.0.0.1") as sock, udp("127.0.0.1") as peer:
-        good = struct.pack("=H", socket.AF_INET) + struct.pack(
-            "!H", peer.getsockname()[1]) + socket.inet_aton("127.0.0.1") + bytes(8)
-        # No SO_BROADCAST: the kernel refuses a broadcast destination (EACCES).
-        bad = good[:4] + socket.inet_aton("255.255.255.255") + bytes(8)
-        for name in (good, bad, good):
-            sender.space()[:3] = b"abc"
-            sender.push(3, mmsg.bytes_address(name), len(name), 0, 0)
-
-        assert sender.flush(sock.fileno()) == (2, 6, 1)
-        wait_readable(peer)
-        assert peer.recv(10) == b"abc" and peer.recv(10) == b"abc"
-
-
-def test_a_sender_needs_room_for_a_whole_datagram() -> None:
-    with pytest.raises(ValueError, match="64 KiB"):
-        mmsg.Sender(4, 1024)
+        assert (bytes(data), segment) == (train, 1000)

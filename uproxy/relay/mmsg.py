@@ -1,7 +1,7 @@
-"""Batched UDP receive and send: recvmmsg(2) and sendmmsg(2) through ctypes.
+"""Batched UDP receive: recvmmsg(2) through ctypes.
 
-Python's socket module binds neither call, and PyPI has no maintained
-binding (pysockmmsg 0.0.2, 2021, is the only one), so this module calls libc
+Python's socket module has no binding, and PyPI has no maintained
+one (pysockmmsg 0.0.2, 2021, is the only one), so this module calls libc
 itself. Everything the kernel reads or writes lives in buffers allocated once
 (`mmsghdr` and `iovec` arrays, source addresses, ancillary data, payload
 arenas); Python reads and writes them with `struct`, so a batch costs one
@@ -9,9 +9,12 @@ foreign call and no ctypes object per datagram.
 
 `Receiver` fills up to `slots` datagrams per call, each with its source
 address and, when asked, the local address it was sent to (IP_PKTINFO /
-IPV6_PKTINFO). `Sender` queues datagrams, each with its own destination and
-ancillary data, and sends them in order with as few calls as the kernel
-allows. Linux, LP64 only (checked at import).
+IPV6_PKTINFO) and the segment size of datagrams the kernel coalesced
+(UDP_GRO). Linux, LP64 only (checked at import).
+
+sendmmsg was bound here too and dropped: queuing a UDP relay's replies for
+one sendmmsg per loop iteration saved syscalls but cost more Python per
+datagram than it saved (measured; see relay/udp.py).
 """
 
 from __future__ import annotations
@@ -22,12 +25,17 @@ import mmap
 import os
 import socket
 import struct
+import sys
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python 3.11 has no constant
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+SOL_UDP = 17
+UDP_SEGMENT = 103  # send: one buffer, cut into datagrams of this size (GSO)
+UDP_GRO = 104  # receive: datagrams of one flow may arrive as one buffer, with their size
 MAX_DATAGRAM = 65536  # more than any UDP payload (65,507 over IPv4, 65,527 over IPv6)
 NAME_SIZE = 28  # sizeof(struct sockaddr_in6), the largest address a UDP socket reports
-CONTROL_SIZE = socket.CMSG_SPACE(20)  # one in_pktinfo (12) or in6_pktinfo (20)
+# one in_pktinfo (12) or in6_pktinfo (20), and a UDP_GRO segment size (int)
+CONTROL_SIZE = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4)
 MSG_DONTWAIT = 0x40
 _RETRY = (errno.EAGAIN, errno.EINTR)
 
@@ -71,9 +79,6 @@ _recvmmsg = _libc.recvmmsg
 _recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int,
                       ctypes.c_void_p]
 _recvmmsg.restype = ctypes.c_int
-_sendmmsg = _libc.sendmmsg
-_sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
-_sendmmsg.restype = ctypes.c_int
 
 
 def address_of(buffer: bytearray | mmap.mmap) -> int:
@@ -133,41 +138,52 @@ class Receiver:
             raise error
         return count
 
-    def message(self, i: int) -> tuple[memoryview, bytes, bytes]:
-        """Datagram i of the last `receive`: its payload (a view into the arena,
-        valid until the next receive), its source address (a raw sockaddr), and
-        the local address it was sent to (4 or 16 raw bytes; empty if unknown)."""
+    def message(self, i: int) -> tuple[memoryview, bytes, bytes, int]:
+        """Message i of the last `receive`: its payload (a view into the arena,
+        valid until the next receive), its source address (a raw sockaddr),
+        the local address it was sent to (4 or 16 raw bytes; empty if unknown),
+        and, when the kernel coalesced several datagrams of one flow (UDP_GRO),
+        their size (the payload is then those datagrams back to back, the last
+        one possibly shorter; 0 for one datagram)."""
         _, namelen, _, _, _, controllen, _, length = HEADER.unpack_from(
             self._headers, i * HEADER.size)
         start = i * MAX_DATAGRAM
         name = bytes(self.names[i * NAME_SIZE:i * NAME_SIZE + namelen])
-        local = _pktinfo(self.control, i * CONTROL_SIZE, controllen) if controllen else b""
-        return self.arena[start:start + length], name, local
+        if not controllen:
+            return self.arena[start:start + length], name, b"", 0
+        local, segment = _ancillary(self.control, i * CONTROL_SIZE, controllen)
+        return self.arena[start:start + length], name, local, segment
 
 
-def _pktinfo(control: bytearray, at: int, size: int) -> bytes:
-    """The destination address in IP_PKTINFO / IPV6_PKTINFO ancillary data."""
+def _ancillary(control: bytearray, at: int, size: int) -> tuple[bytes, int]:
+    """The destination address in IP_PKTINFO / IPV6_PKTINFO ancillary data,
+    and the segment size in UDP_GRO's."""
     end = at + size
+    local, segment = b"", 0
     while at + _CMSG.size <= end:
         length, level, kind = _CMSG.unpack_from(control, at)
         if length < _CMSG.size:
             break
         data = at + _CMSG.size
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and length >= _CMSG.size + 12:
-            return bytes(control[data + 8:data + 12])  # in_pktinfo.ipi_addr
-        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and length >= _CMSG.size + 16:
-            return bytes(control[data:data + 16])  # in6_pktinfo.ipi6_addr
+            local = bytes(control[data + 8:data + 12])  # in_pktinfo.ipi_addr
+        elif level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and length >= _CMSG.size + 16:
+            local = bytes(control[data:data + 16])  # in6_pktinfo.ipi6_addr
+        elif level == SOL_UDP and kind == UDP_GRO and length >= _CMSG.size + 2:
+            # an int (a u16 in older kernels), host order
+            width = min(4, length - _CMSG.size)
+            segment = int.from_bytes(control[data:data + width], sys.byteorder)
         at += socket.CMSG_SPACE(length - _CMSG.size)
-    return b""
+    return local, segment
 
 
 def decode_address(name: bytes) -> tuple[object, ...]:
     """A raw sockaddr_in / sockaddr_in6 as the socket module writes addresses."""
-    family = int.from_bytes(name[:2], "little")  # sa_family_t is host order (LP64 x86/arm)
+    family = int.from_bytes(name[:2], sys.byteorder)  # sa_family_t: host order
     port = int.from_bytes(name[2:4], "big")
     if family == socket.AF_INET6:
         flowinfo = int.from_bytes(name[4:8], "big")
-        scope_id = int.from_bytes(name[24:28], "little")
+        scope_id = int.from_bytes(name[24:28], sys.byteorder)
         return (socket.inet_ntop(socket.AF_INET6, name[8:24]), port, flowinfo, scope_id)
     return (socket.inet_ntop(socket.AF_INET, name[4:8]), port)
 
@@ -175,97 +191,3 @@ def decode_address(name: bytes) -> tuple[object, ...]:
 def local_ip(raw: bytes) -> str:
     """A raw local address from `Receiver.message` as text."""
     return socket.inet_ntop(socket.AF_INET6 if len(raw) == 16 else socket.AF_INET, raw)
-
-
-class Sender:
-    """Datagrams for one socket, queued and sent in order by `flush`.
-
-    Payloads are written straight into an arena (`space`, then `push` with the
-    length written); each carries the address of its destination sockaddr and
-    of its ancillary data, which the caller keeps alive until the flush. The
-    queue is full when `slots` datagrams wait or less than 64 KiB is left.
-    """
-
-    __slots__ = ("_arena_at", "_headers", "_headers_at", "_iovecs", "_iovecs_at", "_map",
-                 "_used", "arena", "count", "lengths", "size", "slots")
-
-    def __init__(self, slots: int, size: int) -> None:
-        if size < MAX_DATAGRAM:
-            raise ValueError(f"size: must hold one 64 KiB datagram, got {size}")
-        self.slots = slots
-        self.size = size
-        self._map = mmap.mmap(-1, size)
-        self.arena = memoryview(self._map)
-        self._arena_at = address_of(self._map)
-        self._headers = bytearray(slots * HEADER.size)
-        self._headers_at = address_of(self._headers)
-        self._iovecs = bytearray(slots * IOVEC.size)
-        self._iovecs_at = address_of(self._iovecs)
-        self._used = 0
-        self.count = 0
-        self.lengths: list[int] = []
-
-    @property
-    def full(self) -> bool:
-        return self.count >= self.slots or self.size - self._used < MAX_DATAGRAM
-
-    def space(self) -> memoryview:
-        """Where the next datagram goes: room for 64 KiB (check `full` first)."""
-        return self.arena[self._used:self._used + MAX_DATAGRAM]
-
-    def push(self, length: int, name_at: int, name_size: int,
-             control_at: int, control_size: int) -> None:
-        """Queue the `length` bytes just written at `space()`."""
-        i = self.count
-        IOVEC.pack_into(self._iovecs, i * IOVEC.size, self._arena_at + self._used, length)
-        HEADER.pack_into(self._headers, i * HEADER.size, name_at, name_size,
-                         self._iovecs_at + i * IOVEC.size, 1, control_at, control_size, 0, 0)
-        self._used += (length + 7) & ~7
-        self.count = i + 1
-        self.lengths.append(length)
-
-    def flush(self, fd: int) -> tuple[int, int, int]:
-        """Send every queued datagram, in order: (sent, bytes sent, dropped).
-
-        A datagram the kernel refuses (a full send buffer, an unreachable
-        destination) is dropped and the rest still go, as separate sendto
-        calls would.
-        """
-        count, lengths = self.count, self.lengths
-        sent = sent_bytes = dropped = 0
-        at = 0
-        while at < count:
-            done: int = _sendmmsg(fd, self._headers_at + at * HEADER.size, count - at,
-                                  MSG_DONTWAIT)
-            if done < 0:
-                if ctypes.get_errno() == errno.EINTR:
-                    continue
-                dropped += 1
-                at += 1
-                continue
-            sent += done
-            sent_bytes += sum(lengths[at:at + done])
-            at += done
-        self.count = self._used = 0
-        self.lengths = []
-        return sent, sent_bytes, dropped
-
-    def discard(self) -> int:
-        """Forget every queued datagram; how many there were."""
-        count = self.count
-        self.count = self._used = 0
-        self.lengths = []
-        return count
-
-
-def bytes_address(data: bytes) -> int:
-    """Where an immutable bytes object keeps its contents (fixed while it lives)."""
-    address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-    assert address is not None
-    return address
-
-
-def control_message(level: int, kind: int, data: bytes) -> bytes:
-    """One cmsghdr with its data, padded as CMSG_SPACE says."""
-    header = _CMSG.pack(socket.CMSG_LEN(len(data)), level, kind)
-    return (header + data).ljust(socket.CMSG_SPACE(len(data)), b"\0")
