@@ -69,6 +69,8 @@ IPV6_PKTINFO = mmsg.IPV6_PKTINFO
 BATCH = 64  # datagrams per listener readiness callback before others get a turn
 GSO_SEGMENTS = 64  # datagrams per UDP_SEGMENT send (the kernel's UDP_MAX_SEGMENTS)
 GSO_BYTES = 65000  # bytes per UDP_SEGMENT send: under the 65,507 one IPv4 datagram holds
+GSO_REFUSED = frozenset({errno.EINVAL, errno.EIO, errno.EMSGSIZE, errno.ENOPROTOOPT,
+                         errno.EOPNOTSUPP})
 DRAIN_IDLE = 1.0  # after stop_accepting, a session idle this long is done
 SOCKET_BUFFER = 1024 * 1024  # a few whole 64 KiB datagrams fit
 EVICT_SCAN = 8  # a full table evicts the least recently used of this many oldest sessions
@@ -308,10 +310,10 @@ class UdpServer:
                 session.sock.sendmsg([payload], [(mmsg.SOL_UDP, mmsg.UDP_SEGMENT,
                                                   struct.pack("=H", size))])
             except OSError as exc:
-                # EINVAL/EIO: this route cannot (segments above its MTU, no
-                # checksum offload): send one by one from now on. Others
-                # (EAGAIN) may spare some datagrams one by one.
-                if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):
+                # This route cannot (segments above its MTU, no checksum
+                # offload): one by one from now on. Other errors (a full
+                # buffer, a late ICMP error) may spare some one by one.
+                if exc.errno in GSO_REFUSED:
                     session.gso = False
             else:
                 stats = self.stats
