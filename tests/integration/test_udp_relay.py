@@ -424,7 +424,7 @@ UDP_SEGMENT, SOL_UDP = 103, 17
 async def test_a_run_of_equal_datagrams_reaches_the_endpoint_as_the_same_datagrams(
         make_server: Callable[..., tuple[UdpServer, PortStats, int]], split: bool) -> None:
     echo = UdpEcho()
-    server, stats, port = make_server(FixedPicker(echo.endpoint))
+    server, stats, port = make_server(FixedPicker(echo.endpoint), host="0.0.0.0")
     client = client_socket()
     client.sendto(b"open", ("127.0.0.1", port))
     await receive(client)

@@ -45,8 +45,7 @@ def test_a_batch_keeps_every_datagram_whole_and_in_order(host: str) -> None:
         got = []
         for _ in range(2):  # 5 datagrams, 4 slots: two calls
             count = receiver.receive(listener.fileno())
-            for i in range(count):
-                data, source, local, segment = receiver.message(i)
+            for data, source, local, segment in receiver.messages(count):
                 got.append(bytes(data))
                 assert mmsg.decode_address(source) == client.getsockname()
                 assert (local, segment) == (b"", 0)
@@ -68,7 +67,7 @@ def test_the_local_address_a_datagram_was_sent_to(host: str, target: str, level:
         wait_readable(listener)
 
         assert receiver.receive(listener.fileno()) == 1
-        data, _, local, _ = receiver.message(0)
+        [(data, _, local, _)] = receiver.messages(1)
 
         assert bytes(data) == b"where"
         assert mmsg.local_ip(local) == target
@@ -84,6 +83,6 @@ def test_a_coalesced_train_comes_with_its_segment_size() -> None:
         wait_readable(listener)
 
         assert receiver.receive(listener.fileno()) == 1
-        data, _, _, segment = receiver.message(0)
+        [(data, _, _, segment)] = receiver.messages(1)
 
         assert (bytes(data), segment) == (train, 1000)

@@ -96,7 +96,7 @@ class Receiver:
     """Up to `slots` datagrams per `receive`, each in its own 64 KiB slot.
 
     The payload arena is an anonymous mapping: only the pages datagrams touch
-    become resident. After a `receive`, `message(i)` describes datagram i until
+    become resident. After a `receive`, `messages` describes what it read until
     the next `receive`.
     """
 
@@ -138,21 +138,28 @@ class Receiver:
             raise error
         return count
 
-    def message(self, i: int) -> tuple[memoryview, bytes, bytes, int]:
-        """Message i of the last `receive`: its payload (a view into the arena,
-        valid until the next receive), its source address (a raw sockaddr),
-        the local address it was sent to (4 or 16 raw bytes; empty if unknown),
-        and, when the kernel coalesced several datagrams of one flow (UDP_GRO),
-        their size (the payload is then those datagrams back to back, the last
-        one possibly shorter; 0 for one datagram)."""
-        _, namelen, _, _, _, controllen, _, length = HEADER.unpack_from(
-            self._headers, i * HEADER.size)
-        start = i * MAX_DATAGRAM
-        name = bytes(self.names[i * NAME_SIZE:i * NAME_SIZE + namelen])
-        if not controllen:
-            return self.arena[start:start + length], name, b"", 0
-        local, segment = _ancillary(self.control, i * CONTROL_SIZE, controllen)
-        return self.arena[start:start + length], name, local, segment
+    def messages(self, count: int) -> list[tuple[memoryview, bytes, bytes, int]]:
+        """The `count` messages of the last `receive`, each as: its payload (a
+        view into the arena, valid until the next receive), its source address
+        (a raw sockaddr), the local address it was sent to (4 or 16 raw bytes;
+        empty if unknown), and, when the kernel coalesced several datagrams of
+        one flow (UDP_GRO), their size (the payload is then those datagrams
+        back to back, the last one possibly shorter; 0 for one datagram)."""
+        names = bytes(self.names[:count * NAME_SIZE])  # one copy; its slices are bytes
+        arena, control = self.arena, self.control
+        found = []
+        start = at = cmsg_at = 0
+        for _, namelen, _, _, _, controllen, _, length in HEADER.iter_unpack(
+                memoryview(self._headers)[:count * HEADER.size]):
+            local, segment = _ancillary(control, cmsg_at, controllen) if controllen else _NONE
+            found.append((arena[start:start + length], names[at:at + namelen], local, segment))
+            start += MAX_DATAGRAM
+            at += NAME_SIZE
+            cmsg_at += CONTROL_SIZE
+        return found
+
+
+_NONE = (b"", 0)
 
 
 def _ancillary(control: bytearray, at: int, size: int) -> tuple[bytes, int]:

@@ -2,31 +2,37 @@
 
 Each (client address, local address) pair gets a session: a socket connected
 to the endpoint picked for the client, whose replies go back through the
-listener. The listener is read with recvmmsg, up to BATCH datagrams per
-readiness callback (`relay.mmsg`), into one arena the process shares (a
-callback hands every datagram on before it returns); a datagram's raw source
-address is its session key, decoded only when a session opens.
+listener. Two ways in, picked by how the listener is bound:
 
-- bound to one address (laptop mode, `--bind-address IP`): replies leave from
-  that address.
-- bound to a wildcard (0.0.0.0 or ::): IP_PKTINFO / IPV6_RECVPKTINFO tells
-  the local destination of each datagram, and the session's replies carry
-  the same ancillary data, so they leave from the address the client sent to
-  (a REDIRECTed client would otherwise see the wrong source and drop it).
+- bound to one address (laptop mode, `--bind-address IP`): the loop's plain
+  datagram transport reads it (uvloop loops recvmsg in C and calls
+  `datagram_received` per datagram; no EAGAIN surfaces in Python), and
+  replies are sent with sendto on the same socket: they leave from that
+  address.
+- bound to a wildcard (0.0.0.0 or ::): recvmmsg (`relay.mmsg`), up to BATCH
+  datagrams a call into one arena the process shares (a callback hands every
+  datagram on before it returns), with IP_PKTINFO / IPV6_RECVPKTINFO: the
+  local destination of each datagram. The reply carries the same ancillary
+  data, so it leaves from the address the client sent to (a REDIRECTed
+  client would otherwise see the wrong source and drop it). A datagram's raw
+  source and local address are its session key, decoded only when a session
+  opens.
 
-A run of datagrams from one client in one read, of one size (the last may be
-shorter), goes to the endpoint in one send with UDP_SEGMENT (GSO): the
-kernel cuts it back into the same datagrams, for about a third of the cost of
-separate sends on loopback. The listener also asks for UDP_GRO, so a client
-that sends with GSO (QUIC stacks do) arrives as one buffer and leaves as one.
-A route that refuses UDP_SEGMENT (segments above its MTU, no checksum
-offload) makes that session send one by one.
+On a wildcard listener a run of datagrams from one client in one read, of
+one size (the last may be shorter), goes to the endpoint in one send with
+UDP_SEGMENT (GSO): the kernel cuts it back into the same datagrams, for about
+a third of the cost of separate sends on loopback. The listener also asks
+for UDP_GRO, so a client that sends with GSO (QUIC stacks do) arrives as one
+buffer and leaves as one. A route that refuses UDP_SEGMENT (segments above
+its MTU, no checksum offload) makes that session send one by one.
 
-A session's reply goes back with one sendto (sendmsg with the pktinfo on a
-wildcard listener) as soon as it is read. Queuing replies for one sendmmsg
-per loop iteration was measured and dropped: the syscalls it saves cost less
-here than the Python that fills the headers (bench S4 and a burst load,
-proxy CPU per datagram level or worse).
+Measured and left out (bench S4, a burst load; proxy CPU per datagram): the
+recvmmsg path on bound listeners (ctypes and per-datagram parsing in Python
+cost more than uvloop's C loop of recvmsg: 14.3-15.0 vs 13.5-13.8 us a round
+trip), and queuing replies for one sendmmsg per loop iteration (level in
+S4, worse in bursts: the syscall it saves costs less than the Python that
+fills the headers). A reply goes back with one sendto (sendmsg with the
+pktinfo on a wildcard listener) as soon as it is read.
 
 A service port whose external traffic has endpoints of its own
 (`externalTrafficPolicy: Local`) looks up each new session's original
@@ -53,7 +59,7 @@ import errno
 import logging
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import cast
 
 from uproxy.conntrack import CONNTRACK
@@ -75,9 +81,10 @@ DRAIN_IDLE = 1.0  # after stop_accepting, a session idle this long is done
 SOCKET_BUFFER = 1024 * 1024  # a few whole 64 KiB datagrams fit
 EVICT_SCAN = 8  # a full table evicts the least recently used of this many oldest sessions
 
-# The client's raw sockaddr as recvmmsg reports it; on a wildcard listener,
-# followed by the raw local address it sent to.
-SessionKey = bytes
+# A bound listener: the client's address as the transport reports it. A
+# wildcard listener: the client's raw sockaddr as recvmmsg reports it, then the
+# raw local address it sent to (decoded only when a session opens).
+SessionKey = Hashable
 
 _receiver: mmsg.Receiver | None = None
 
@@ -129,6 +136,21 @@ class _Session:
         self.last = server.now()
 
 
+class _Listener(asyncio.DatagramProtocol):
+    """The datagram transport's protocol for a listener bound to one address."""
+
+    __slots__ = ("server",)
+
+    def __init__(self, server: UdpServer) -> None:
+        self.server = server
+
+    def datagram_received(self, data: bytes, addr: tuple[object, ...]) -> None:
+        self.server.datagram(data, addr, addr, self.server.local_ip)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("%s: %s", self.server.name, exc)
+
+
 class UdpServer:
     """Serves one bound UDP socket for one service port."""
 
@@ -165,6 +187,8 @@ class UdpServer:
         self.draining = False
         self.accepting = False
         self._reading = False
+        self._transport: asyncio.DatagramTransport | None = None
+        self._opening: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._idle: asyncio.Future[None] | None = None
         self.now: Callable[[], float] = _never  # the loop's clock once started
@@ -184,10 +208,37 @@ class UdpServer:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        with contextlib.suppress(OSError):  # since Linux 5.0
-            sock.setsockopt(mmsg.SOL_UDP, mmsg.UDP_GRO, 1)
-        loop.add_reader(self.fd, self._on_readable)
-        self._reading = True
+            with contextlib.suppress(OSError):  # since Linux 5.0
+                sock.setsockopt(mmsg.SOL_UDP, mmsg.UDP_GRO, 1)
+            loop.add_reader(self.fd, self._on_readable)
+            self._reading = True
+        else:
+            # Making the transport is a coroutine; datagrams wait in the
+            # socket's buffer meanwhile. One task per listener, at start.
+            self._opening = loop.create_task(self._open_transport(sock))
+
+    async def _open_transport(self, sock: socket.socket) -> None:
+        assert self.loop is not None
+        try:
+            transport, _ = await self.loop.create_datagram_endpoint(
+                lambda: _Listener(self), sock=sock)
+        except OSError as exc:
+            log.error("%s: cannot read the listener: %s", self.name, exc)
+            return
+        finally:
+            self._opening = None
+        self._transport = transport
+        if not self.accepting:
+            self._close_transport()
+
+    def _close_transport(self) -> None:
+        """Stop reading: a duplicate descriptor keeps the address for replies."""
+        transport, self._transport = self._transport, None
+        if transport is None or self.sock is None:
+            return
+        with contextlib.suppress(OSError):
+            self.sock = self.sock.dup()  # the transport closes the original
+        transport.close()
 
     def stop_accepting(self) -> None:
         """Stop reading new datagrams; open sessions may still get replies.
@@ -208,6 +259,7 @@ class UdpServer:
         if self._reading and self.loop is not None and not self.loop.is_closed():
             self.loop.remove_reader(self.fd)
         self._reading = False
+        self._close_transport()
 
     async def drain(self, timeout: float) -> None:
         if self.sessions:
@@ -238,8 +290,9 @@ class UdpServer:
     # -- datagrams from clients -------------------------------------------------
 
     def _on_readable(self) -> None:
-        """Read up to BATCH messages; each goes on to its session's endpoint,
-        a run of equal-sized datagrams from one client in one send (GSO)."""
+        """Wildcard listener: read up to BATCH messages with their local
+        addresses; a run of equal-sized datagrams from one client goes on in
+        one send (GSO)."""
         if self.sock is None:
             return
         receiver = shared_receiver()
@@ -248,34 +301,45 @@ class UdpServer:
         except OSError as exc:
             log.debug("%s: recv failed: %s", self.name, exc)
             return
-        messages = [receiver.message(i) for i in range(count)]
-        wildcard = self.wildcard
+        messages = receiver.messages(count)
+        sessions = self.sessions
         i = 0
         while i < count:
             data, source, local, segment = messages[i]
-            key = source + local if wildcard else source
-            end = i + 1 if segment else _run_end(messages, i)
-            if end == i + 1 and not segment:
-                self.datagram(data, key, source, local)
-            else:
-                views = [message[0] for message in messages[i:end]]
-                self.datagrams(views, segment or len(data), key, source, local)
-            i = end
+            key = source + local
+            after = i + 1
+            if segment:
+                self.datagrams([data], segment, key, source, local)
+            elif after < count and messages[after][1] == source and (
+                    after := _run_end(messages, i)) > i + 1:
+                views = [message[0] for message in messages[i:after]]
+                self.datagrams(views, len(data), key, source, local)
+            else:  # the usual case: one datagram from this client in this read
+                session = sessions.get(key)
+                if session is None:
+                    self.datagram(data, key, *self._client(source, local))
+                else:
+                    self._send(session, data)
+            i = after
 
-    def datagram(self, data: memoryview, key: SessionKey, source: bytes, local: bytes) -> None:
-        """One datagram from the client at raw address `source`, sent to the
-        raw local address `local` (empty when the listener's own address)."""
+    def _client(self, source: bytes, local: bytes) -> tuple[tuple[object, ...], str]:
+        """A raw source address and local address as a session opens with them."""
+        return mmsg.decode_address(source), mmsg.local_ip(local) if local else self.local_ip
+
+    def datagram(self, data: bytes | memoryview, key: SessionKey, addr: tuple[object, ...],
+                 local_ip: str) -> None:
+        """One datagram from the client at `addr`, sent to `local_ip`."""
         session = self.sessions.get(key)
         if session is None:
             if not self.accepting:
                 return
-            session = self._open(key, source, local)
+            session = self._open(key, addr, local_ip)
             if session is None:
                 self.stats.udp_datagrams_dropped += 1
                 return
         self._send(session, data)
 
-    def _send(self, session: _Session, data: memoryview) -> None:
+    def _send(self, session: _Session, data: bytes | memoryview) -> None:
         stats = self.stats
         try:
             session.sock.send(data)
@@ -296,12 +360,13 @@ class UdpServer:
         payload = views[0] if len(views) == 1 else memoryview(b"".join(views))
         session = self.sessions.get(key)
         if session is None:  # the first one opens the session, or is dropped, as if alone
-            self.datagram(payload[:size], key, source, local)
+            addr, local_ip = self._client(source, local)
+            self.datagram(payload[:size], key, addr, local_ip)
             payload = payload[size:]
             session = self.sessions.get(key)
             if session is None:
                 for start in range(0, len(payload), size):
-                    self.datagram(payload[start:start + size], key, source, local)
+                    self.datagram(payload[start:start + size], key, addr, local_ip)
                 return
             if not payload:
                 return
@@ -324,10 +389,8 @@ class UdpServer:
         for start in range(0, len(payload), size):
             self._send(session, payload[start:start + size])
 
-    def _open(self, key: SessionKey, source: bytes, local: bytes) -> _Session | None:
+    def _open(self, key: SessionKey, addr: tuple[object, ...], local_ip: str) -> _Session | None:
         assert self.loop is not None
-        addr = mmsg.decode_address(source)
-        local_ip = mmsg.local_ip(local) if local else self.local_ip
         stats = self.stats
         picker = self.picker
         client_ip = cast(str, addr[0])
@@ -440,6 +503,9 @@ class UdpServer:
             self._idle.set_result(None)
 
     def _close_listener(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
+            self._opening = None
         if self.sock is not None:
             self.sock.close()
             self.sock = None
