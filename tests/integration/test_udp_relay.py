@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -34,6 +35,7 @@ class UdpEcho:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         self.tag = tag
         self.peers: list[tuple[object, ...]] = []
+        self.received: list[bytes] = []
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_readable)
 
     @property
@@ -47,6 +49,7 @@ class UdpEcho:
             except BlockingIOError:
                 return
             self.peers.append(addr)
+            self.received.append(data)
             self.sock.sendto(self.tag + data, addr)
 
     def close(self) -> None:
@@ -313,5 +316,152 @@ async def test_dual_stack_wildcard_listener_replies_to_ipv4_clients(
         assert data == b"mapped"
         assert addr == (target, port)
     server.abort()
+    client.close()
+    echo.close()
+
+
+def burst_payloads(client: int, count: int) -> list[bytes]:
+    """Varied sizes (a 0-byte datagram, 1 byte, up to 1,400), each one unique."""
+    sizes = [0, 1, 1400, *((i * 97 + client * 31) % 1400 + 1 for i in range(count - 3))]
+    return [(f"{client}:{i}:".encode() * 300)[:size] if size >= 12 else bytes([i % 256]) * size
+            for i, size in enumerate(sizes)]
+
+
+async def receive_all(sock: socket.socket, count: int,
+                      timeout: float = 5.0) -> list[tuple[bytes, tuple[object, ...]]]:
+    got = []
+    for _ in range(count):
+        got.append(await receive(sock, timeout))
+    return got
+
+
+@pytest.mark.parametrize(("listen", "targets"), [
+    ("127.0.0.1", ["127.0.0.1"]),
+    ("0.0.0.0", ["127.0.0.2", "127.0.0.1", "127.0.0.3"]),
+    ("::1", ["::1"]),
+    ("::", ["::1"]),
+])
+async def test_a_burst_arrives_whole_in_order_from_the_address_used_with_exact_counts(
+        make_server: Callable[..., tuple[UdpServer, PortStats, int]],
+        listen: str, targets: list[str]) -> None:
+    family_host = "::1" if ":" in listen else "127.0.0.1"
+    echo = UdpEcho(family_host)
+    server, stats, port = make_server(FixedPicker(echo.endpoint), host=listen)
+    clients = [client_socket(family_host) for _ in targets]
+    sent = {i: burst_payloads(i, 150) for i in range(len(clients))}
+
+    # Every client fires its whole burst before anyone reads: the listener
+    # and the sessions see many datagrams queued at once.
+    for i, (client, target) in enumerate(zip(clients, targets, strict=True)):
+        for payload in sent[i]:
+            client.sendto(payload, (target, port))
+
+    for i, (client, target) in enumerate(zip(clients, targets, strict=True)):
+        got = await receive_all(client, len(sent[i]))
+        assert [data for data, _ in got] == sent[i]  # whole, in order, 0-byte one included
+        assert {addr[:2] for _, addr in got} == {(target, port)}
+    total = sum(len(p) for payloads in sent.values() for p in payloads)
+    count = sum(len(payloads) for payloads in sent.values())
+    assert (stats.udp_datagrams_in, stats.udp_datagrams_out) == (count, count)
+    assert (stats.bytes_in, stats.bytes_out) == (total, total)
+    assert stats.udp_datagrams_dropped == 0
+    assert server.open_connections == len(clients)
+    for client in clients:
+        client.close()
+    echo.close()
+
+
+async def test_a_burst_on_a_dual_stack_listener_keeps_each_address(
+        make_server: Callable[..., tuple[UdpServer, PortStats, int]]) -> None:
+    echo = UdpEcho()
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    listener.bind(("::", 0))
+    port = listener.getsockname()[1]
+    stats = PortStats()
+    server = UdpServer(listener, FixedPicker(echo.endpoint), stats)
+    server.start()
+    client = client_socket()
+    targets = ["127.0.0.2", "127.0.0.1", "127.0.0.3"] * 40
+
+    for i, target in enumerate(targets):  # one client, three service addresses, interleaved
+        client.sendto(f"{i}".encode(), (target, port))
+    got = await receive_all(client, len(targets))
+
+    # Each address is its own session; replies keep their order per session.
+    for target in set(targets):
+        mine = [int(data) for data, addr in got if addr == (target, port)]
+        assert mine == [i for i, t in enumerate(targets) if t == target]
+    assert stats.udp_datagrams_out == len(targets)
+    assert server.open_connections == 3
+    server.abort()
+    client.close()
+    echo.close()
+
+
+async def test_replies_queued_when_the_listener_stops_still_leave(
+        make_server: Callable[..., tuple[UdpServer, PortStats, int]]) -> None:
+    echo = UdpEcho()
+    server, stats, port = make_server(FixedPicker(echo.endpoint))
+    client = client_socket()
+    for word in (b"a", b"b", b"c"):
+        client.sendto(word, ("127.0.0.1", port))
+    assert [d for d, _ in await receive_all(client, 3)] == [b"a", b"b", b"c"]
+
+    server.stop_accepting()
+    echo.sock.sendto(b"late", server.sessions[next(iter(server.sessions))].sock.getsockname())
+    data, _ = await receive(client)
+    assert data == b"late"  # a draining session still gets its replies
+    assert stats.udp_datagrams_out == 4
+    client.close()
+    echo.close()
+
+
+UDP_SEGMENT, SOL_UDP = 103, 17
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["gso", "one-by-one"])
+async def test_a_run_of_equal_datagrams_reaches_the_endpoint_as_the_same_datagrams(
+        make_server: Callable[..., tuple[UdpServer, PortStats, int]], split: bool) -> None:
+    echo = UdpEcho()
+    server, stats, port = make_server(FixedPicker(echo.endpoint), host="0.0.0.0")
+    client = client_socket()
+    client.sendto(b"open", ("127.0.0.1", port))
+    await receive(client)
+    if split:  # as after a route refused UDP_SEGMENT
+        next(iter(server.sessions.values())).gso = False
+    run = [bytes([i]) * 1000 for i in range(40)] + [b"short", b"", b"x" * 1000]
+
+    for payload in run:  # queued together: one read, one run of 40 (+ the short one)
+        client.sendto(payload, ("127.0.0.1", port))
+    got = await receive_all(client, len(run))
+
+    assert echo.received[1:] == run  # the endpoint saw the same datagrams, in order
+    assert [data for data, _ in got] == run
+    assert stats.udp_datagrams_in == stats.udp_datagrams_out == len(run) + 1
+    assert stats.bytes_in == stats.bytes_out == sum(map(len, run)) + 4
+    client.close()
+    echo.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+async def test_a_client_sending_with_gso_is_relayed_datagram_by_datagram(
+        make_server: Callable[..., tuple[UdpServer, PortStats, int]], host: str) -> None:
+    echo = UdpEcho()
+    _, stats, port = make_server(FixedPicker(echo.endpoint), host=host)
+    client = client_socket()
+    segments = [bytes([65 + i]) * 1200 for i in range(20)] + [b"tail" * 100]
+
+    # One buffer the kernel cuts into 21 datagrams; the listener asked for
+    # UDP_GRO, so it may read them back as one.
+    client.sendmsg([b"".join(segments)], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", 1200))],
+                   0, ("127.0.0.1", port))
+    got = await receive_all(client, len(segments))
+
+    assert echo.received == segments
+    assert [data for data, _ in got] == segments
+    assert {addr for _, addr in got} == {("127.0.0.1", port)}
+    assert stats.udp_datagrams_in == stats.udp_datagrams_out == len(segments)
+    assert stats.bytes_in == stats.bytes_out == sum(map(len, segments))
     client.close()
     echo.close()
