@@ -18,6 +18,16 @@ an object per descriptor). Modes:
   the first byte.
 - "protocol": the two sockets become asyncio transports joined by a Protocol
   pair with backpressure (`relay.pair`; making the transports is one task).
+- "sockmap": copies like "auto" (never splicing) until the connection has
+  shown it is not a one-shot: both directions moved bytes and nothing waits
+  in userspace. Then both sockets join the process's SOCKHASH
+  (`uproxy.bpf.sockmap`) and the kernel moves every further byte; the
+  sockets stay in the epoll set only to see EOF, resets and errors. An EOF
+  is passed on (shutdown(SHUT_WR) on the other socket) once TCP_INFO shows
+  every byte the source received was written into the destination, so no
+  FIN overtakes redirected bytes; byte counts come from TCP_INFO too
+  (`relay.tcpinfo`). Without the privilege or kernel support the mode falls
+  back to "auto" with one warning.
 
 A client whose endpoint is reached through the API server's port-forward
 (`--dial`) is handed to `portforward.connection` instead.
@@ -54,12 +64,14 @@ import errno
 import ipaddress
 import logging
 import os
+import select
 import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import cast
 
+from uproxy.bpf.sockmap import SockMap, sockmap, unavailable
 from uproxy.model import Endpoint
 from uproxy.picking import DIAL_TIMEOUTS, NoEndpointsError, Picker, TrafficSplit
 from uproxy.portforward.connection import PortForwardConnection, Relay
@@ -81,11 +93,12 @@ from uproxy.relay.poller import (
     poller_for,
 )
 from uproxy.relay.splice import POOL, SPLICE_FLAGS, Pipe, PipePool
+from uproxy.relay.tcpinfo import received, written
 from uproxy.stats import PortStats
 
 log = logging.getLogger("uproxy.relay")
 
-MODES = ("splice", "protocol", "auto")
+MODES = ("splice", "protocol", "sockmap", "auto")
 COPY_CHUNK = 256 * 1024
 PROMOTE_AFTER = 256 * 1024  # bytes one direction moves before it may switch to splice
 BULK_READ = 64 * 1024  # a read this large says the sender outpaces us: bulk
@@ -101,6 +114,8 @@ _SO_ERROR = socket.SO_ERROR
 _SHUT_WR = socket.SHUT_WR
 _EINPROGRESS = errno.EINPROGRESS
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE})
+_EPIPE = errno.EPIPE
+FLUSH_CHECKS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)  # waits for the kernel's queue
 _SOL_IP = socket.IPPROTO_IP
 _SOL_IPV6 = socket.IPPROTO_IPV6
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; Python has no constant
@@ -139,6 +154,18 @@ def reset_close(sock: Sock) -> None:
     sock.close()
 
 
+_WARNED: set[int] = set()
+
+
+def _warn_no_sockmap() -> None:
+    """Once per process: why --relay sockmap runs as auto."""
+    pid = os.getpid()
+    if pid not in _WARNED:
+        _WARNED.add(pid)
+        log.warning("--relay sockmap is not available, relaying with auto instead: %s",
+                    unavailable())
+
+
 class TcpServer:
     """Serves one bound, listening TCP socket for one service port."""
 
@@ -161,6 +188,12 @@ class TcpServer:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"relay mode {mode!r}: expected one of {', '.join(MODES)}")
+        self.sockmap: SockMap | None = None
+        if mode == "sockmap":
+            self.sockmap = sockmap()
+            if self.sockmap is None:
+                _warn_no_sockmap()
+                mode = "auto"
         if not dial_timeouts:
             raise ValueError("dial_timeouts: needs at least one attempt")
         self.picker = picker
@@ -349,6 +382,13 @@ def _port_of(sock: socket.socket) -> int:
         return 0
 
 
+def _hung_up(sock: Sock) -> bool:
+    """Whether the peer's FIN (or a reset) has arrived, asked directly."""
+    poll = select.poll()
+    poll.register(sock.fileno(), select.POLLRDHUP)
+    return bool(poll.poll(0))
+
+
 def _established(sock: Sock) -> bool:
     try:
         sock.getpeername()
@@ -361,9 +401,11 @@ class _Conn:
     """One client connection: dialling, then two pumps (or a protocol pair)."""
 
     __slots__ = (
-        "addr", "attempt", "cfd", "client", "client_out", "dial_seconds", "dial_started", "down",
-        "endpoint", "external", "header", "outcome", "poller", "server", "sides", "started",
-        "state", "task", "ufd", "up", "upstream", "upstream_out",
+        "addr", "attempt", "cfd", "checks", "client", "client_out", "dial_seconds",
+        "dial_started", "down", "ended", "endpoint", "eofs", "external", "header", "joined",
+        "outcome",
+        "poller", "server", "sides", "started", "state", "task", "timer", "ufd", "up",
+        "upstream", "upstream_out",
     )
 
     def __init__(self, server: TcpServer, client: Sock, addr: tuple[object, ...],
@@ -390,6 +432,14 @@ class _Conn:
         self.task: asyncio.Task[None] | None = None  # protocol mode: making the pair
         self.header: bytes | None = None  # PROXY protocol, sent first to every endpoint
         self.outcome = "ok"
+        # --relay sockmap: the kernel moves the bytes; `ended` has bit 1 when
+        # the client's EOF was passed on, 2 the endpoint's; `checks` counts
+        # waits for the kernel's queue to drain before that (FLUSH_CHECKS).
+        self.joined = False
+        self.eofs = 0  # bit 1: the client's FIN arrived; bit 2: the endpoint's
+        self.ended = 0
+        self.checks = 0
+        self.timer: asyncio.TimerHandle | None = None
 
     @property
     def name(self) -> str:
@@ -519,6 +569,9 @@ class _Conn:
     # -- readiness ---------------------------------------------------------------
 
     def on_event(self, fd: int, mask: int) -> None:
+        if self.joined:
+            self._joined_event(fd, mask)
+            return
         if self.state != OPEN:
             if self.state == DIALLING and fd == self.ufd:
                 if mask & (EPOLLERR | EPOLLHUP):
@@ -553,6 +606,97 @@ class _Conn:
                     return
         if mask & READABLE:
             reader.run()
+        sockmap = self.server.sockmap
+        if (sockmap is not None and up.moved and down.moved and up.pending is None
+                and down.pending is None and not (up.eof or down.eof or up.done or down.done)
+                and self.state == OPEN):
+            self._join(sockmap)
+
+    # -- sockmap: the kernel moves the bytes ----------------------------------------
+
+    def _join(self, sockmap: SockMap) -> None:
+        """Both directions have moved bytes and nothing waits here: hand over."""
+        upstream = self.upstream
+        assert upstream is not None and self.up is not None and self.down is not None
+        try:
+            sockmap.join(self.client, upstream)
+        except OSError as exc:  # e.g. the map is full: keep copying
+            log.debug("%s: cannot join the sockmap: %s", self.server.name, exc)
+            self.server.sockmap = None
+            return
+        self.joined = True
+        self.up.done = self.down.done = True  # a pump queued in poller.later does nothing
+
+    def _joined_event(self, fd: int, mask: int) -> None:
+        if self.state != OPEN:
+            return
+        upstream = self.upstream
+        assert upstream is not None
+        sock, source, bit = ((self.client, upstream, 1) if fd == self.cfd
+                             else (upstream, self.client, 2))
+        try:
+            if mask & EPOLLERR:
+                err = sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
+                # A FIN that came alone is a zero-length skb the kernel fails to
+                # send to this socket with EPIPE, after every byte before it:
+                # not an error once its source has the FIN.
+                if err not in (0, _EPIPE) or not (self.eofs & (3 - bit) or _hung_up(source)):
+                    self.fail("reset")
+                    return
+                if not self.eofs & (3 - bit):
+                    self.eofs |= 3 - bit
+                    self._flush()
+            if mask & (EPOLLRDHUP | EPOLLHUP):
+                self.eofs |= bit
+                self._flush()
+        except OSError:
+            self.fail("reset")
+
+    def _flush(self) -> None:
+        """Pass on each EOF whose bytes the kernel has all written to the other side."""
+        self.timer = None
+        if self.state != OPEN:
+            return
+        upstream = self.upstream
+        assert upstream is not None
+        header = len(self.header) if self.header is not None else 0
+        waiting = False
+        for bit, src, dst, extra in ((1, self.client, upstream, header),
+                                     (2, upstream, self.client, 0)):
+            if self.ended & bit or not self.eofs & bit:
+                continue
+            if written(dst) < received(src, fin=True) + extra:
+                waiting = True
+                continue
+            self.ended |= bit
+            if self.ended == 3:
+                self.close()
+                return
+            dst.shutdown(_SHUT_WR)
+        if waiting:
+            delay = FLUSH_CHECKS[min(self.checks, len(FLUSH_CHECKS) - 1)]
+            self.checks += 1
+            self.timer = self.poller.loop.call_later(delay, self._flush_soon)
+        else:
+            self.checks = 0
+
+    def _flush_soon(self) -> None:
+        try:
+            self._flush()
+        except OSError:
+            self.fail("reset")
+
+    def _count_joined(self) -> None:
+        """The bytes each way, from the kernel's counts (before closing)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        up, down, upstream = self.up, self.down, self.upstream
+        if up is None or down is None or upstream is None:
+            return
+        with contextlib.suppress(OSError):
+            up.moved = received(self.client, fin=bool(self.eofs & 1))
+            down.moved = received(upstream, fin=bool(self.eofs & 2))
 
     # -- ending -----------------------------------------------------------------
 
@@ -560,6 +704,8 @@ class _Conn:
         """Both directions finished: close() sends the last FIN."""
         if self.state == CLOSED:
             return
+        if self.joined:
+            self._count_joined()
         self.state = CLOSED
         self._release()
         self.client.close()
@@ -571,6 +717,8 @@ class _Conn:
         """An error, reset or abort: reset both sides."""
         if self.state == CLOSED:
             return
+        if self.joined:
+            self._count_joined()
         self.state = CLOSED
         if self.outcome == "ok":
             self.outcome = outcome
