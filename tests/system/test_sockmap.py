@@ -13,16 +13,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import uvloop
 
 from tests.conftest import require_system
+from tests.integration.apphelpers import Lines, write_services
 from uproxy.bpf import asm
 from uproxy.bpf.sockmap import SockMap, sockmap, unavailable
 from uproxy.bpf.syscall import PROG_TYPE_SK_SKB, BpfError, prog_load
@@ -106,14 +111,14 @@ class Backend:
 class Relay:
     """A sockmap-mode TcpServer on its own uvloop in a thread."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, mode: str = "sockmap") -> None:
         self.stats = PortStats()
         listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
         listener.setblocking(False)
         self.port = listener.getsockname()[1]
         self.loop = uvloop.new_event_loop()
-        self.server = TcpServer(listener, Picker(endpoint), self.stats, mode="sockmap")
-        assert self.server.mode == "sockmap"
+        self.server = TcpServer(listener, Picker(endpoint), self.stats, mode=mode)
+        assert self.server.mode == mode
         started = threading.Event()
 
         def begin() -> None:
@@ -133,7 +138,8 @@ class Relay:
         return socket.create_connection(("127.0.0.1", self.port), timeout=10)
 
     def joined(self) -> int:
-        return sum(1 for conn in list(self.server._conns) if getattr(conn, "joined", False))
+        return sum(1 for conn in list(self.server._conns)
+                   if getattr(conn, "joined", None) is not None)
 
     def close(self) -> None:
         def stop() -> None:
@@ -159,9 +165,9 @@ def the_map() -> SockMap:
 def relay_to(the_map: SockMap) -> Iterator[Callable[[Callable[[socket.socket], None]], Relay]]:
     made: list[tuple[Backend, Relay]] = []
 
-    def make(handler: Callable[[socket.socket], None]) -> Relay:
+    def make(handler: Callable[[socket.socket], None], mode: str = "sockmap") -> Relay:
         backend = Backend(handler)
-        relay = Relay(backend.endpoint)
+        relay = Relay(backend.endpoint, mode)
         made.append((backend, relay))
         return relay
 
@@ -205,7 +211,7 @@ def test_one_mib_each_way_half_closed_both_ways(relay_to: Callable[..., Relay],
         client.sendall(b"hello")
         assert client.recv(2) == b"hi"
         wait_until(lambda: relay.joined() == 1, "the connection to join the map")
-        assert len(sockmap().keys()) == 2  # type: ignore[union-attr]
+        assert len(sockmap().keys()) == 6  # members, peers, credit  # type: ignore[union-attr]
         if first == "client":
             client.sendall(up_payload)
             client.shutdown(socket.SHUT_WR)
@@ -241,6 +247,53 @@ def test_a_stream_that_never_pauses_keeps_its_order_across_the_join(
         writer.join()
     assert got == payload
     assert relay.stats.bytes_in == relay.stats.bytes_out == len(payload)
+
+
+STALL_BYTES = 96 * MiB
+KERNEL_BOUND = 16 * MiB  # socket buffers on both sides of the relay, with room to spare
+
+
+@pytest.mark.parametrize("mode", ["auto", "sockmap"])
+def test_a_stalled_reader_holds_the_sender_back(relay_to: Callable[..., Relay],
+                                                mode: str) -> None:
+    """The client stops reading for two seconds while the backend tries to send
+    96 MiB: what the backend gets rid of meanwhile is what the kernel (and the
+    relay, in this same process) must hold. Then the client reads every byte,
+    in order."""
+    payload = stream(STALL_BYTES)
+    sent_while_stalled: list[int] = []
+    stalled = threading.Event()
+
+    def backend(conn: socket.socket) -> None:
+        conn.recv(5)
+        conn.sendall(b"hi")
+        conn.setblocking(False)
+        at = 0
+        deadline = time.monotonic() + 2.0
+        while at < len(payload) and time.monotonic() < deadline:
+            try:
+                at += conn.send(payload[at:at + MiB])
+            except BlockingIOError:
+                time.sleep(0.01)
+        sent_while_stalled.append(at)
+        stalled.set()
+        conn.setblocking(True)
+        conn.sendall(payload[at:])
+        conn.shutdown(socket.SHUT_WR)
+        recv_all(conn)
+
+    relay = relay_to(backend, mode)
+    with relay.connect() as client:
+        client.sendall(b"hello")
+        assert client.recv(2) == b"hi"
+        assert stalled.wait(10)
+        client.shutdown(socket.SHUT_WR)
+        got = recv_all(client)
+    assert got == payload
+    assert sent_while_stalled[0] < KERNEL_BOUND, (
+        f"{sent_while_stalled[0] / MiB:.0f} MiB left the backend while the client read nothing")
+    wait_until(lambda: relay.stats.connections_active == 0, "the connection to close")
+    assert relay.stats.bytes_out == 2 + STALL_BYTES
 
 
 @pytest.mark.parametrize("side", ["client", "backend"])
@@ -307,3 +360,37 @@ def test_churn_leaves_no_map_entries_and_no_descriptors(relay_to: Callable[..., 
     assert the_map.keys() == []
     wait_until(lambda: len(os.listdir("/proc/self/fd")) <= before, "descriptors to be freed")
     assert relay.stats.bytes_in == relay.stats.bytes_out == 4 * done
+
+
+def test_without_privilege_sockmap_says_why_once_and_relays_as_auto(tmp_path: Path) -> None:
+    require_system("setpriv")
+
+    def echo(conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    backend = Backend(echo)
+    services = tmp_path / "services.yaml"
+    write_services(services, [{"name": "web", "ports": [{"port": 8080}],
+                               "endpoints": [f"127.0.0.1:{backend.endpoint.port}"]}])
+    process = subprocess.Popen(
+        ["setpriv", "--inh-caps=-all", "--bounding-set=-all",  # root with no capability
+         sys.executable, "-m", "uproxy", "--services", str(services), "--relay", "sockmap",
+         "--bind-range", "127.78.0.0/16", "--healthz-bind-address", "",
+         "--metrics-bind-address", ""],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        table = Lines(process).table(1)
+        ip, port, _ = table["default/web"]
+        with socket.create_connection((ip, port), timeout=5) as client:
+            client.sendall(b"ping")
+            assert client.recv(4) == b"ping"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+        backend.close()
+    assert process.returncode == 0, stderr
+    said = [line for line in stderr.splitlines() if "sockmap" in line]
+    assert len(said) == 1, stderr
+    assert "not available, relaying with auto instead" in said[0]
+    assert "CAP_BPF" in said[0]

@@ -28,8 +28,10 @@ K, X = 0x00, 0x08
 # ALU operations.
 ADD, SUB, MUL, DIV, OR, AND, LSH, RSH, NEG, MOD, XOR, MOV, ARSH = (
     0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xA0, 0xB0, 0xC0)
-# Jump operations.
-JA, JEQ, JGT, JGE, JSET, JNE, CALL, EXIT = 0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x80, 0x90
+# Jump operations (JS*: signed).
+JA, JEQ, JGT, JGE, JSET, JNE, JSGT, JSGE, CALL, EXIT = (
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90)
+JLT, JLE, JSLT, JSLE = 0xA0, 0xB0, 0xC0, 0xD0
 
 PSEUDO_MAP_FD = 1  # src_reg of a 64-bit immediate load: imm is a map's descriptor
 
@@ -60,6 +62,11 @@ def add_imm(dst: int, imm: int) -> Insn:
     return Insn(ALU64 | ADD | K, dst, imm=imm)
 
 
+def sub(dst: int, src: int) -> Insn:
+    """dst -= src (64-bit)."""
+    return Insn(ALU64 | SUB | X, dst, src)
+
+
 def load(size: int, dst: int, src: int, off: int) -> Insn:
     """dst = *(size *)(src + off)"""
     return Insn(LDX | MEM | size, dst, src, off)
@@ -82,6 +89,11 @@ def call(helper: int) -> Insn:
 def jump_if_imm(op: int, dst: int, imm: int, off: int) -> Insn:
     """if dst <op> imm: skip `off` instructions."""
     return Insn(JMP | op | K, dst, off=off, imm=imm)
+
+
+def jump_if(op: int, dst: int, src: int, off: int) -> Insn:
+    """if dst <op> src: skip `off` instructions."""
+    return Insn(JMP | op | X, dst, src, off)
 
 
 def exit_() -> Insn:

@@ -1,79 +1,131 @@
-"""The sockmap verdict: the kernel moves a joined connection's bytes.
+"""The sockmap verdict: the kernel moves a joined connection's bytes, with
+a credit that keeps a slow receiver from filling kernel memory.
 
-Design. One SOCKHASH per process (each worker has its own), keyed by a
-socket's cookie (SO_COOKIE, a u64 that never repeats while the host is up),
-whose value is the *peer* socket: the entry `cookie(client) -> endpoint
-socket` puts the endpoint socket in the map, `cookie(endpoint) -> client`
-the client. An sk_skb verdict program attached to the map runs on every skb a
-member socket receives and redirects it to the egress of the socket stored
-under its own cookie:
+Design. Three maps per process (each worker has its own), all keyed by a
+socket's cookie (SO_COOKIE, a u64 that never repeats while the host is up):
 
-    r6 = r1                          ; the skb
-    r0 = get_socket_cookie(r1)       ; helper 46
+- `members` (SOCKHASH) holds a socket under its own cookie while the kernel
+  moves its incoming bytes; the verdict program is attached to this map;
+- `peers` (SOCKHASH) holds, under a socket's cookie, the socket its bytes go
+  to (the other side of the connection);
+- `credit` (HASH, s64) holds how many more bytes the kernel may move from a
+  socket before userspace looks again.
+
+- `notices` (RINGBUF) carries the cookie of a socket that just ran out of
+  credit; the relay's event loop watches its descriptor.
+
+The sk_skb verdict runs on every skb a member receives:
+
+    r6 = r1                                ; the skb
+    r0 = get_socket_cookie(r1)             ; helper 46
     *(u64 *)(r10 - 8) = r0
-    r1 = r6
-    r2 = map                         ; a 64-bit immediate: two slots
-    r3 = r10 - 8
-    r4 = 0                           ; flags 0: the peer's egress
-    r0 = sk_redirect_hash(r1, r2, r3, r4)   ; helper 72
-    exit
+    r0 = map_lookup_elem(credit, r10 - 8)  ; helper 1
+    if r0 == 0 goto redirect               ; no credit entry: unlimited
+    r2 = *r0 ; r3 = r2 - skb->len ; *r0 = r3
+    if r2 s< 0 goto redirect               ; ran out before: said so already
+    if r3 s>= 0 goto redirect              ; still in credit
+    ringbuf_output(notices, r10 - 8, 8, 0) ; helper 130: just ran out
+  redirect:
+    return sk_redirect_hash(skb, peers, r10 - 8, 0)   ; helper 72, flags 0: egress
 
-Ten instructions in eleven slots. Keying by cookie needs no address or port in the key, so IPv4,
-IPv6 and v4-mapped connections are all the same; a key whose peer is gone
-(one side already closed) makes the helper return SK_DROP, which only
-happens while the connection is being torn down. Closing a socket removes
-its entry (the kernel unlinks closed sockets from every sockmap), so there is
-no delete on the hot path and nothing to leak.
+28 instructions (31 slots). Every skb is redirected: running out of credit
+only tells userspace, which then takes the socket out of `members` (its
+later bytes stay in its receive queue, in order, under TCP flow control),
+waits until the kernel has written every byte it redirected (the credit
+says how many; reading TCP_INFO first waits for a verdict still running on
+another CPU), copies in userspace with the relay's backpressure, and, when a
+turn ends with the source empty and the destination not full, puts the
+socket back with fresh credit. So a slow receiver holds at most about a
+credit (1 MiB) plus the socket buffers, and a fast one costs one notice and
+one userspace turn per credit. Taking a socket in or out of `members` never
+reorders bytes: the peer's queue is FIFO and a socket outside `members`
+keeps its bytes. (A first version returned SK_PASS when out of credit, to
+wake userspace through EPOLLIN: passed skbs queue behind the bytes
+redirected *to* that socket, and recv() reports EOF before they arrive:
+bytes were lost at the end of a stream.)
+
+Closing a socket removes it from both SOCKHASHes (the kernel unlinks closed
+sockets); the credit entries are deleted by the relay.
 
 Measured on kernel 6.18 (see DESIGN.md): bytes queued before a socket joins
 stay in its receive queue until the next skb arrives, when the verdict runs
 over the whole queue in order; setting SO_RCVLOWAT runs it at once
-(`tcp_set_rcvlowat` calls the data-ready hook), so joining is: insert both
-entries, then SO_RCVLOWAT on both sockets. A FIN that arrives alone is a
-zero-length skb: redirected, the peer's sender fails it with EPIPE (SO_ERROR
-on the peer, EPOLLERR) after every byte before it left; the relay ignores that
-error on a direction whose source has seen EOF. The kernel applies no
-backpressure between the two sockets: a receiver that stops reading lets the
-other side's bytes queue in kernel memory (96 MiB in 50 ms here).
+(`tcp_set_rcvlowat` calls the data-ready hook), so joining is: insert, then
+SO_RCVLOWAT. A FIN that arrives alone is a zero-length skb: redirected, the
+peer's sender fails it with EPIPE (SO_ERROR on the peer, EPOLLERR) after
+every byte before it left; the relay ignores that error on a direction whose
+source has seen EOF. Without credit the kernel applies no backpressure
+between the two sockets: a receiver that stops reading let 96 MiB queue in
+kernel memory in 50 ms.
 """
 
 from __future__ import annotations
 
 import _socket
+import asyncio
 import contextlib
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 from uproxy.bpf import asm
+from uproxy.bpf.ringbuf import RingBuffer
 from uproxy.bpf.syscall import (
     ANY,
+    MAP_TYPE_HASH,
     MAP_TYPE_SOCKHASH,
     PROG_TYPE_SK_SKB,
     SK_SKB_VERDICT,
     BpfError,
     map_create,
+    map_delete,
     map_keys,
+    map_lookup,
     map_update,
     prog_attach,
     prog_load,
 )
 
+MAP_LOOKUP_ELEM = 1
 GET_SOCKET_COOKIE = 46
 SK_REDIRECT_HASH = 72
+RINGBUF_OUTPUT = 130
 SO_COOKIE = 57  # asm-generic/socket.h; Python 3.11 has no constant
 KEY_SIZE = 8
-MAX_ENTRIES = 65536  # two per connection; the open-file limit stops far below
+MAX_ENTRIES = 65536  # per map; the open-file limit stops far below
+CREDIT = 1024 * 1024  # bytes a socket may have moved before userspace looks again
+
+_CREDIT = struct.Struct("<q")
 
 
-def verdict_program(map_fd: int) -> bytes:
+def verdict_program(peers_fd: int, credit_fd: int, notices_fd: int) -> bytes:
     """The program in the module's docstring, assembled."""
     return asm.assemble(
         asm.mov(asm.R6, asm.R1),
         asm.call(GET_SOCKET_COOKIE),
         asm.store(asm.DW, asm.R10, -8, asm.R0),
+        asm.load_map_fd(asm.R1, credit_fd),
+        asm.mov(asm.R2, asm.R10),
+        asm.add_imm(asm.R2, -8),
+        asm.call(MAP_LOOKUP_ELEM),
+        asm.jump_if_imm(asm.JEQ, asm.R0, 0, 14),          # no credit entry -> redirect
+        asm.load(asm.W, asm.R1, asm.R6, 0),               # skb->len
+        asm.load(asm.DW, asm.R2, asm.R0, 0),              # credit left
+        asm.mov(asm.R3, asm.R2),
+        asm.sub(asm.R3, asm.R1),
+        asm.store(asm.DW, asm.R0, 0, asm.R3),
+        asm.jump_if_imm(asm.JSLT, asm.R2, 0, 8),          # was out already -> redirect
+        asm.jump_if_imm(asm.JSGE, asm.R3, 0, 7),          # still in credit -> redirect
+        asm.load_map_fd(asm.R1, notices_fd),              # just ran out: tell userspace
+        asm.mov(asm.R2, asm.R10),
+        asm.add_imm(asm.R2, -8),
+        asm.mov_imm(asm.R3, KEY_SIZE),
+        asm.mov_imm(asm.R4, 0),
+        asm.call(RINGBUF_OUTPUT),
+        # redirect:
         asm.mov(asm.R1, asm.R6),
-        asm.load_map_fd(asm.R2, map_fd),
+        asm.load_map_fd(asm.R2, peers_fd),
         asm.mov(asm.R3, asm.R10),
         asm.add_imm(asm.R3, -8),
         asm.mov_imm(asm.R4, 0),
@@ -83,43 +135,117 @@ def verdict_program(map_fd: int) -> bytes:
 
 
 def cookie(sock: _socket.socket) -> bytes:
-    """The socket's cookie as the map's key (8 bytes, host order)."""
+    """The socket's cookie as the maps' key (8 bytes, host order)."""
     return sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, KEY_SIZE)
 
 
 class SockMap:
-    """One SOCKHASH with the verdict program attached (close() frees both)."""
+    """The three maps and the attached verdict (close() frees them)."""
 
-    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self.map_fd = map_create(MAP_TYPE_SOCKHASH, KEY_SIZE, 4, max_entries, "uproxy_peers")
+    def __init__(self, max_entries: int = MAX_ENTRIES, credit: int = CREDIT) -> None:
+        self.credit = credit
+        fds: list[int] = []
         try:
-            self.prog_fd = prog_load(PROG_TYPE_SK_SKB, verdict_program(self.map_fd),
-                                     name="uproxy_verdict")
-            try:
-                prog_attach(self.map_fd, self.prog_fd, SK_SKB_VERDICT)
-            except BaseException:
-                os.close(self.prog_fd)
-                raise
+            self.members = _keep(fds, map_create(MAP_TYPE_SOCKHASH, KEY_SIZE, 4, max_entries,
+                                                 "uproxy_members"))
+            self.peers = _keep(fds, map_create(MAP_TYPE_SOCKHASH, KEY_SIZE, 4, max_entries,
+                                               "uproxy_peers"))
+            self.credits = _keep(fds, map_create(MAP_TYPE_HASH, KEY_SIZE, 8, max_entries,
+                                                 "uproxy_credit"))
+            self.notices = RingBuffer(name="uproxy_notices")
+            fds.append(self.notices.fd)
+            self.prog_fd = _keep(fds, prog_load(
+                PROG_TYPE_SK_SKB, verdict_program(self.peers, self.credits, self.notices.fd),
+                name="uproxy_verdict"))
+            prog_attach(self.members, self.prog_fd, SK_SKB_VERDICT)
         except BaseException:
-            os.close(self.map_fd)
+            for fd in fds:
+                os.close(fd)
             raise
+        self.fds = fds
         self.pid = os.getpid()
+        # Who hears that a socket ran out of credit: cookie -> (loop, callback).
+        self.listeners: dict[bytes, tuple[asyncio.AbstractEventLoop, Callable[[], None]]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-    def join(self, a: _socket.socket, b: _socket.socket) -> None:
-        """From now on the kernel moves a's bytes to b and b's to a, starting
-        with what already waits in their receive queues."""
-        map_update(self.map_fd, cookie(a), struct.pack("I", b.fileno()), ANY)
-        map_update(self.map_fd, cookie(b), struct.pack("I", a.fileno()), ANY)
-        for sock in (a, b):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+    def link(self, a: _socket.socket, b: _socket.socket) -> tuple[bytes, bytes]:
+        """Make a and b each other's peers (their cookies, returned, are the
+        keys); `resume` then hands each one's bytes to the kernel."""
+        keys = cookie(a), cookie(b)
+        map_update(self.peers, keys[0], struct.pack("I", b.fileno()), ANY)
+        try:
+            map_update(self.peers, keys[1], struct.pack("I", a.fileno()), ANY)
+        except OSError:
+            with contextlib.suppress(OSError):
+                map_delete(self.peers, keys[0])
+            raise
+        return keys
+
+    def resume(self, key: bytes, sock: _socket.socket) -> None:
+        """The kernel moves `sock`'s bytes again, with fresh credit, starting with
+        what waits in its receive queue."""
+        map_update(self.credits, key, _CREDIT.pack(self.credit), ANY)
+        map_update(self.members, key, struct.pack("I", sock.fileno()), ANY)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+    def pause(self, key: bytes, sock: _socket.socket) -> int:
+        """The kernel stops moving this socket's bytes (they stay queued on it);
+        returns how many it redirected since the last resume."""
+        map_delete(self.members, key)
+        # A verdict already running on another CPU holds the socket's lock:
+        # taking it (TCP_INFO does) waits for that run to finish and count.
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+        raw = map_lookup(self.credits, key, 8)
+        left = self.credit if raw is None else _CREDIT.unpack(raw)[0]
+        return self.credit - left
+
+    def listen(self, key: bytes, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the running loop) when this socket runs out of credit."""
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:
+            if self.loop is not None and not self.loop.is_closed():
+                self.loop.remove_reader(self.notices.fd)
+            self.loop = loop
+            loop.add_reader(self.notices.fd, self._on_notices)
+        self.listeners[key] = (loop, callback)
+
+    def _on_notices(self) -> None:
+        for key in self.notices.read():
+            found = self.listeners.get(key)
+            if found is None:
+                continue  # closed meanwhile
+            loop, callback = found
+            if loop is self.loop:
+                callback()
+            elif not loop.is_closed():
+                loop.call_soon_threadsafe(callback)
+
+    def forget(self, keys: tuple[bytes, bytes]) -> None:
+        """A joined connection closed: drop its credit (the kernel drops the rest)."""
+        for key in keys:
+            self.listeners.pop(key, None)
+            with contextlib.suppress(OSError):
+                map_delete(self.credits, key)
 
     def keys(self) -> list[bytes]:
-        return map_keys(self.map_fd, KEY_SIZE)
+        """Every key left in any of the maps (none once every connection closed)."""
+        return [key for fd in (self.members, self.peers, self.credits)
+                for key in map_keys(fd, KEY_SIZE)]
 
     def close(self) -> None:
-        for fd in (self.prog_fd, self.map_fd):
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.remove_reader(self.notices.fd)
+        self.notices.close()
+        for fd in self.fds:
+            if fd == self.notices.fd:
+                continue
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _keep(fds: list[int], fd: int) -> int:
+    fds.append(fd)
+    return fd
 
 
 _MAPS: dict[int, SockMap] = {}

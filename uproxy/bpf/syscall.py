@@ -20,7 +20,7 @@ SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = range(5)
 PROG_LOAD, PROG_ATTACH, PROG_DETACH = 5, 8, 9
 # Map types.
-MAP_TYPE_SOCKMAP, MAP_TYPE_SOCKHASH = 15, 18
+MAP_TYPE_HASH, MAP_TYPE_SOCKMAP, MAP_TYPE_SOCKHASH = 1, 15, 18
 # Program types.
 PROG_TYPE_SK_SKB = 14
 # Attach types.
@@ -101,6 +101,19 @@ def map_update(map_fd: int, key: bytes, value: bytes, flags: int = ANY) -> None:
     vbuf = ctypes.create_string_buffer(value, len(value))
     attr, _kbuf = _elem(map_fd, key, vbuf, flags)
     bpf(MAP_UPDATE_ELEM, attr, "map_update_elem")
+
+
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
+    """The value under `key`, or None when there is none."""
+    vbuf = ctypes.create_string_buffer(value_size)
+    attr, _kbuf = _elem(map_fd, key, vbuf, 0)
+    try:
+        bpf(MAP_LOOKUP_ELEM, attr, "map_lookup_elem")
+    except BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    return vbuf.raw
 
 
 def map_delete(map_fd: int, key: bytes) -> None:

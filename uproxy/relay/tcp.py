@@ -64,7 +64,6 @@ import errno
 import ipaddress
 import logging
 import os
-import select
 import socket
 import struct
 import time
@@ -77,6 +76,7 @@ from uproxy.picking import DIAL_TIMEOUTS, NoEndpointsError, Picker, TrafficSplit
 from uproxy.portforward.connection import PortForwardConnection, Relay
 from uproxy.proxyheader import proxy_header
 from uproxy.relay.accept import AcceptLoop
+from uproxy.relay.joined import Joined
 from uproxy.relay.pair import Side, start_pair
 from uproxy.relay.poller import (
     CLOSED,
@@ -93,7 +93,6 @@ from uproxy.relay.poller import (
     poller_for,
 )
 from uproxy.relay.splice import POOL, SPLICE_FLAGS, Pipe, PipePool
-from uproxy.relay.tcpinfo import received, written
 from uproxy.stats import PortStats
 
 log = logging.getLogger("uproxy.relay")
@@ -114,8 +113,6 @@ _SO_ERROR = socket.SO_ERROR
 _SHUT_WR = socket.SHUT_WR
 _EINPROGRESS = errno.EINPROGRESS
 _RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE})
-_EPIPE = errno.EPIPE
-FLUSH_CHECKS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)  # waits for the kernel's queue
 _SOL_IP = socket.IPPROTO_IP
 _SOL_IPV6 = socket.IPPROTO_IPV6
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; Python has no constant
@@ -382,13 +379,6 @@ def _port_of(sock: socket.socket) -> int:
         return 0
 
 
-def _hung_up(sock: Sock) -> bool:
-    """Whether the peer's FIN (or a reset) has arrived, asked directly."""
-    poll = select.poll()
-    poll.register(sock.fileno(), select.POLLRDHUP)
-    return bool(poll.poll(0))
-
-
 def _established(sock: Sock) -> bool:
     try:
         sock.getpeername()
@@ -401,11 +391,9 @@ class _Conn:
     """One client connection: dialling, then two pumps (or a protocol pair)."""
 
     __slots__ = (
-        "addr", "attempt", "cfd", "checks", "client", "client_out", "dial_seconds",
-        "dial_started", "down", "ended", "endpoint", "eofs", "external", "header", "joined",
-        "outcome",
-        "poller", "server", "sides", "started", "state", "task", "timer", "ufd", "up",
-        "upstream", "upstream_out",
+        "addr", "attempt", "cfd", "client", "client_out", "dial_seconds", "dial_started", "down",
+        "endpoint", "external", "header", "joined", "outcome", "poller", "server", "sides",
+        "started", "state", "task", "ufd", "up", "upstream", "upstream_out",
     )
 
     def __init__(self, server: TcpServer, client: Sock, addr: tuple[object, ...],
@@ -432,14 +420,7 @@ class _Conn:
         self.task: asyncio.Task[None] | None = None  # protocol mode: making the pair
         self.header: bytes | None = None  # PROXY protocol, sent first to every endpoint
         self.outcome = "ok"
-        # --relay sockmap: the kernel moves the bytes; `ended` has bit 1 when
-        # the client's EOF was passed on, 2 the endpoint's; `checks` counts
-        # waits for the kernel's queue to drain before that (FLUSH_CHECKS).
-        self.joined = False
-        self.eofs = 0  # bit 1: the client's FIN arrived; bit 2: the endpoint's
-        self.ended = 0
-        self.checks = 0
-        self.timer: asyncio.TimerHandle | None = None
+        self.joined: Joined | None = None  # --relay sockmap: the kernel moves the bytes
 
     @property
     def name(self) -> str:
@@ -569,8 +550,9 @@ class _Conn:
     # -- readiness ---------------------------------------------------------------
 
     def on_event(self, fd: int, mask: int) -> None:
-        if self.joined:
-            self._joined_event(fd, mask)
+        if self.joined is not None:
+            if self.state == OPEN:
+                self.joined.on_event(fd, mask)
             return
         if self.state != OPEN:
             if self.state == DIALLING and fd == self.ufd:
@@ -607,8 +589,11 @@ class _Conn:
         if mask & READABLE:
             reader.run()
         sockmap = self.server.sockmap
+        # Join between two reads that emptied both queues: the kernel must
+        # never be handed an skb userspace has read part of.
         if (sockmap is not None and up.moved and down.moved and up.pending is None
-                and down.pending is None and not (up.eof or down.eof or up.done or down.done)
+                and down.pending is None and not (up.readable or down.readable or up.eof
+                                                  or down.eof or up.done or down.done)
                 and self.state == OPEN):
             self._join(sockmap)
 
@@ -619,84 +604,18 @@ class _Conn:
         upstream = self.upstream
         assert upstream is not None and self.up is not None and self.down is not None
         try:
-            sockmap.join(self.client, upstream)
+            self.joined = Joined(self, sockmap)
         except OSError as exc:  # e.g. the map is full: keep copying
-            log.debug("%s: cannot join the sockmap: %s", self.server.name, exc)
+            log.warning("%s: cannot join the sockmap, copying from now on: %s",
+                        self.server.name, exc)
             self.server.sockmap = None
-            return
-        self.joined = True
-        self.up.done = self.down.done = True  # a pump queued in poller.later does nothing
 
-    def _joined_event(self, fd: int, mask: int) -> None:
-        if self.state != OPEN:
-            return
-        upstream = self.upstream
-        assert upstream is not None
-        sock, source, bit = ((self.client, upstream, 1) if fd == self.cfd
-                             else (upstream, self.client, 2))
-        try:
-            if mask & EPOLLERR:
-                err = sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
-                # A FIN that came alone is a zero-length skb the kernel fails to
-                # send to this socket with EPIPE, after every byte before it:
-                # not an error once its source has the FIN.
-                if err not in (0, _EPIPE) or not (self.eofs & (3 - bit) or _hung_up(source)):
-                    self.fail("reset")
-                    return
-                if not self.eofs & (3 - bit):
-                    self.eofs |= 3 - bit
-                    self._flush()
-            if mask & (EPOLLRDHUP | EPOLLHUP):
-                self.eofs |= bit
-                self._flush()
-        except OSError:
-            self.fail("reset")
-
-    def _flush(self) -> None:
-        """Pass on each EOF whose bytes the kernel has all written to the other side."""
-        self.timer = None
-        if self.state != OPEN:
-            return
-        upstream = self.upstream
-        assert upstream is not None
-        header = len(self.header) if self.header is not None else 0
-        waiting = False
-        for bit, src, dst, extra in ((1, self.client, upstream, header),
-                                     (2, upstream, self.client, 0)):
-            if self.ended & bit or not self.eofs & bit:
-                continue
-            if written(dst) < received(src, fin=True) + extra:
-                waiting = True
-                continue
-            self.ended |= bit
-            if self.ended == 3:
-                self.close()
-                return
-            dst.shutdown(_SHUT_WR)
-        if waiting:
-            delay = FLUSH_CHECKS[min(self.checks, len(FLUSH_CHECKS) - 1)]
-            self.checks += 1
-            self.timer = self.poller.loop.call_later(delay, self._flush_soon)
-        else:
-            self.checks = 0
-
-    def _flush_soon(self) -> None:
-        try:
-            self._flush()
-        except OSError:
-            self.fail("reset")
-
-    def _count_joined(self) -> None:
+    def _count_joined(self, joined: Joined) -> None:
         """The bytes each way, from the kernel's counts (before closing)."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        up, down, upstream = self.up, self.down, self.upstream
-        if up is None or down is None or upstream is None:
-            return
+        up, down = self.up, self.down
+        assert up is not None and down is not None
         with contextlib.suppress(OSError):
-            up.moved = received(self.client, fin=bool(self.eofs & 1))
-            down.moved = received(upstream, fin=bool(self.eofs & 2))
+            up.moved, down.moved = joined.end()
 
     # -- ending -----------------------------------------------------------------
 
@@ -704,8 +623,8 @@ class _Conn:
         """Both directions finished: close() sends the last FIN."""
         if self.state == CLOSED:
             return
-        if self.joined:
-            self._count_joined()
+        if self.joined is not None:
+            self._count_joined(self.joined)
         self.state = CLOSED
         self._release()
         self.client.close()
@@ -717,8 +636,8 @@ class _Conn:
         """An error, reset or abort: reset both sides."""
         if self.state == CLOSED:
             return
-        if self.joined:
-            self._count_joined()
+        if self.joined is not None:
+            self._count_joined(self.joined)
         self.state = CLOSED
         if self.outcome == "ok":
             self.outcome = outcome
@@ -752,7 +671,7 @@ class _Pump:
 
     __slots__ = (
         "conn", "done", "dst", "eof", "in_pipe", "moved", "pending", "pipe", "rdhup",
-        "readable", "src", "writable",
+        "readable", "src", "thorough", "writable",
     )
 
     def __init__(self, conn: _Conn, src: Sock, dst: Sock, splice_now: bool) -> None:
@@ -768,6 +687,7 @@ class _Pump:
         self.rdhup = False
         self.eof = False
         self.done = False
+        self.thorough = False  # read until EAGAIN or EOF, whatever the sizes
         if splice_now:
             self._take_pipe()
 
@@ -826,9 +746,12 @@ class _Pump:
             except BlockingIOError:
                 self.readable = False
                 return
-            if got < COPY_CHUNK:
+            if got < COPY_CHUNK and (got == 0 or not self.thorough):
                 # The queue was empty after this read; after RDHUP that was
-                # the last of it, and recv would only say EOF.
+                # the last of it, and recv would only say EOF. (Not so on a
+                # socket in a sockmap, `thorough`: one read returns what the
+                # kernel queued on the socket's psock, the next what waits in
+                # its receive queue.)
                 self.readable = False
                 if got == 0 or self.rdhup:
                     self.eof = True
@@ -906,6 +829,9 @@ class _Pump:
         """EOF read and everything flushed: pass the FIN on."""
         self.done = True
         conn = self.conn
+        if conn.joined is not None:
+            conn.joined.copied_to_end(self)
+            return
         other = conn.down if self is conn.up else conn.up
         if other is not None and other.done:
             conn.close()
