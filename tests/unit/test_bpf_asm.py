@@ -31,21 +31,24 @@ def test_a_map_descriptor_takes_two_slots() -> None:
         "18 12 00 00 05 00 00 00 00 00 00 00 00 00 00 00")
 
 
-def test_the_verdict_program_is_28_instructions_in_31_slots() -> None:
-    code = verdict_program(7, 9, 11)
-    assert len(code) == 31 * 8
+def test_the_verdict_program_is_34_instructions_in_38_slots() -> None:
+    code = verdict_program(7, 9, 11, 13)
+    assert len(code) == 38 * 8
     slots = [code[i:i + 8].hex(" ") for i in range(0, len(code), 8)]
     assert slots[1] == "85 00 00 00 2e 00 00 00"  # get_socket_cookie
-    assert slots[3] == "18 11 00 00 09 00 00 00"  # r1 = the credit map
+    assert slots[3] == "18 11 00 00 0b 00 00 00"  # r1 = the limits map
     assert slots[7] == "85 00 00 00 01 00 00 00"  # map_lookup_elem
-    assert slots[8] == "15 00 0e 00 00 00 00 00"  # if r0 == 0 goto +14 (the redirect)
-    assert slots[9] == "61 61 00 00 00 00 00 00"  # r1 = skb->len
-    assert slots[12] == "1f 13 00 00 00 00 00 00"  # r3 -= r1
-    assert slots[13] == "7b 30 00 00 00 00 00 00"  # *(u64 *)(r0 + 0) = r3
-    assert slots[14] == "c5 02 08 00 00 00 00 00"  # if r2 s< 0 goto +8
-    assert slots[15] == "75 03 07 00 00 00 00 00"  # if r3 s>= 0 goto +7
-    assert slots[16] == "18 11 00 00 0b 00 00 00"  # r1 = the ring buffer
-    assert slots[22] == "85 00 00 00 82 00 00 00"  # ringbuf_output
-    assert slots[24] == "18 12 00 00 07 00 00 00"  # r2 = the peers map
-    assert slots[29] == "85 00 00 00 48 00 00 00"  # sk_redirect_hash
-    assert slots[30] == "95 00 00 00 00 00 00 00"
+    assert slots[8] == "15 00 15 00 00 00 00 00"  # if r0 == 0 goto +21 (the redirect)
+    assert slots[9] == "79 07 00 00 00 00 00 00"  # r7 = *(u64 *)(r0 + 0)
+    assert slots[10] == "18 11 00 00 09 00 00 00"  # r1 = the used map
+    assert slots[15] == "15 00 0e 00 00 00 00 00"  # if r0 == 0 goto +14
+    assert slots[16] == "61 61 00 00 00 00 00 00"  # r1 = skb->len
+    assert slots[19] == "0f 13 00 00 00 00 00 00"  # r3 += r1
+    assert slots[21] == "2d 72 08 00 00 00 00 00"  # if r2 > r7 goto +8
+    assert slots[22] == "bd 73 07 00 00 00 00 00"  # if r3 <= r7 goto +7
+    assert slots[23] == "18 11 00 00 0d 00 00 00"  # r1 = the ring buffer
+    assert slots[29] == "85 00 00 00 82 00 00 00"  # ringbuf_output
+    assert slots[30] == "bf 61 00 00 00 00 00 00"  # redirect: r1 = r6
+    assert slots[31] == "18 12 00 00 07 00 00 00"  # r2 = the peers map
+    assert slots[36] == "85 00 00 00 48 00 00 00"  # sk_redirect_hash
+    assert slots[37] == "95 00 00 00 00 00 00 00"

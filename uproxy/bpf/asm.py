@@ -62,6 +62,11 @@ def add_imm(dst: int, imm: int) -> Insn:
     return Insn(ALU64 | ADD | K, dst, imm=imm)
 
 
+def add(dst: int, src: int) -> Insn:
+    """dst += src (64-bit)."""
+    return Insn(ALU64 | ADD | X, dst, src)
+
+
 def sub(dst: int, src: int) -> Insn:
     """dst -= src (64-bit)."""
     return Insn(ALU64 | SUB | X, dst, src)

@@ -1,43 +1,45 @@
 """The sockmap verdict: the kernel moves a joined connection's bytes, with
 a credit that keeps a slow receiver from filling kernel memory.
 
-Design. Three maps per process (each worker has its own), all keyed by a
-socket's cookie (SO_COOKIE, a u64 that never repeats while the host is up):
+Design. Per process (each worker has its own), all keyed by a socket's
+cookie (SO_COOKIE, a u64 that never repeats while the host is up):
 
 - `members` (SOCKHASH) holds a socket under its own cookie while the kernel
   moves its incoming bytes; the verdict program is attached to this map;
 - `peers` (SOCKHASH) holds, under a socket's cookie, the socket its bytes go
   to (the other side of the connection);
-- `credit` (HASH, s64) holds how many more bytes the kernel may move from a
-  socket before userspace looks again.
-
-- `notices` (RINGBUF) carries the cookie of a socket that just ran out of
-  credit; the relay's event loop watches its descriptor.
+- `used` (HASH, u64): bytes the verdict redirected from a socket since it
+  last joined `members` (only the program writes it while it is a member);
+- `limits` (HASH, u64): how far `used` may go before userspace hears of it
+  (only userspace writes it, so neither side loses the other's update);
+- `notices` (RINGBUF) carries the cookie of a socket whose `used` just
+  crossed its limit; the relay's event loop watches its descriptor.
 
 The sk_skb verdict runs on every skb a member receives:
 
     r6 = r1                                ; the skb
     r0 = get_socket_cookie(r1)             ; helper 46
     *(u64 *)(r10 - 8) = r0
-    r0 = map_lookup_elem(credit, r10 - 8)  ; helper 1
-    if r0 == 0 goto redirect               ; no credit entry: unlimited
-    r2 = *r0 ; r3 = r2 - skb->len ; *r0 = r3
-    if r2 s< 0 goto redirect               ; ran out before: said so already
-    if r3 s>= 0 goto redirect              ; still in credit
-    ringbuf_output(notices, r10 - 8, 8, 0) ; helper 130: just ran out
+    r7 = *map_lookup_elem(limits, r10 - 8) ; helper 1 (none: redirect)
+    r0 = map_lookup_elem(used, r10 - 8)    ; (none: redirect)
+    r2 = *r0 ; r3 = r2 + skb->len ; *r0 = r3
+    if r2 > r7 goto redirect               ; was over before: said so already
+    if r3 <= r7 goto redirect              ; still under
+    ringbuf_output(notices, r10 - 8, 8, 0) ; helper 130: just crossed
   redirect:
     return sk_redirect_hash(skb, peers, r10 - 8, 0)   ; helper 72, flags 0: egress
 
-28 instructions (31 slots). Every skb is redirected: running out of credit
-only tells userspace, which then takes the socket out of `members` (its
+34 instructions (38 slots). Every skb is redirected; crossing the limit only
+tells userspace. If the destination has been written all but half a credit
+of what was redirected, the receiver keeps up and the limit moves one
+credit (1 MiB) on. Else userspace takes the socket out of `members` (its
 later bytes stay in its receive queue, in order, under TCP flow control),
-waits until the kernel has written every byte it redirected (the credit
-says how many; reading TCP_INFO first waits for a verdict still running on
+waits until the kernel has written every byte it redirected (`used` says
+how many; reading TCP_INFO first waits for a verdict still running on
 another CPU), copies in userspace with the relay's backpressure, and, when a
 turn ends with the source empty and the destination not full, puts the
-socket back with fresh credit. So a slow receiver holds at most about a
-credit (1 MiB) plus the socket buffers, and a fast one costs one notice and
-one userspace turn per credit. Taking a socket in or out of `members` never
+socket back with fresh counts. So a slow receiver holds at most about a
+credit plus the socket buffers. Taking a socket in or out of `members` never
 reorders bytes: the peer's queue is FIFO and a socket outside `members`
 keeps its bytes. (A first version returned SK_PASS when out of credit, to
 wake userspace through EPOLLIN: passed skbs queue behind the bytes
@@ -45,7 +47,7 @@ redirected *to* that socket, and recv() reports EOF before they arrive:
 bytes were lost at the end of a stream.)
 
 Closing a socket removes it from both SOCKHASHes (the kernel unlinks closed
-sockets); the credit entries are deleted by the relay.
+sockets); the relay deletes its `used` and `limits` entries.
 
 Measured on kernel 6.18 (see DESIGN.md): bytes queued before a socket joins
 stay in its receive queue until the next skb arrives, when the verdict runs
@@ -54,7 +56,7 @@ over the whole queue in order; setting SO_RCVLOWAT runs it at once
 SO_RCVLOWAT. A FIN that arrives alone is a zero-length skb: redirected, the
 peer's sender fails it with EPIPE (SO_ERROR on the peer, EPOLLERR) after
 every byte before it left; the relay ignores that error on a direction whose
-source has seen EOF. Without credit the kernel applies no backpressure
+source has seen EOF. Without the credit the kernel applies no backpressure
 between the two sockets: a receiver that stops reading let 96 MiB queue in
 kernel memory in 50 ms.
 """
@@ -94,30 +96,37 @@ RINGBUF_OUTPUT = 130
 SO_COOKIE = 57  # asm-generic/socket.h; Python 3.11 has no constant
 KEY_SIZE = 8
 MAX_ENTRIES = 65536  # per map; the open-file limit stops far below
-CREDIT = 1024 * 1024  # bytes a socket may have moved before userspace looks again
+CREDIT = 1024 * 1024  # bytes a socket may move past what its receiver took
 
-_CREDIT = struct.Struct("<q")
+_U64 = struct.Struct("<Q")
+_ZERO = _U64.pack(0)
 
 
-def verdict_program(peers_fd: int, credit_fd: int, notices_fd: int) -> bytes:
+def verdict_program(peers_fd: int, used_fd: int, limits_fd: int, notices_fd: int) -> bytes:
     """The program in the module's docstring, assembled."""
     return asm.assemble(
         asm.mov(asm.R6, asm.R1),
         asm.call(GET_SOCKET_COOKIE),
         asm.store(asm.DW, asm.R10, -8, asm.R0),
-        asm.load_map_fd(asm.R1, credit_fd),
+        asm.load_map_fd(asm.R1, limits_fd),
         asm.mov(asm.R2, asm.R10),
         asm.add_imm(asm.R2, -8),
         asm.call(MAP_LOOKUP_ELEM),
-        asm.jump_if_imm(asm.JEQ, asm.R0, 0, 14),          # no credit entry -> redirect
+        asm.jump_if_imm(asm.JEQ, asm.R0, 0, 21),          # no limit -> redirect
+        asm.load(asm.DW, asm.R7, asm.R0, 0),              # r7 = limit
+        asm.load_map_fd(asm.R1, used_fd),
+        asm.mov(asm.R2, asm.R10),
+        asm.add_imm(asm.R2, -8),
+        asm.call(MAP_LOOKUP_ELEM),
+        asm.jump_if_imm(asm.JEQ, asm.R0, 0, 14),          # no count -> redirect
         asm.load(asm.W, asm.R1, asm.R6, 0),               # skb->len
-        asm.load(asm.DW, asm.R2, asm.R0, 0),              # credit left
+        asm.load(asm.DW, asm.R2, asm.R0, 0),              # r2 = used
         asm.mov(asm.R3, asm.R2),
-        asm.sub(asm.R3, asm.R1),
-        asm.store(asm.DW, asm.R0, 0, asm.R3),
-        asm.jump_if_imm(asm.JSLT, asm.R2, 0, 8),          # was out already -> redirect
-        asm.jump_if_imm(asm.JSGE, asm.R3, 0, 7),          # still in credit -> redirect
-        asm.load_map_fd(asm.R1, notices_fd),              # just ran out: tell userspace
+        asm.add(asm.R3, asm.R1),
+        asm.store(asm.DW, asm.R0, 0, asm.R3),             # used += len
+        asm.jump_if(asm.JGT, asm.R2, asm.R7, 8),          # over before -> redirect
+        asm.jump_if(asm.JLE, asm.R3, asm.R7, 7),          # still under -> redirect
+        asm.load_map_fd(asm.R1, notices_fd),              # just crossed: tell userspace
         asm.mov(asm.R2, asm.R10),
         asm.add_imm(asm.R2, -8),
         asm.mov_imm(asm.R3, KEY_SIZE),
@@ -140,31 +149,37 @@ def cookie(sock: _socket.socket) -> bytes:
 
 
 class SockMap:
-    """The three maps and the attached verdict (close() frees them)."""
+    """The maps and the attached verdict of one process (close() frees them)."""
 
     def __init__(self, max_entries: int = MAX_ENTRIES, credit: int = CREDIT) -> None:
         self.credit = credit
         fds: list[int] = []
+        notices: RingBuffer | None = None
         try:
             self.members = _keep(fds, map_create(MAP_TYPE_SOCKHASH, KEY_SIZE, 4, max_entries,
                                                  "uproxy_members"))
             self.peers = _keep(fds, map_create(MAP_TYPE_SOCKHASH, KEY_SIZE, 4, max_entries,
                                                "uproxy_peers"))
-            self.credits = _keep(fds, map_create(MAP_TYPE_HASH, KEY_SIZE, 8, max_entries,
-                                                 "uproxy_credit"))
-            self.notices = RingBuffer(name="uproxy_notices")
-            fds.append(self.notices.fd)
+            self.used = _keep(fds, map_create(MAP_TYPE_HASH, KEY_SIZE, 8, max_entries,
+                                              "uproxy_used"))
+            self.limits = _keep(fds, map_create(MAP_TYPE_HASH, KEY_SIZE, 8, max_entries,
+                                                "uproxy_limits"))
+            notices = RingBuffer(name="uproxy_notices")
             self.prog_fd = _keep(fds, prog_load(
-                PROG_TYPE_SK_SKB, verdict_program(self.peers, self.credits, self.notices.fd),
+                PROG_TYPE_SK_SKB,
+                verdict_program(self.peers, self.used, self.limits, notices.fd),
                 name="uproxy_verdict"))
             prog_attach(self.members, self.prog_fd, SK_SKB_VERDICT)
         except BaseException:
+            if notices is not None:
+                notices.close()
             for fd in fds:
                 os.close(fd)
             raise
+        self.notices = notices
         self.fds = fds
         self.pid = os.getpid()
-        # Who hears that a socket ran out of credit: cookie -> (loop, callback).
+        # Who hears that a socket crossed its limit: cookie -> (loop, callback).
         self.listeners: dict[bytes, tuple[asyncio.AbstractEventLoop, Callable[[], None]]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -182,25 +197,36 @@ class SockMap:
         return keys
 
     def resume(self, key: bytes, sock: _socket.socket) -> None:
-        """The kernel moves `sock`'s bytes again, with fresh credit, starting with
-        what waits in its receive queue."""
-        map_update(self.credits, key, _CREDIT.pack(self.credit), ANY)
+        """The kernel moves `sock`'s bytes again, counting from zero, starting
+        with what waits in its receive queue."""
+        map_update(self.used, key, _ZERO, ANY)
+        map_update(self.limits, key, _U64.pack(self.credit), ANY)
         map_update(self.members, key, struct.pack("I", sock.fileno()), ANY)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
+    def redirected(self, key: bytes) -> int:
+        """Bytes the verdict moved from this socket since it last joined."""
+        raw = map_lookup(self.used, key, 8)
+        return 0 if raw is None else int(_U64.unpack(raw)[0])
+
+    def extend(self, key: bytes, used: int) -> bool:
+        """Let the verdict move a credit past `used` before it tells again;
+        False when it had already gone past the new limit (then it will not tell)."""
+        limit = used + self.credit
+        map_update(self.limits, key, _U64.pack(limit), ANY)
+        return self.redirected(key) <= limit
+
     def pause(self, key: bytes, sock: _socket.socket) -> int:
         """The kernel stops moving this socket's bytes (they stay queued on it);
-        returns how many it redirected since the last resume."""
+        returns how many it redirected since it last joined."""
         map_delete(self.members, key)
         # A verdict already running on another CPU holds the socket's lock:
         # taking it (TCP_INFO does) waits for that run to finish and count.
         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
-        raw = map_lookup(self.credits, key, 8)
-        left = self.credit if raw is None else _CREDIT.unpack(raw)[0]
-        return self.credit - left
+        return self.redirected(key)
 
     def listen(self, key: bytes, callback: Callable[[], None]) -> None:
-        """Call `callback` (on the running loop) when this socket runs out of credit."""
+        """Call `callback` (on the running loop) when this socket crosses its limit."""
         loop = asyncio.get_running_loop()
         if self.loop is not loop:
             if self.loop is not None and not self.loop.is_closed():
@@ -221,15 +247,16 @@ class SockMap:
                 loop.call_soon_threadsafe(callback)
 
     def forget(self, keys: tuple[bytes, bytes]) -> None:
-        """A joined connection closed: drop its credit (the kernel drops the rest)."""
+        """A joined connection closed: drop its counts (the kernel drops the rest)."""
         for key in keys:
             self.listeners.pop(key, None)
-            with contextlib.suppress(OSError):
-                map_delete(self.credits, key)
+            for fd in (self.used, self.limits):
+                with contextlib.suppress(OSError):
+                    map_delete(fd, key)
 
     def keys(self) -> list[bytes]:
         """Every key left in any of the maps (none once every connection closed)."""
-        return [key for fd in (self.members, self.peers, self.credits)
+        return [key for fd in (self.members, self.peers, self.used, self.limits)
                 for key in map_keys(fd, KEY_SIZE)]
 
     def close(self) -> None:
@@ -237,8 +264,6 @@ class SockMap:
             self.loop.remove_reader(self.notices.fd)
         self.notices.close()
         for fd in self.fds:
-            if fd == self.notices.fd:
-                continue
             with contextlib.suppress(OSError):
                 os.close(fd)
 

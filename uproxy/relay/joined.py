@@ -73,12 +73,18 @@ class Joined:
             self._resume(d)
 
     def out_of_credit(self, d: int) -> None:
-        """The kernel moved its credit's worth of bytes in direction d: pause it."""
+        """The kernel moved a credit past what direction d's receiver had taken
+        when last asked: let it go on if the receiver keeps up, else pause."""
         if self.conn.state != OPEN or self.phase[d] != KERNEL:
             return
+        sockmap, key = self.sockmap, self.keys[d - 1]
+        dst = self._sides(d)[1]
         try:
-            self._pause(d)
-            self.tick()
+            used = sockmap.redirected(key)
+            behind = self.base[d] + used - written(dst)  # still in the kernel's queue
+            if behind > sockmap.credit // 2 or not sockmap.extend(key, used):
+                self._pause(d)
+                self.tick()
         except OSError:
             self.conn.fail("reset")
 
