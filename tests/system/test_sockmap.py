@@ -111,13 +111,14 @@ class Backend:
 class Relay:
     """A sockmap-mode TcpServer on its own uvloop in a thread."""
 
-    def __init__(self, endpoint: Endpoint, mode: str = "sockmap") -> None:
+    def __init__(self, endpoint: Endpoint, mode: str = "sockmap", proxy_protocol: int = 0) -> None:
         self.stats = PortStats()
         listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
         listener.setblocking(False)
         self.port = listener.getsockname()[1]
         self.loop = uvloop.new_event_loop()
-        self.server = TcpServer(listener, Picker(endpoint), self.stats, mode=mode)
+        self.server = TcpServer(listener, Picker(endpoint), self.stats, mode=mode,
+                                proxy_protocol=proxy_protocol)
         assert self.server.mode == mode
         started = threading.Event()
 
@@ -165,9 +166,10 @@ def the_map() -> SockMap:
 def relay_to(the_map: SockMap) -> Iterator[Callable[[Callable[[socket.socket], None]], Relay]]:
     made: list[tuple[Backend, Relay]] = []
 
-    def make(handler: Callable[[socket.socket], None], mode: str = "sockmap") -> Relay:
+    def make(handler: Callable[[socket.socket], None], mode: str = "sockmap",
+             proxy_protocol: int = 0) -> Relay:
         backend = Backend(handler)
-        relay = Relay(backend.endpoint, mode)
+        relay = Relay(backend.endpoint, mode, proxy_protocol)
         made.append((backend, relay))
         return relay
 
@@ -223,6 +225,38 @@ def test_one_mib_each_way_half_closed_both_ways(relay_to: Callable[..., Relay],
             wait_until(lambda: bool(got_by_backend), "the backend to read to EOF")
     assert got == down_payload
     assert got_by_backend == [up_payload]
+    wait_until(lambda: relay.stats.connections_active == 0, "the connection to close")
+    assert (relay.stats.bytes_in, relay.stats.bytes_out) == (5 + MiB, 2 + MiB)
+
+
+def test_a_proxy_header_first_then_a_joined_conversation_counted_exactly(
+        relay_to: Callable[..., Relay]) -> None:
+    up_payload, down_payload = stream(MiB), stream(MiB)[::-1]
+    got_by_backend: list[bytes] = []
+
+    def backend(conn: socket.socket) -> None:
+        header = b""
+        while not header.endswith(b"\r\n"):
+            header += conn.recv(1)
+        got_by_backend.append(header)
+        assert conn.recv(5) == b"hello"
+        conn.sendall(b"hi")
+        got_by_backend.append(recv_all(conn))
+        conn.sendall(down_payload)
+
+    relay = relay_to(backend, proxy_protocol=1)
+    with relay.connect() as client:
+        client.sendall(b"hello")
+        assert client.recv(2) == b"hi"
+        wait_until(lambda: relay.joined() == 1, "the connection to join the map")
+        client.sendall(up_payload)
+        client.shutdown(socket.SHUT_WR)
+        got = recv_all(client)
+        source = client.getsockname()
+    header = f"PROXY TCP4 127.0.0.1 127.0.0.1 {source[1]} {relay.port}\r\n"
+    assert got_by_backend[0] == header.encode()
+    assert got_by_backend[1] == up_payload
+    assert got == down_payload
     wait_until(lambda: relay.stats.connections_active == 0, "the connection to close")
     assert (relay.stats.bytes_in, relay.stats.bytes_out) == (5 + MiB, 2 + MiB)
 
@@ -360,6 +394,7 @@ def test_churn_leaves_no_map_entries_and_no_descriptors(relay_to: Callable[..., 
             assert client.recv(4) == b"pong"
         done += 1
     wait_until(lambda: relay.stats.connections_active == 0, "every connection to close", 10)
+    print(f"churn: {done} connections")
     assert relay.stats.connections_accepted == done >= 1000
     assert the_map.keys() == []
     wait_until(lambda: len(os.listdir("/proc/self/fd")) <= before, "descriptors to be freed")
