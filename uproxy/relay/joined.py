@@ -32,7 +32,15 @@ import socket
 from typing import TYPE_CHECKING
 
 from uproxy.bpf.sockmap import SockMap
-from uproxy.relay.poller import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, OPEN
+from uproxy.relay.poller import (
+    EPOLLERR,
+    EPOLLHUP,
+    EPOLLIN,
+    EPOLLOUT,
+    EPOLLRDHUP,
+    OPEN,
+    WATCH_READ,
+)
 from uproxy.relay.tcpinfo import received, written
 
 if TYPE_CHECKING:
@@ -100,6 +108,17 @@ class Joined:
             return
         self.phase[d] = KERNEL
         pump.done = True  # a turn queued in poller.later does nothing
+        pump.writable = True
+        # The kernel writes to dst now: its EPOLLOUT edges (one per ACK that
+        # frees space, in a bulk stream) would only wake us for nothing.
+        conn = self.conn
+        if dst is conn.client:
+            if conn.client_out:
+                conn.client_out = False
+                conn.poller.epoll.modify(conn.cfd, WATCH_READ)
+        elif conn.upstream_out:
+            conn.upstream_out = False
+            conn.poller.epoll.modify(conn.ufd, WATCH_READ)
 
     def _sides(self, d: int) -> tuple[_socket.socket, _socket.socket, _Pump, int]:
         """(source, destination, pump, extra bytes written) of direction d."""
