@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated scenario groups or names (default: all)")
     parser.add_argument("--systems", default=",".join(default),
                         help="comma-separated systems (default: all but the opt-in "
-                             "uproxy-splice, uproxy-protocol)")
+                             "uproxy-splice, uproxy-protocol, uproxy-sockmap)")
     parser.add_argument("--quick", action="store_true",
                         help="1 round, 2 s runs, S5 at 2,000 connections only")
     parser.add_argument("--uproxy", default=None,

@@ -10,6 +10,7 @@ with the load generator and backend, which always run on CPU 1.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -253,7 +254,8 @@ class Uproxy(System):
                  metrics: bool = False) -> None:
         self.mode = mode  # "laptop" | "redirect"
         self.workers = workers
-        self.relay = relay  # "" (uproxy's default, the hybrid) | "splice" | "protocol"
+        # "" (uproxy's default, the hybrid) | "splice" | "protocol" | "sockmap"
+        self.relay = relay
         # metrics: serve /metrics and scrape it every second during the run, to
         # show what observability costs the data path (issue 6: under 3%).
         self.metrics = metrics
@@ -277,6 +279,8 @@ class Uproxy(System):
             return "uproxy has no --workers yet"
         if self.relay and "--relay" not in ctx.uproxy_help:
             return "uproxy has no --relay yet"
+        if self.relay == "sockmap" and os.geteuid() != 0:
+            return "--relay sockmap needs root (bpf); without it uproxy relays as auto"
         if self.mode == "redirect":
             if "--rules" not in ctx.uproxy_help or "iptables" not in ctx.uproxy_help:
                 return "uproxy has no --rules iptables yet"
@@ -397,4 +401,4 @@ def all_systems() -> list[System]:
     return [Direct(), Uproxy("laptop"), Uproxy("laptop", 2), Uproxy("redirect"),
             HAProxy(1), HAProxy(2), NginxStream(1), NginxStream(2), Socat(),
             Uproxy("laptop", relay="splice"), Uproxy("laptop", relay="protocol"),
-            Uproxy("laptop", metrics=True)]
+            Uproxy("laptop", relay="sockmap"), Uproxy("laptop", metrics=True)]

@@ -24,9 +24,10 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from uproxy.balancer import Balancer
+from uproxy.bpf.sockmap import unavailable as sockmap_unavailable
 from uproxy.healthchecks import HealthCheckServer
 from uproxy.heap import collector_paused
 from uproxy.hostsfile import render_hosts, write_hosts
@@ -135,6 +136,7 @@ def build(
     """Every part, wired. `freeze_heap` (the real process, not tests that run
     many instances in one interpreter): after the first complete sync, move
     every object alive into the collector's permanent generation (see sync)."""
+    settings = resolve_relay(settings)
     # --workers N > 1: worker processes serve the sockets; this balancer tells them.
     workers = WorkerGroup(settings) if settings.listeners.workers > 1 else None
     balancer = workers.balancer if workers is not None else Balancer()
@@ -271,6 +273,17 @@ async def start_web_servers(parts: Parts) -> list[WebServer]:
             await server.close()
         raise StartupError(str(error)) from None
     return servers
+
+
+def resolve_relay(settings: Settings) -> Settings:
+    """--relay sockmap where this host cannot load it: say why once, relay with auto."""
+    if settings.listeners.relay_mode != "sockmap":
+        return settings
+    why = sockmap_unavailable()
+    if why is None:
+        return settings
+    log.warning("--relay sockmap is not available, relaying with auto instead: %s", why)
+    return replace(settings, listeners=replace(settings.listeners, relay_mode="auto"))
 
 
 async def preflight(parts: Parts) -> None:

@@ -50,7 +50,7 @@ async def exchange(address: tuple[str, int], client_ip: str) -> tuple[bytes, tup
 
 @pytest.mark.parametrize(("version", "relay", "workers"), [
     ("v1", "auto", "1"), ("v2", "auto", "1"), ("v2", "splice", "1"), ("v1", "protocol", "1"),
-    ("v2", "auto", "2"),
+    ("v2", "auto", "2"), ("v1", "sockmap", "1"),
 ])
 async def test_the_endpoint_gets_the_header_first(
     tmp_path: Path, endpoint: int, version: str, relay: str, workers: str

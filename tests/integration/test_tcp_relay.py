@@ -32,7 +32,7 @@ from uproxy.relay.splice import Pipe, PipePool
 from uproxy.relay.tcp import TcpServer
 from uproxy.stats import PortStats
 
-MODES = ["splice", "protocol", "auto"]
+MODES = ["splice", "protocol", "auto", "sockmap"]  # sockmap runs as auto without root
 pytestmark = LOOP_POLICY_WARNING
 MiB = 1024 * 1024
 PAYLOAD = bytes(range(256)) * (MiB // 256)
@@ -272,7 +272,7 @@ async def test_every_dial_failing_resets_and_counts(make_proxy: Callable[..., Pr
     assert proxy.stats.dial_attempts_failed == 3
 
 
-@pytest.mark.parametrize("mode", ["auto", "protocol"])
+@pytest.mark.parametrize("mode", ["auto", "protocol", "sockmap"])
 async def test_client_reset_reaches_the_backend(make_proxy: Callable[..., Proxy],
                                                 mode: str) -> None:
     outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -299,7 +299,7 @@ async def test_client_reset_reaches_the_backend(make_proxy: Callable[..., Proxy]
     server.close()
 
 
-@pytest.mark.parametrize("mode", ["auto", "protocol"])
+@pytest.mark.parametrize("mode", ["auto", "protocol", "sockmap"])
 async def test_drain_waits_for_open_connection_and_abort_closes_it(
         make_proxy: Callable[..., Proxy], mode: str) -> None:
     server, endpoint = await backend(echo)

@@ -123,11 +123,11 @@ class Uproxy:
 
 
 @contextlib.contextmanager
-def uproxy(services: Path, services_count: int) -> Iterator[Uproxy]:
+def uproxy(services: Path, services_count: int, relay: str = "auto") -> Iterator[Uproxy]:
     process = subprocess.Popen(
         [sys.executable, "-m", "uproxy", "--services", str(services), "--workers", str(WORKERS),
          "--bind-range", "127.77.0.0/16", "--healthz-bind-address", "",
-         "--metrics-bind-address", "127.0.0.1:0", "--shutdown-grace", "2s"],
+         "--metrics-bind-address", "127.0.0.1:0", "--shutdown-grace", "2s", "--relay", relay],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     stderr: list[str] = []
@@ -193,8 +193,13 @@ def _socket_inode(local_port: int, remote_port: int) -> str:
 # -- one uproxy with three services, shared by the timelines below ---------------
 
 
-@pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Uproxy, dict[str, int]]]:
+@pytest.fixture(scope="module", params=[
+    "auto",
+    pytest.param("sockmap", marks=pytest.mark.skipif(
+        os.geteuid() != 0, reason="--relay sockmap needs root (it would run as auto)")),
+])
+def running(tmp_path_factory: pytest.TempPathFactory,
+            request: pytest.FixtureRequest) -> Iterator[tuple[Uproxy, dict[str, int]]]:
     with backends(["a", "b", "c"], ["u1", "u2"]) as ports, \
             socket.socket(socket.AF_INET, socket.SOCK_STREAM) as refusing:
         # Bound and never listening: dials to it are refused, and no other
@@ -213,7 +218,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Uproxy, 
             {"name": "dns", "ports": [{"port": 5353, "protocol": "UDP"}],
              "endpoints": [f"127.0.0.1:{ports['u1']}", f"127.0.0.1:{ports['u2']}"]},
         ])
-        with uproxy(services, 5) as up:
+        with uproxy(services, 5, request.param) as up:
             yield up, ports
 
 

@@ -18,6 +18,16 @@ an object per descriptor). Modes:
   the first byte.
 - "protocol": the two sockets become asyncio transports joined by a Protocol
   pair with backpressure (`relay.pair`; making the transports is one task).
+- "sockmap": copies like "auto" (never splicing) until the connection has
+  shown it is not a one-shot: both directions moved bytes and nothing waits
+  in userspace. Then both sockets join the process's SOCKHASH
+  (`uproxy.bpf.sockmap`) and the kernel moves every further byte; the
+  sockets stay in the epoll set only to see EOF, resets and errors. An EOF
+  is passed on (shutdown(SHUT_WR) on the other socket) once TCP_INFO shows
+  every byte the source received was written into the destination, so no
+  FIN overtakes redirected bytes; byte counts come from TCP_INFO too
+  (`relay.tcpinfo`). Without the privilege or kernel support the mode falls
+  back to "auto" with one warning.
 
 A client whose endpoint is reached through the API server's port-forward
 (`--dial`) is handed to `portforward.connection` instead.
@@ -60,11 +70,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import cast
 
+from uproxy.bpf.sockmap import SockMap, sockmap, unavailable
 from uproxy.model import Endpoint
 from uproxy.picking import DIAL_TIMEOUTS, NoEndpointsError, Picker, TrafficSplit
 from uproxy.portforward.connection import PortForwardConnection, Relay
 from uproxy.proxyheader import proxy_header
 from uproxy.relay.accept import AcceptLoop
+from uproxy.relay.joined import Joined
 from uproxy.relay.pair import Side, start_pair
 from uproxy.relay.poller import (
     CLOSED,
@@ -85,7 +97,7 @@ from uproxy.stats import PortStats
 
 log = logging.getLogger("uproxy.relay")
 
-MODES = ("splice", "protocol", "auto")
+MODES = ("splice", "protocol", "sockmap", "auto")
 COPY_CHUNK = 256 * 1024
 PROMOTE_AFTER = 256 * 1024  # bytes one direction moves before it may switch to splice
 BULK_READ = 64 * 1024  # a read this large says the sender outpaces us: bulk
@@ -139,6 +151,18 @@ def reset_close(sock: Sock) -> None:
     sock.close()
 
 
+_WARNED: set[int] = set()
+
+
+def _warn_no_sockmap() -> None:
+    """Once per process: why --relay sockmap runs as auto."""
+    pid = os.getpid()
+    if pid not in _WARNED:
+        _WARNED.add(pid)
+        log.warning("--relay sockmap is not available, relaying with auto instead: %s",
+                    unavailable())
+
+
 class TcpServer:
     """Serves one bound, listening TCP socket for one service port."""
 
@@ -161,6 +185,12 @@ class TcpServer:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"relay mode {mode!r}: expected one of {', '.join(MODES)}")
+        self.sockmap: SockMap | None = None
+        if mode == "sockmap":
+            self.sockmap = sockmap()
+            if self.sockmap is None:
+                _warn_no_sockmap()
+                mode = "auto"
         if not dial_timeouts:
             raise ValueError("dial_timeouts: needs at least one attempt")
         self.picker = picker
@@ -362,8 +392,8 @@ class _Conn:
 
     __slots__ = (
         "addr", "attempt", "cfd", "client", "client_out", "dial_seconds", "dial_started", "down",
-        "endpoint", "external", "header", "outcome", "poller", "server", "sides", "started",
-        "state", "task", "ufd", "up", "upstream", "upstream_out",
+        "endpoint", "external", "header", "joined", "outcome", "poller", "server", "sides",
+        "started", "state", "task", "ufd", "up", "upstream", "upstream_out",
     )
 
     def __init__(self, server: TcpServer, client: Sock, addr: tuple[object, ...],
@@ -390,6 +420,7 @@ class _Conn:
         self.task: asyncio.Task[None] | None = None  # protocol mode: making the pair
         self.header: bytes | None = None  # PROXY protocol, sent first to every endpoint
         self.outcome = "ok"
+        self.joined: Joined | None = None  # --relay sockmap: the kernel moves the bytes
 
     @property
     def name(self) -> str:
@@ -519,6 +550,10 @@ class _Conn:
     # -- readiness ---------------------------------------------------------------
 
     def on_event(self, fd: int, mask: int) -> None:
+        if self.joined is not None:
+            if self.state == OPEN:
+                self.joined.on_event(fd, mask)
+            return
         if self.state != OPEN:
             if self.state == DIALLING and fd == self.ufd:
                 if mask & (EPOLLERR | EPOLLHUP):
@@ -553,6 +588,34 @@ class _Conn:
                     return
         if mask & READABLE:
             reader.run()
+        sockmap = self.server.sockmap
+        # Join between two reads that emptied both queues: the kernel must
+        # never be handed an skb userspace has read part of.
+        if (sockmap is not None and up.moved and down.moved and up.pending is None
+                and down.pending is None and not (up.readable or down.readable or up.eof
+                                                  or down.eof or up.done or down.done)
+                and self.state == OPEN):
+            self._join(sockmap)
+
+    # -- sockmap: the kernel moves the bytes ----------------------------------------
+
+    def _join(self, sockmap: SockMap) -> None:
+        """Both directions have moved bytes and nothing waits here: hand over."""
+        upstream = self.upstream
+        assert upstream is not None and self.up is not None and self.down is not None
+        try:
+            self.joined = Joined(self, sockmap)
+        except OSError as exc:  # e.g. the map is full: keep copying
+            log.warning("%s: cannot join the sockmap, copying from now on: %s",
+                        self.server.name, exc)
+            self.server.sockmap = None
+
+    def _count_joined(self, joined: Joined) -> None:
+        """The bytes each way, from the kernel's counts (before closing)."""
+        up, down = self.up, self.down
+        assert up is not None and down is not None
+        with contextlib.suppress(OSError):
+            up.moved, down.moved = joined.end()
 
     # -- ending -----------------------------------------------------------------
 
@@ -560,6 +623,8 @@ class _Conn:
         """Both directions finished: close() sends the last FIN."""
         if self.state == CLOSED:
             return
+        if self.joined is not None:
+            self._count_joined(self.joined)
         self.state = CLOSED
         self._release()
         self.client.close()
@@ -571,6 +636,8 @@ class _Conn:
         """An error, reset or abort: reset both sides."""
         if self.state == CLOSED:
             return
+        if self.joined is not None:
+            self._count_joined(self.joined)
         self.state = CLOSED
         if self.outcome == "ok":
             self.outcome = outcome
@@ -604,7 +671,7 @@ class _Pump:
 
     __slots__ = (
         "conn", "done", "dst", "eof", "in_pipe", "moved", "pending", "pipe", "rdhup",
-        "readable", "src", "writable",
+        "readable", "src", "thorough", "writable",
     )
 
     def __init__(self, conn: _Conn, src: Sock, dst: Sock, splice_now: bool) -> None:
@@ -620,6 +687,7 @@ class _Pump:
         self.rdhup = False
         self.eof = False
         self.done = False
+        self.thorough = False  # read until EAGAIN or EOF, whatever the sizes
         if splice_now:
             self._take_pipe()
 
@@ -678,9 +746,12 @@ class _Pump:
             except BlockingIOError:
                 self.readable = False
                 return
-            if got < COPY_CHUNK:
+            if got < COPY_CHUNK and (got == 0 or not self.thorough):
                 # The queue was empty after this read; after RDHUP that was
-                # the last of it, and recv would only say EOF.
+                # the last of it, and recv would only say EOF. (Not so on a
+                # socket in a sockmap, `thorough`: one read returns what the
+                # kernel queued on the socket's psock, the next what waits in
+                # its receive queue.)
                 self.readable = False
                 if got == 0 or self.rdhup:
                     self.eof = True
@@ -758,6 +829,9 @@ class _Pump:
         """EOF read and everything flushed: pass the FIN on."""
         self.done = True
         conn = self.conn
+        if conn.joined is not None:
+            conn.joined.copied_to_end(self)
+            return
         other = conn.down if self is conn.up else conn.up
         if other is not None and other.done:
             conn.close()
