@@ -98,3 +98,48 @@ async def test_without_inotify_the_file_is_polled(
     assert sink.summary() == ["service ~ default/web"]
     assert any("no inotify" in r.getMessage() and "checking every 0.05 s" in r.getMessage()
                for r in caplog.records)
+
+
+class _CountingInotify:
+    """A real Inotify whose `get` calls are counted (one: no settling wait)."""
+
+    def __init__(self, inotify: object) -> None:
+        self.inotify = inotify
+        self.gets = 0
+
+    async def get(self) -> object:
+        self.gets += 1
+        return await self.inotify.get()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.inotify.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("folder", [False, True], ids=["file", "folder"])
+async def test_a_single_file_written_whole_wakes_without_settling(
+        tmp_path: Path, folder: bool) -> None:
+    """A services file renamed into place is whole: the watch returns on that
+    event. A folder may be mid-rewrite, so its events settle first."""
+    from uproxy.sources.watch import Watch
+
+    conf, stage = tmp_path / "conf", tmp_path / "stage"
+    conf.mkdir()
+    stage.mkdir()
+    target = conf / "services.yaml"
+    target.write_text(TWO_SERVICES)
+    watch = Watch(conf if folder else target, poll_interval=SLOW_POLL)
+    watch.start()
+    assert watch.active, watch.inotify_failure
+    counting = _CountingInotify(watch._inotify)
+    watch._inotify = counting  # type: ignore[assignment]
+    try:
+        waiting = asyncio.ensure_future(watch.wait(WAIT))
+        await asyncio.sleep(0)
+        fresh = stage / "services.yaml"  # written outside the watched folder
+        fresh.write_text(TWO_SERVICES)
+        os.replace(fresh, target)
+        assert await asyncio.wait_for(waiting, WAIT + 1) is True
+        # The rename is the only event: a folder waits one more SETTLE for others.
+        assert counting.gets == (2 if folder else 1)
+    finally:
+        watch.close()

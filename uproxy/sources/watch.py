@@ -7,8 +7,10 @@ wake the source at once. Only events that end a write are asked for
 (close-after-write, renames, deletions, attribute changes), so a file
 written in many pieces wakes it once, when it is closed. A burst of
 events (a folder rewritten file by file) is one wake after SETTLE seconds of
-quiet. The caller still compares the file's fingerprint, so an event for an
-unrelated file in the same folder costs one stat() and nothing else.
+quiet; a single services file closed after a write or renamed into place
+wakes it at once. The caller still compares the file's fingerprint, so an
+event for an unrelated file in the same folder costs one stat() and nothing
+else.
 
 Where inotify cannot be used (no inotify, the per-user watch limit reached,
 the folder gone), `wait` returns after the poll interval, as before.
@@ -39,6 +41,9 @@ class Watch:
         self.poll_interval = poll_interval
         self._inotify: Inotify | None = None
         self.inotify_failure: str | None = None  # why inotify is not used, once known
+        # A single file (not a folder) is whole once it is closed after a write
+        # or renamed into place: no burst to wait out.
+        self._file: str | None = None
 
     @property
     def active(self) -> bool:
@@ -50,7 +55,8 @@ class Watch:
             from asyncinotify import Inotify, Mask
 
             inotify = Inotify()
-            folder = self.path if self.path.is_dir() else self.path.parent
+            is_folder = self.path.is_dir()
+            folder = self.path if is_folder else self.path.parent
             # Not CREATE (nor MODIFY): a file being written wakes us when it is
             # closed (CLOSE_WRITE), not while it is half there.
             mask = (Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE
@@ -66,6 +72,7 @@ class Watch:
                      self.inotify_failure, self.poll_interval)
             return
         self._inotify = inotify
+        self._file = None if is_folder else self.path.name
 
     async def wait(self, timeout: float) -> bool:
         """True after a burst of events; False when `timeout` (or, polling, the poll
@@ -82,10 +89,14 @@ class Watch:
             return False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SETTLE_MAX
+        whole = Mask.CLOSE_WRITE | Mask.MOVED_TO
         while True:
             if event.mask & (Mask.IGNORED | Mask.DELETE_SELF | Mask.MOVE_SELF):
                 self._stop("the watched folder went away")
                 return True
+            if self._file is not None and event.mask & whole and event.name is not None \
+                    and event.name.name == self._file:
+                return True  # the services file itself was written whole
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return True
