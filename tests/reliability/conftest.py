@@ -90,14 +90,21 @@ class Uproxy:
             try:
                 return self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                # Started with -X faulthandler: SIGABRT writes every thread's
+                # stack to stderr, so a hang says where it is.
+                self.process.send_signal(signal.SIGABRT)
+                try:
+                    self.process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
         return self.process.wait()
 
 
 @contextlib.contextmanager
 def running_uproxy(services: Path, *flags: str, count: int = 1) -> Iterator[Uproxy]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "uproxy", "--services", str(services), "--bind-range", BIND_RANGE,
+        [sys.executable, "-X", "faulthandler", "-m", "uproxy", "--services", str(services),
+         "--bind-range", BIND_RANGE,
          "--healthz-bind-address", "", "--metrics-bind-address", "", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -114,7 +121,8 @@ def running_uproxy(services: Path, *flags: str, count: int = 1) -> Iterator[Upro
     finally:
         code = up.stop()
         reader.join(5)
-        assert code == 0, "".join(up.stderr_lines[-20:])
+        # A hang's stacks (faulthandler, above) follow the last log lines.
+        assert code == 0, "".join(up.stderr_lines[-60:])
 
 
 class Backend:
