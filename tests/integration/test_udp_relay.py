@@ -57,6 +57,14 @@ class UdpEcho:
         self.sock.close()
 
 
+def dual_stack_listener() -> tuple[socket.socket, int]:
+    """A wildcard IPv6 datagram socket that IPv4 clients reach too, and its port."""
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    listener.bind(("::", 0))
+    return listener, listener.getsockname()[1]
+
+
 def client_socket(host: str = "127.0.0.1") -> socket.socket:
     sock = udp_socket(host)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -302,10 +310,7 @@ async def test_drain_lets_replies_through_then_closes(
 async def test_dual_stack_wildcard_listener_replies_to_ipv4_clients(
         make_server: Callable[..., tuple[UdpServer, PortStats, int]]) -> None:
     echo = UdpEcho()
-    listener = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    listener.bind(("::", 0))
-    port = listener.getsockname()[1]
+    listener, port = dual_stack_listener()
     server = UdpServer(listener, FixedPicker(echo.endpoint), PortStats())
     server.start()
     client = client_socket()
@@ -374,10 +379,7 @@ async def test_a_burst_arrives_whole_in_order_from_the_address_used_with_exact_c
 async def test_a_burst_on_a_dual_stack_listener_keeps_each_address(
         make_server: Callable[..., tuple[UdpServer, PortStats, int]]) -> None:
     echo = UdpEcho()
-    listener = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    listener.bind(("::", 0))
-    port = listener.getsockname()[1]
+    listener, port = dual_stack_listener()
     stats = PortStats()
     server = UdpServer(listener, FixedPicker(echo.endpoint), stats)
     server.start()
