@@ -28,11 +28,11 @@ import uvloop
 
 from tests.conftest import require_system
 from tests.integration.apphelpers import Lines, write_services
+from tests.integration.relay_helpers import FixedPicker
 from uproxy.bpf import asm
 from uproxy.bpf.sockmap import SockMap, sockmap, unavailable
 from uproxy.bpf.syscall import PROG_TYPE_SK_SKB, BpfError, prog_load
 from uproxy.model import Endpoint
-from uproxy.picking import TrafficSplit
 from uproxy.relay.tcp import TcpServer
 from uproxy.stats import PortStats
 
@@ -61,17 +61,6 @@ def recv_all(sock: socket.socket, limit: int = 1 << 30) -> bytes:
         if sum(map(len, chunks)) > limit:
             break
     return b"".join(chunks)
-
-
-class Picker:
-    def __init__(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
-        self.split = TrafficSplit()
-
-    def pick(self, client_ip: str, reset_affinity: bool = False) -> Endpoint:
-        return self.endpoint
-
-    pick_external = pick
 
 
 class Backend:
@@ -117,7 +106,7 @@ class Relay:
         listener.setblocking(False)
         self.port = listener.getsockname()[1]
         self.loop = uvloop.new_event_loop()
-        self.server = TcpServer(listener, Picker(endpoint), self.stats, mode=mode,
+        self.server = TcpServer(listener, FixedPicker(endpoint), self.stats, mode=mode,
                                 proxy_protocol=proxy_protocol)
         assert self.server.mode == mode
         started = threading.Event()
