@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from uproxy.heap import collector_paused
+from uproxy.heap import FREEZE_AFTER, collector_paused
 
 
 @pytest.fixture(autouse=True)
@@ -61,3 +61,30 @@ def test_a_collector_disabled_by_someone_else_stays_disabled() -> None:
     with collector_paused():
         pass
     assert not gc.isenabled()
+
+
+@pytest.fixture
+def unfrozen() -> Iterator[None]:
+    gc.collect()
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+@pytest.mark.usefixtures("unfrozen")
+def test_a_pause_that_made_bulk_objects_freezes_them() -> None:
+    gc.enable()
+    before = gc.get_freeze_count()
+    with collector_paused():
+        kept = [[i] for i in range(FREEZE_AFTER + 1000)]
+    assert gc.get_freeze_count() >= before + len(kept)
+    assert gc.isenabled()
+
+
+@pytest.mark.usefixtures("unfrozen")
+def test_a_small_pause_freezes_nothing() -> None:
+    gc.enable()
+    with collector_paused():
+        kept = [[i] for i in range(100)]
+    assert len(kept) == 100
+    assert gc.get_freeze_count() == 0
