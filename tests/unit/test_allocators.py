@@ -65,3 +65,16 @@ def test_laptop_ips_never_collide(names: list[str]) -> None:
     allocator = AddressAllocator(ipaddress.ip_network("127.77.0.0/27"))
     taken = [allocator.allocate(ObjectName("ns", name)) for name in names]
     assert len(set(taken)) == len(taken)
+
+
+@pytest.mark.parametrize("cidr", ["127.77.0.0/16", "10.0.0.0/31", "fd00:77::/112"])
+def test_laptop_ips_are_written_as_ipaddress_writes_them(cidr: str) -> None:
+    """Addresses are made from integers; each must read as ipaddress prints it
+    (the hosts file, the table and the bind all use the text)."""
+    network = ipaddress.ip_network(cidr)
+    allocator = AddressAllocator(network)
+    names = [ObjectName("ns", f"s{i}") for i in range(min(200, network.num_addresses))]
+    for name in names:
+        ip = allocator.allocate(name)
+        assert str(ipaddress.ip_address(ip)) == ip
+        assert ipaddress.ip_address(ip) in network
