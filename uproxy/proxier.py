@@ -419,6 +419,7 @@ class Proxier:
             self._order.clear()
             stale = set(self.desired)
         keys: set[RowKey] = set()
+        new: list[RowKey] = []
         for name in stale:
             key = (name.namespace, name.name, name.port, name.protocol)
             keys.add(key)
@@ -428,7 +429,7 @@ class Proxier:
                     del self._order[bisect.bisect_left(self._order, key)]
                 continue
             if key not in self._rows:
-                bisect.insort(self._order, key)
+                new.append(key)
             listener = self.listeners.bound.get(name)
             where = f"{port.frontend.port}/{name.protocol.lower()}"
             if listener is not None:
@@ -446,6 +447,12 @@ class Proxier:
             else:
                 self._rows[key] = (str(name.service), where, "not served",
                                    f"({self.listeners.unserved.get(name, 'unknown error')})")
+        if len(new) > 64:  # 10k insorts cost ~50 ms; one sort of the lot ~5
+            self._order.extend(new)
+            self._order.sort()
+        else:
+            for key in new:
+                bisect.insort(self._order, key)
         return keys
 
     def _write_table(self) -> None:
