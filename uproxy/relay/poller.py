@@ -80,7 +80,11 @@ class Poller:
         self.pid = os.getpid()
         self.epoll = select.epoll()
         self.fd = self.epoll.fileno()
-        self.conns: dict[int, Watched] = {}
+        # The connection of each watched descriptor, indexed by descriptor:
+        # descriptors are small and dense, and a list costs 8 bytes a slot
+        # where a dict cost ~30 per entry (S5: 20k descriptors at 10k
+        # connections, 160 KB against 576 KB).
+        self.conns: list[Watched | None] = []
         self.again: list[Again] = []
         self.again_armed = False
         self.deadlines: dict[float, deque[tuple[float, Watched, int]]] = {}
@@ -107,13 +111,26 @@ class Poller:
         self.epoll.close()
 
     def watch(self, fd: int, conn: Watched, events: int = WATCH) -> None:
-        self.conns[fd] = conn
+        conns = self.conns
+        if fd >= len(conns):
+            conns.extend([None] * max(fd + 1 - len(conns), len(conns)))
+        conns[fd] = conn
         self.epoll.register(fd, events)
+
+    def forget(self, fd: int) -> Watched | None:
+        """Stop routing `fd`'s events (the caller closes or unregisters it);
+        the connection that was watching it, or None."""
+        conns = self.conns
+        if 0 <= fd < len(conns):
+            conn, conns[fd] = conns[fd], None
+            return conn
+        return None
 
     def _on_ready(self) -> None:
         conns = self.conns
+        size = len(conns)
         for fd, mask in self.epoll.poll(0):
-            conn = conns.get(fd)
+            conn = conns[fd] if fd < size else None
             if conn is not None:
                 try:
                     conn.on_event(fd, mask)
