@@ -128,6 +128,9 @@ class Table:
             "- pinning: load generators and backends on cpu 1 (`taskset -c 1`); " + "; ".join(
                 f"{name}: {pin}" for name, pin in meta.get("pinning", {}).items()),
             f"- load: {meta.get('load', '?')}",
+            *([f"- loopback receive steered by RPS to cpu mask {meta['lo_rps_cpus']} "
+               "(`--lo-rps-cpus`): receive work and sockmap's redirect work run there"]
+              if meta.get("lo_rps_cpus") else []),
             "- cells: median (min–max) over rounds; ratio: per-round value / direct's in the "
             "same round, median (min–max); n/a: not applicable, skip: could not run",
             "",

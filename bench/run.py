@@ -71,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only rewrite results.md/results.png from OUT/results.jsonl")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the work folder with every process's log")
+    parser.add_argument("--lo-rps-cpus", default=None, metavar="MASK",
+                        help="for this run, steer loopback receive processing to these "
+                             "cpus (hex mask for /sys/class/net/lo/queues/rx-*/rps_cpus, "
+                             "e.g. 1 = the proxies' cpu 0); restored after")
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
@@ -257,6 +261,19 @@ def write_report(out: Path, records: list[dict[str, Any]]) -> Table:
     return table
 
 
+def steer_loopback(mask: str) -> dict[Path, str]:
+    """Set RPS on every loopback receive queue: where the kernel does receive
+    work (and the psock work sockmap redirects queue) on loopback. Returns the
+    previous masks to restore."""
+    previous: dict[Path, str] = {}
+    for path in sorted(Path("/sys/class/net/lo/queues").glob("rx-*/rps_cpus")):
+        previous[path] = path.read_text().strip()
+        path.write_text(mask)
+    if not previous:
+        raise SystemExit("bench: --lo-rps-cpus: no /sys/class/net/lo/queues/rx-*/rps_cpus")
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report_only:
@@ -274,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     netns = make_netns() if any(s.in_netns for s in systems) else None
     ctx = Context(workdir, netns, uproxy_argv, uproxy_help, uproxy_error)
     rec = Recorder(args.out / "results.jsonl")
+    rps_restore = steer_loopback(args.lo_rps_cpus) if args.lo_rps_cpus is not None else {}
     started = time.monotonic()
     port_base = sc.choose_ports()
     rec.add({"kind": "run", "date": datetime.datetime.now().astimezone().isoformat("T", "seconds"),
@@ -286,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{sc.UDP_PROCESSES}×{sc.UDP_CLIENTS_PER_PROCESS} closed-loop UDP clients "
                      f"{durations.requests}s; S5 sizes {durations.s5_sizes}, RLIMIT_NOFILE {hard}"
                      f"; C1 sizes {C1_SIZES}",
-             "ports": {kind: [r.backend_port, r.front_port] for kind, r in sc.ROUTES.items()}})
+             "ports": {kind: [r.backend_port, r.front_port] for kind, r in sc.ROUTES.items()},
+             "lo_rps_cpus": args.lo_rps_cpus})
     groups = list(dict.fromkeys(name.split("-")[0] for name in args.scenario_list))
     print(f"bench: {len(systems)} systems, scenarios {', '.join(args.scenario_list)}, "
           f"{args.rounds} round(s); ports {port_base}+; logs in {workdir}", flush=True)
@@ -332,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted; reporting what was measured", flush=True)
     finally:
+        for path, mask in rps_restore.items():
+            path.write_text(mask)
         if netns:
             subprocess.run(["ip", "netns", "del", netns], check=False, timeout=10)
         if not args.keep_logs:
