@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from uproxy.balancer import Balancer
-from uproxy.bpf.sockmap import unavailable as sockmap_unavailable
+from uproxy.bpf.sockmap import fell_back as sockmap_fell_back
 from uproxy.healthchecks import HealthCheckServer
 from uproxy.heap import collector_paused
 from uproxy.hostsfile import render_hosts, write_hosts
@@ -277,12 +277,8 @@ async def start_web_servers(parts: Parts) -> list[WebServer]:
 
 def resolve_relay(settings: Settings) -> Settings:
     """--relay sockmap where this host cannot load it: say why once, relay with auto."""
-    if settings.listeners.relay_mode != "sockmap":
+    if settings.listeners.relay_mode != "sockmap" or not sockmap_fell_back(log):
         return settings
-    why = sockmap_unavailable()
-    if why is None:
-        return settings
-    log.warning("--relay sockmap is not available, relaying with auto instead: %s", why)
     return replace(settings, listeners=replace(settings.listeners, relay_mode="auto"))
 
 

@@ -66,6 +66,7 @@ from __future__ import annotations
 import _socket
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import struct
@@ -295,6 +296,23 @@ def unavailable() -> str | None:
     """Why this process cannot use sockmap, or None when it can."""
     sockmap()
     return _WHY_NOT.get(os.getpid())
+
+
+_WARNED: set[int] = set()
+
+
+def fell_back(logger: logging.Logger) -> bool:
+    """True when --relay sockmap must run as auto here; the first time a
+    process finds it so, `logger` says why (one warning, whoever asks: the
+    startup check or a worker's server)."""
+    why = unavailable()
+    if why is None:
+        return False
+    pid = os.getpid()
+    if pid not in _WARNED:
+        _WARNED.add(pid)
+        logger.warning("--relay sockmap is not available, relaying with auto instead: %s", why)
+    return True
 
 
 def _reason(exc: OSError) -> str:

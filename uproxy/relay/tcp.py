@@ -71,7 +71,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import cast
 
-from uproxy.bpf.sockmap import SockMap, sockmap, unavailable
+from uproxy.bpf.sockmap import SockMap, fell_back, sockmap
 from uproxy.model import Endpoint
 from uproxy.picking import DIAL_TIMEOUTS, NoEndpointsError, Picker, TrafficSplit
 from uproxy.portforward.connection import PortForwardConnection, Relay
@@ -152,18 +152,6 @@ def reset_close(sock: Sock) -> None:
     sock.close()
 
 
-_WARNED: set[int] = set()
-
-
-def _warn_no_sockmap() -> None:
-    """Once per process: why --relay sockmap runs as auto."""
-    pid = os.getpid()
-    if pid not in _WARNED:
-        _WARNED.add(pid)
-        log.warning("--relay sockmap is not available, relaying with auto instead: %s",
-                    unavailable())
-
-
 class TcpServer:
     """Serves one bound, listening TCP socket for one service port."""
 
@@ -190,7 +178,7 @@ class TcpServer:
         if mode == "sockmap":
             self.sockmap = sockmap()
             if self.sockmap is None:
-                _warn_no_sockmap()
+                fell_back(log)
                 mode = "auto"
         if not dial_timeouts:
             raise ValueError("dial_timeouts: needs at least one attempt")
