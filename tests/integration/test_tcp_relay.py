@@ -521,3 +521,28 @@ async def test_a_connection_whose_handler_fails_is_closed_and_unregistered(
     assert len(failures) == 1 and failures[0].exc_info is not None
     writer.close()
     server.close()
+
+
+@pytest.mark.parametrize("mode", ["splice", "auto"])
+async def test_closed_connections_leave_nothing_in_the_poller(
+    make_proxy: Callable[..., Proxy], mode: str
+) -> None:
+    """The poller routes events by descriptor: every slot a connection took is
+    empty again once it closed, whichever side closed it."""
+    server, endpoint = await backend(echo)
+    proxy = make_proxy(FixedPicker(endpoint), mode)
+    poller = relay_tcp.poller_for(asyncio.get_running_loop())
+    clients = [await proxy.connect() for _ in range(20)]
+    for reader, writer in clients:
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+    routed = [conn for conn in poller.conns if conn is not None]
+    assert len(routed) == 40  # a client and an endpoint socket each
+    for index, (_, writer) in enumerate(clients):
+        if index % 2:
+            writer.close()  # a FIN from the client
+        else:
+            writer.transport.abort()  # a reset from the client
+    await proxy.closed()
+    assert [conn for conn in poller.conns if conn is not None] == []
+    server.close()
