@@ -467,3 +467,108 @@ async def test_a_client_sending_with_gso_is_relayed_datagram_by_datagram(
     assert stats.bytes_in == stats.bytes_out == sum(map(len, segments))
     client.close()
     echo.close()
+
+
+UDP_GRO = 104
+
+
+class Burster:
+    """An endpoint that answers b"N" with N datagrams of 1,000 bytes and a
+    100-byte tail, each numbered by its first byte."""
+
+    def __init__(self) -> None:
+        self.sock = udp_socket("127.0.0.1")
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_readable)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return endpoint_of(self.sock)
+
+    @staticmethod
+    def burst(count: int, first: int = 0) -> list[bytes]:
+        return [bytes([(first + i) % 256]) * 1000 for i in range(count)] + [b"t" * 100]
+
+    def _on_readable(self) -> None:
+        data, addr = self.sock.recvfrom(100)
+        for payload in self.burst(int(data)):
+            self.sock.sendto(payload, addr)
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+async def receive_segments(sock: socket.socket, count: int,
+                           timeout: float = 5.0) -> tuple[list[bytes], int]:
+    """`count` datagrams read with UDP_GRO on: the datagrams, and how many of
+    the reads held more than one (sent with UDP_SEGMENT and kept whole)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    got: list[bytes] = []
+    coalesced = 0
+    while len(got) < count and loop.time() < deadline:
+        try:
+            data, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(4))
+        except BlockingIOError:
+            await asyncio.sleep(0.005)
+            continue
+        size = next((int.from_bytes(value[:4], "little") for level, kind, value in ancillary
+                     if (level, kind) == (SOL_UDP, UDP_GRO)), 0)
+        if size and len(data) > size:
+            coalesced += 1
+            got += [data[start:start + size] for start in range(0, len(data), size)]
+        else:
+            got.append(data)
+    return got, coalesced
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+@pytest.mark.parametrize("gso", [True, False], ids=["gso", "one-by-one"])
+async def test_bursts_of_replies_go_back_batched_as_the_same_datagrams(
+        make_server: Callable[..., tuple[UdpServer, PortStats, int]], host: str,
+        gso: bool) -> None:
+    burster = Burster()
+    server, stats, port = make_server(FixedPicker(burster.endpoint), host=host)
+    client = client_socket()
+    client.setsockopt(SOL_UDP, UDP_GRO, 1)
+
+    # The first burst finds the session reading one reply at a time; its
+    # probe finds the rest waiting, and the session reads in batches after.
+    client.sendto(b"40", ("127.0.0.1", port))
+    first, _ = await receive_segments(client, 41)
+    assert first == Burster.burst(40)
+    (session,) = server.sessions.values()
+    assert session.batched
+    session.reply_gso = gso  # False: as after a route refused UDP_SEGMENT
+
+    client.sendto(b"60", ("127.0.0.1", port))
+    second, coalesced = await receive_segments(client, 61)
+
+    assert second == Burster.burst(60)  # the same datagrams, in order, the tail too
+    if gso:
+        assert coalesced >= 1  # sent with UDP_SEGMENT: the client's GRO kept runs whole
+    else:
+        assert coalesced == 0
+    assert stats.udp_datagrams_out == 41 + 61
+    assert stats.bytes_out == 40_000 + 60_000 + 200
+    assert stats.udp_datagrams_dropped == 0
+    client.close()
+    burster.close()
+
+
+async def test_request_and_response_stays_on_one_read_per_reply(
+        make_server: Callable[..., tuple[UdpServer, PortStats, int]]) -> None:
+    echo = UdpEcho()
+    server, stats, port = make_server(FixedPicker(echo.endpoint))
+    client = client_socket()
+    for i in range(100):  # one datagram in flight: never two replies waiting
+        client.sendto(b"%d" % i, ("127.0.0.1", port))
+        data, _ = await receive(client)
+        assert data == b"%d" % i
+    (session,) = server.sessions.values()
+    assert not session.batched
+    assert session.reads == 100
+    assert stats.udp_datagrams_out == 100
+    client.close()
+    echo.close()

@@ -29,10 +29,9 @@ its MTU, no checksum offload) makes that session send one by one.
 Measured and left out (bench S4, a burst load; proxy CPU per datagram): the
 recvmmsg path on bound listeners (ctypes and per-datagram parsing in Python
 cost more than uvloop's C loop of recvmsg: 14.3-15.0 vs 13.5-13.8 us a round
-trip), and queuing replies for one sendmmsg per loop iteration (level in
-S4, worse in bursts: the syscall it saves costs less than the Python that
-fills the headers). A reply goes back with one sendto (sendmsg with the
-pktinfo on a wildcard listener) as soon as it is read.
+trip), and queuing replies of many sessions for one sendmmsg per loop
+iteration (level in S4, worse in bursts: the syscall it saves costs less than
+the Python that fills the headers). A reply goes back as soon as it is read.
 
 A service port whose external traffic has endpoints of its own
 (`externalTrafficPolicy: Local`) looks up each new session's original
@@ -41,9 +40,16 @@ SO_ORIGINAL_DST): a cluster IP, or no NAT entry, is cluster traffic;
 a node port, an external IP or a load-balancer IP is external and picks with
 `pick_external`. Other ports never look.
 
-A session's socket is read one datagram per readiness callback (the loop
-polls level-triggered, so more queued datagrams call again), which never pays
-for a recv that fails with EAGAIN.
+Replies: a session's socket is read one datagram per readiness callback
+(the loop polls level-triggered, so more queued datagrams call again), which
+never pays for a recv that fails with EAGAIN, the right trade for request
+and response. Every PROBE_EVERY-th read is a recvmmsg instead; when it finds
+more than one reply waiting, the endpoint sends in bursts (a download over
+QUIC, a stream) and the session reads every reply that way from then on,
+with UDP_GRO on: a run of one size, or what the kernel coalesced, goes back
+to the client in one UDP_SEGMENT send (with the pktinfo that picks its
+source on a wildcard listener). A session that bursts stays batched: with
+UDP_GRO on, a plain recv could return coalesced datagrams as one.
 
 The session table is bounded (`max_sessions`). A datagram only stamps its
 session's `last`; a sweep, at most every eighth of the timeout, ends the
@@ -80,6 +86,7 @@ GSO_REFUSED = frozenset({errno.EINVAL, errno.EIO, errno.EMSGSIZE, errno.ENOPROTO
 DRAIN_IDLE = 1.0  # after stop_accepting, a session idle this long is done
 SOCKET_BUFFER = 1024 * 1024  # a few whole 64 KiB datagrams fit
 EVICT_SCAN = 8  # a full table evicts the least recently used of this many oldest sessions
+PROBE_EVERY = 16  # a session reading replies one at a time tries a batch this often
 
 # A bound listener: the client's address as the transport reports it. A
 # wildcard listener: the client's raw sockaddr as recvmmsg reports it, then the
@@ -99,7 +106,8 @@ def shared_receiver() -> mmsg.Receiver:
 
 
 class _Session:
-    __slots__ = ("client", "cmsg", "fd", "gso", "key", "last", "server", "sock")
+    __slots__ = ("batched", "client", "cmsg", "fd", "gso", "key", "last", "reads", "reply_gso",
+                 "server", "sock")
 
     def __init__(self, server: UdpServer, key: SessionKey, client: tuple[object, ...],
                  sock: socket.socket, cmsg: list[tuple[int, int, bytes]], now: float) -> None:
@@ -110,30 +118,99 @@ class _Session:
         self.fd = sock.fileno()
         self.cmsg = cmsg  # ancillary data that sets the reply's source address
         self.last = now
-        self.gso = True  # until the route refuses UDP_SEGMENT
+        self.gso = True  # until the route to the endpoint refuses UDP_SEGMENT
+        self.reply_gso = True  # the same for the route back to the client
+        self.reads = 0  # replies read one at a time
+        self.batched = False  # replies come in bursts: read them with recvmmsg
 
     def on_readable(self) -> None:
-        """One reply from the endpoint: send it back to the client."""
-        server = self.server
+        """Replies from the endpoint: send them back to the client."""
+        if self.batched:
+            self._read_batch()
+            return
+        self.reads = reads = self.reads + 1
+        if not reads % PROBE_EVERY:
+            # Now and then read in a batch: more than one waiting means the
+            # endpoint sends in bursts, read in batches from now on.
+            if self._read_batch() > 1:
+                self.batched = True
+                with contextlib.suppress(OSError):  # since Linux 5.0
+                    self.sock.setsockopt(mmsg.SOL_UDP, mmsg.UDP_GRO, 1)
+            return
         try:
             data = self.sock.recv(mmsg.MAX_DATAGRAM)
         except OSError:  # EAGAIN, or an ICMP unreachable from the endpoint reported late
             return
-        listener = server.sock
-        if listener is None:
-            return
+        listener = self.server.sock
+        if listener is not None and self._reply(listener, data):
+            self.last = self.server.now()
+
+    def _read_batch(self) -> int:
+        """Up to BATCH replies in one recvmmsg; a run of one size (or what UDP_GRO
+        coalesced) goes to the client in one UDP_SEGMENT send. How many were read."""
+        receiver = shared_receiver()
+        try:
+            count = receiver.receive(self.fd)
+        except OSError:  # a late ICMP error from the endpoint
+            return 0
+        listener = self.server.sock
+        if not count or listener is None:
+            return count
+        messages = receiver.messages(count)
+        sent = False
+        i = 0
+        while i < count:
+            data, _, _, segment = messages[i]
+            if segment:
+                sent |= self._reply_run(listener, data, segment)
+                i += 1
+                continue
+            end = _run_end(messages, i)
+            if end - i > 1:
+                payload = memoryview(b"".join(message[0] for message in messages[i:end]))
+                sent |= self._reply_run(listener, payload, len(data))
+            else:
+                sent |= self._reply(listener, data)
+            i = end
+        if sent:
+            self.last = self.server.now()
+        return count
+
+    def _reply(self, listener: socket.socket, data: bytes | memoryview) -> bool:
+        """One reply to the client, from the address it sent to."""
+        stats = self.server.stats
         try:
             if self.cmsg:
                 listener.sendmsg([data], self.cmsg, 0, self.client)
             else:
                 listener.sendto(data, self.client)
         except OSError:
-            server.stats.udp_datagrams_dropped += 1
-            return
-        stats = server.stats
+            stats.udp_datagrams_dropped += 1
+            return False
         stats.udp_datagrams_out += 1
         stats.bytes_out += len(data)
-        self.last = server.now()
+        return True
+
+    def _reply_run(self, listener: socket.socket, payload: memoryview, size: int) -> bool:
+        """Replies of `size` bytes back to back (the last may be shorter): one
+        UDP_SEGMENT send, or one by one where the route cannot."""
+        if self.reply_gso:
+            try:
+                listener.sendmsg([payload], [*self.cmsg, (mmsg.SOL_UDP, mmsg.UDP_SEGMENT,
+                                                          struct.pack("=H", size))],
+                                 0, self.client)
+            except OSError as exc:
+                if exc.errno in GSO_REFUSED:
+                    self.reply_gso = False
+            else:
+                stats = self.server.stats
+                stats.udp_datagrams_out += -(-len(payload) // size)
+                stats.bytes_out += len(payload)
+                return True
+        sent = False
+        for start in range(0, len(payload), size):
+            sent |= self._reply(listener, payload[start:start + size])
+        return sent
 
 
 class _Listener(asyncio.DatagramProtocol):
