@@ -25,6 +25,10 @@ class Spec:
 
 
 RATE = (("rps", "req/s"),)
+# Kernel memory per connection, machine-wide (every socket of the client, the
+# proxy and the backend), and what a proxy adds over direct's in the same round.
+KERNEL = (("kernel_kib_per_conn", "kernel KiB/conn"),
+          ("kernel_added_kib", "kernel added vs direct KiB/conn"))
 SPECS: dict[str, Spec] = {
     "S1-1": Spec("S1 bulk TCP, iperf3 1 stream", "gbps", True,
                  (("gbps", "Gbit/s"), ("proxy_cpu_pct", "proxy CPU %"))),
@@ -40,12 +44,14 @@ SPECS: dict[str, Spec] = {
     "S4": Spec("S4 UDP request/response, 64-byte datagrams", "rps", True,
                (("rps", "replies/s"), ("p99_ms", "p99 ms"), ("lost", "lost"),
                 ("proxy_cpu_pct", "proxy CPU %"))),
-    "S5-2k": Spec("S5 proxy RSS per idle connection, 2,000 connections", "kib_per_conn", False,
+    "S5-2k": Spec("S5 proxy RSS and kernel memory per idle connection, 2,000 connections",
+                  "kib_per_conn", False,
                   (("kib_per_conn", "KiB/conn"), ("connections", "reached"),
-                   ("base_rss_mib", "idle RSS MiB"), ("rss_mib", "RSS MiB"))),
-    "S5-10k": Spec("S5 proxy RSS per idle connection, 10,000 connections", "kib_per_conn", False,
+                   ("base_rss_mib", "idle RSS MiB"), ("rss_mib", "RSS MiB"), *KERNEL)),
+    "S5-10k": Spec("S5 proxy RSS and kernel memory per idle connection, 10,000 connections",
+                   "kib_per_conn", False,
                    (("kib_per_conn", "KiB/conn"), ("connections", "reached"),
-                    ("base_rss_mib", "idle RSS MiB"), ("rss_mib", "RSS MiB"))),
+                    ("base_rss_mib", "idle RSS MiB"), ("rss_mib", "RSS MiB"), *KERNEL)),
     "C1-1": Spec("C1 services-file change to serving, 1 service", "serve_ms", False,
                  (("serve_ms", "serving ms"), ("table_ms", "table printed ms"))),
     "C1-100": Spec("C1 ... 100 services", "serve_ms", False,
@@ -104,6 +110,10 @@ class Table:
             spec = SPECS.get(r["scenario"])
             if base and spec and spec.primary in metrics and base.get(spec.primary):
                 metrics["ratio"] = metrics[spec.primary] / base[spec.primary]
+            if base and r["scenario"].startswith("S5") and r["system"] != "direct" and (
+                    "kernel_kib_per_conn" in metrics and "kernel_kib_per_conn" in base):
+                metrics["kernel_added_kib"] = (metrics["kernel_kib_per_conn"]
+                                               - base["kernel_kib_per_conn"])
             if base and r["scenario"] == "S3":
                 for pct in ("p50_ms", "p99_ms"):
                     if pct in metrics and pct in base:
@@ -145,7 +155,7 @@ class Table:
             for system in self.order:
                 key = (scenario, system)
                 vals = self.values.get(key, {})
-                if not vals.get(spec.primary):
+                if not any(vals.get(m) for m, _ in spec.columns):
                     if self.notes.get(key):
                         note = "; ".join(self.notes[key])
                         out.append(f"| {system} | " + note.replace("|", "/")

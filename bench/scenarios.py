@@ -246,13 +246,28 @@ def measure_udp(ctx: Context, system: System, running: Running,
     return metrics
 
 
+def kernel_bytes() -> int:
+    """Kernel memory that grows with sockets, machine-wide: slab (socket,
+    inode, file and epoll objects) and TCP buffer pages (/proc/net/sockstat)."""
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    slab = int(meminfo["Slab"].split()[0]) * 1024
+    pages = 0
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()
+            pages = int(fields[fields.index("mem") + 1])
+    return slab + pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def measure_idle(ctx: Context, system: System, running: Running,
                  sizes: tuple[int, ...]) -> dict[int, dict[str, float]]:
-    """RSS per idle connection at each size, opening the extra connections per step."""
-    assert running.pid is not None
+    """Per idle connection at each size, opening the extra connections per step:
+    the proxy's RSS (none for direct) and the machine's kernel memory (every
+    socket: client, proxy, backend; the report subtracts direct's)."""
     host, port = running.front
     time.sleep(0.3)
-    base = rss_bytes(running.pid)
+    base = rss_bytes(running.pid) if running.pid is not None else 0
+    kernel_base = kernel_bytes()
     held: list[Proc] = []
     results: dict[int, dict[str, float]] = {}
     total = 0
@@ -270,10 +285,12 @@ def measure_idle(ctx: Context, system: System, running: Running,
             assert match
             total += int(match[1])
             time.sleep(0.5)  # let the proxy settle (lazy frees, worker bookkeeping)
-            rss = rss_bytes(running.pid)
-            results[size] = {"connections": float(total), "rss_mib": rss / 2**20,
-                             "base_rss_mib": base / 2**20,
-                             "kib_per_conn": (rss - base) / 1024 / max(total, 1)}
+            kernel = (kernel_bytes() - kernel_base) / 1024 / max(total, 1)
+            results[size] = {"connections": float(total), "kernel_kib_per_conn": kernel}
+            if running.pid is not None:
+                rss = rss_bytes(running.pid)
+                results[size] |= {"rss_mib": rss / 2**20, "base_rss_mib": base / 2**20,
+                                  "kib_per_conn": (rss - base) / 1024 / max(total, 1)}
             if total < size:  # a limit was hit: larger sizes reach no further
                 break
     finally:
