@@ -341,3 +341,31 @@ async def test_folder_source_notices_a_new_file(tmp_path: Path) -> None:
 
         events = sink.take()
     assert [describe(e) for e in events] == ["service + default/b"]
+
+
+async def test_an_edit_that_keeps_size_and_stamps_is_seen_by_its_event(
+        services_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a filesystem whose timestamps tick coarsely, an edit may leave the
+    file's fingerprint as it was. Read in the same tick as its write, the file
+    is read again on the next inotify event, not on a timer (none is due: the
+    safety check is a minute away)."""
+    stamp = time.time_ns()  # "now": every load below is in the same tick
+
+    def fixed(path: Path) -> tuple[tuple[str, int, int, int, int], ...]:
+        return ((path.name, 1, len(TWO_SERVICES), stamp, stamp),)
+
+    monkeypatch.setattr("uproxy.sources.file.fingerprint", fixed)
+    source = FileSource(services_file, debounce=DEBOUNCE, poll_interval=POLL,
+                        safety_interval=60.0)
+    source.load_initial()
+    sink = RecordingSink()
+    async with running(source, sink):
+        await sink.wait_until(lambda: any(e[0] == "synced" for e in sink.events))
+        assert source._watch.active, "needs inotify"
+        sink.take()
+
+        rewrite(services_file, TWO_SERVICES.replace("port: 80,", "port: 81,"))  # same size
+        await sink.wait_until(lambda: bool(sink.events))
+
+        events = sink.take()
+    assert [describe(e) for e in events] == ["service ~ default/web"]
