@@ -188,7 +188,10 @@ class ListenerPool:
                         "net.ipv4.ip_unprivileged_port_start)")
             self._failed(name, f"{name} {protocol}: cannot bind {where}: {error.strerror}{hint}")
             return False
-        bound_ip, bound_port = sock.getsockname()[:2]
+        if self._addresses is not None:  # laptop mode binds the service's own port
+            bound_ip, bound_port = ip, port.frontend.port
+        else:  # the OS or the range picked the port
+            bound_ip, bound_port = sock.getsockname()[:2]
         stats = self.stats.setdefault(name, PortStats())
         picker = self._make_picker(name, stats)
         server: Server

@@ -442,10 +442,10 @@ class Proxier:
                     # the rules bring them.
                     reached = format_hostport(port.frontend.cluster_ips[0], port.frontend.port)
                     note = f", proxy {address}"
-                self._rows[key] = (str(name.service), where, reached,
+                self._rows[key] = (f"{name.namespace}/{name.name}", where, reached,
                                    f"({count} {plural}{note})")
             else:
-                self._rows[key] = (str(name.service), where, "not served",
+                self._rows[key] = (f"{name.namespace}/{name.name}", where, "not served",
                                    f"({self.listeners.unserved.get(name, 'unknown error')})")
         if len(new) > 64:  # 10k insorts cost ~50 ms; one sort of the lot ~5
             self._order.extend(new)

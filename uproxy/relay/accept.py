@@ -65,7 +65,8 @@ class AcceptLoop:
 
     def start(self) -> None:
         assert self._sock is not None, "accept loop already stopped"
-        self._sock.setblocking(False)
+        if self._sock.gettimeout() != 0.0:  # listeners open non-blocking: no fcntl pair
+            self._sock.setblocking(False)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._fd, self._on_readable)
 

@@ -192,10 +192,22 @@ class Poller:
 
 
 _POLLERS: dict[int, Poller] = {}
+_pid = os.getpid()  # this process's (getpid is a syscall); a forked child sets its own
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def poller_for(loop: asyncio.AbstractEventLoop) -> Poller:
     """The running loop's poller; pollers of closed (or pre-fork) loops are dropped."""
+    poller = _POLLERS.get(id(loop))
+    if poller is not None and poller.loop is loop and poller.pid == _pid:
+        return poller  # every listener of a sync asks: 10k at once
     pid = os.getpid()
     for key, old in list(_POLLERS.items()):
         if old.loop.is_closed() or old.pid != pid:

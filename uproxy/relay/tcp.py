@@ -202,7 +202,7 @@ class TcpServer:
         self._listener = sock
         self.split = picker.split
         self.pick_external = picker.pick_external
-        self._port = _port_of(sock)
+        self._port = -1  # the listener's own port, read when first needed (_own_port)
         self._accept = AcceptLoop(sock, self._on_accepted, stats, self.name)
         # A dict as an ordered set: at 10k connections a set's table was 512 KB,
         # a dict's 288 KB (S5 counts bytes per idle connection).
@@ -246,6 +246,14 @@ class TcpServer:
     def open_connections(self) -> int:
         return len(self._conns)
 
+    def _own_port(self) -> int:
+        """The listener's port: a connection whose original destination has
+        another one came through NAT (a portal). One getsockname, when first
+        asked: most listeners never are, and 10k of them open in one sync."""
+        if self._port < 0:
+            self._port = _port_of(self._listener)
+        return self._port
+
     # -- called by connections ------------------------------------------------
 
     def _on_accepted(self, fd: int, addr: tuple[object, ...]) -> None:
@@ -284,7 +292,7 @@ class TcpServer:
         """The PROXY header of a connection: the client, and the address it dialled
         (the original destination through NAT, else the listener's own)."""
         found = original_destination(client, cast(str, addr[0]))
-        if found is not None and found[1] != self._port:
+        if found is not None and found[1] != self._own_port():
             destination = (str(ipaddress.ip_address(found[0])), found[1])
         else:
             local = client.getsockname()
@@ -318,7 +326,7 @@ class TcpServer:
     def _external(self, client: Sock, addr: tuple[object, ...], split: TrafficSplit) -> bool:
         """Whether a connection came from outside (see the module's docstring)."""
         found = original_destination(client, cast(str, addr[0]))
-        if found is None or found[1] == self._port:
+        if found is None or found[1] == self._own_port():
             return False
         return split.is_external(found[0])
 
