@@ -137,13 +137,27 @@ class _Session:
                 with contextlib.suppress(OSError):  # since Linux 5.0
                     self.sock.setsockopt(mmsg.SOL_UDP, mmsg.UDP_GRO, 1)
             return
+        server = self.server
         try:
             data = self.sock.recv(mmsg.MAX_DATAGRAM)
         except OSError:  # EAGAIN, or an ICMP unreachable from the endpoint reported late
             return
-        listener = self.server.sock
-        if listener is not None and self._reply(listener, data):
-            self.last = self.server.now()
+        listener = server.sock
+        if listener is None:
+            return
+        # _reply, written out: this is every reply of request and response.
+        stats = server.stats
+        try:
+            if self.cmsg:
+                listener.sendmsg([data], self.cmsg, 0, self.client)
+            else:
+                listener.sendto(data, self.client)
+        except OSError:
+            stats.udp_datagrams_dropped += 1
+            return
+        stats.udp_datagrams_out += 1
+        stats.bytes_out += len(data)
+        self.last = server.now()
 
     def _read_batch(self) -> int:
         """Up to BATCH replies in one recvmmsg; a run of one size (or what UDP_GRO
@@ -222,7 +236,12 @@ class _Listener(asyncio.DatagramProtocol):
         self.server = server
 
     def datagram_received(self, data: bytes, addr: tuple[object, ...]) -> None:
-        self.server.datagram(data, addr, addr, self.server.local_ip)
+        server = self.server
+        session = server.sessions.get(addr)
+        if session is not None:  # the usual case, without datagram()'s call
+            server._send(session, data)
+        else:
+            server.datagram(data, addr, addr, server.local_ip)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("%s: %s", self.server.name, exc)
