@@ -62,7 +62,8 @@ def open_socket(protocol: str, ip: str, port: int, *, freebind: bool = False,
     """A bound (and for TCP listening) non-blocking socket."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     kind = socket.SOCK_STREAM if protocol == "TCP" else socket.SOCK_DGRAM
-    sock = socket.socket(family, kind)
+    # Non-blocking from birth: no fcntl pair after bind (10k listeners a sync).
+    sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)
     try:
         if protocol == "TCP":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -76,7 +77,6 @@ def open_socket(protocol: str, ip: str, port: int, *, freebind: bool = False,
         sock.bind((ip, port))
         if protocol == "TCP":
             sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
