@@ -143,21 +143,8 @@ class _Session:
         except OSError:  # EAGAIN, or an ICMP unreachable from the endpoint reported late
             return
         listener = server.sock
-        if listener is None:
-            return
-        # _reply, written out: this is every reply of request and response.
-        stats = server.stats
-        try:
-            if self.cmsg:
-                listener.sendmsg([data], self.cmsg, 0, self.client)
-            else:
-                listener.sendto(data, self.client)
-        except OSError:
-            stats.udp_datagrams_dropped += 1
-            return
-        stats.udp_datagrams_out += 1
-        stats.bytes_out += len(data)
-        self.last = server.now()
+        if listener is not None and self._reply(listener, data):
+            self.last = server.now()
 
     def _read_batch(self) -> int:
         """Up to BATCH replies in one recvmmsg; a run of one size (or what UDP_GRO
