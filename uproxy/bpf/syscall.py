@@ -103,17 +103,22 @@ def map_update(map_fd: int, key: bytes, value: bytes, flags: int = ANY) -> None:
     bpf(MAP_UPDATE_ELEM, attr, "map_update_elem")
 
 
+def _found(cmd: int, attr: bytes | bytearray, name: str) -> bool:
+    """A bpf(2) call that may find nothing: False when it says ENOENT."""
+    try:
+        bpf(cmd, attr, name)
+    except BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
 def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
     """The value under `key`, or None when there is none."""
     vbuf = ctypes.create_string_buffer(value_size)
     attr, _kbuf = _elem(map_fd, key, vbuf, 0)
-    try:
-        bpf(MAP_LOOKUP_ELEM, attr, "map_lookup_elem")
-    except BpfError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise
-    return vbuf.raw
+    return vbuf.raw if _found(MAP_LOOKUP_ELEM, attr, "map_lookup_elem") else None
 
 
 def map_delete(map_fd: int, key: bytes) -> None:
@@ -130,11 +135,7 @@ def map_keys(map_fd: int, key_size: int) -> list[bytes]:
         kbuf = None if current is None else ctypes.create_string_buffer(current, key_size)
         attr = struct.pack("<IIQQQ", map_fd, 0, 0 if kbuf is None else _address(kbuf),
                            _address(nxt), 0)
-        try:
-            bpf(MAP_GET_NEXT_KEY, attr, "map_get_next_key")
-        except BpfError as exc:
-            if exc.errno == errno.ENOENT:
-                return keys
-            raise
+        if not _found(MAP_GET_NEXT_KEY, attr, "map_get_next_key"):
+            return keys
         current = nxt.raw[:key_size]
         keys.append(current)
