@@ -223,12 +223,7 @@ class _Listener(asyncio.DatagramProtocol):
         self.server = server
 
     def datagram_received(self, data: bytes, addr: tuple[object, ...]) -> None:
-        server = self.server
-        session = server.sessions.get(addr)
-        if session is not None:  # the usual case, without datagram()'s call
-            server._send(session, data)
-        else:
-            server.datagram(data, addr, addr, server.local_ip)
+        self.server.datagram(data, addr, addr, self.server.local_ip)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("%s: %s", self.server.name, exc)
